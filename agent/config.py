@@ -1,0 +1,344 @@
+"""The agent's configuration: one typed object loaded from agent.yaml, defaults in one place.
+
+`load_config(path)` reads the YAML file, checks every key against the dataclasses below and
+returns an `AgentConfig`. An unknown key, a wrong type or a bad value raises `ConfigError`
+naming the dotted key and the file. The defaults here are the contract in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/airflow-agent/agent.yaml"
+CONFIG_ENV_VAR = "AIRFLOW_AGENT_CONFIG"
+
+ROLES = ("scheduler", "webserver", "worker")
+
+DEFAULT_UNITS: Dict[str, List[str]] = {
+    "scheduler": ["airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"],
+    "webserver": ["airflow-api-server"],
+    "worker": ["airflow-worker"],
+}
+
+DEFAULT_AGENT_UNITS: Dict[str, List[str]] = {
+    "scheduler": ["airflow-agent-env", "airflow-agent-confapply", "airflow-agent-variables.timer"],
+    "webserver": ["airflow-agent-env", "airflow-agent-confapply"],
+    "worker": ["airflow-agent-env", "airflow-agent-confapply", "airflow-agent-lifecycle"],
+}
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _choice(*allowed: Any) -> Dict[str, Any]:
+    return {"choices": allowed}
+
+
+@dataclass
+class RoleConfig:
+    override: Optional[str] = field(default=None, metadata=_choice(None, *ROLES))
+    tag: str = "airflow:role"
+    # Auto Scaling group name or aws:cloudformation:logical-id glob pattern -> role
+    groups: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EnvConfig:
+    file: str = "/etc/sysconfig/airflow.env"
+    ssm_paths: List[str] = field(default_factory=lambda: ["/airflow/prod/"])
+    static: Dict[str, str] = field(default_factory=lambda: {"AIRFLOW_HOME": "/airflow"})
+    required: List[str] = field(default_factory=list)
+    max_drop_fraction: float = 0.2
+    owner: str = "root"
+    group: str = "airflow"
+    mode: str = "0640"
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
+
+
+@dataclass
+class ConfapplyConfig:
+    # files besides env.file whose content change restarts the role's units
+    watch: List[str] = field(default_factory=list)
+    debounce: float = 2.0
+    max_wait: float = 15.0
+    # how long each restarted unit may take to become active
+    unit_timeout: float = 120.0
+    watchdog_interval: float = 10.0
+
+
+@dataclass
+class VariablesConfig:
+    secret_id: Optional[str] = None
+    airflow_command: List[str] = field(default_factory=lambda: ["/opt/airflow/venv/bin/airflow"])
+    # the environment the Airflow CLI runs with; null means env.file
+    env_file: Optional[str] = None
+    user: Optional[str] = "airflow"
+    timeout: float = 300.0
+
+
+@dataclass
+class DrainConfig:
+    timeout: float = 3000.0
+    on_deadline: str = field(default="fail", metadata=_choice("fail", "stop"))
+    # Celery node name of the local worker; null means celery@<hostname>
+    node_name: Optional[str] = None
+    poll_interval: float = 2.0
+    worker_unit: str = "airflow-worker"
+
+
+@dataclass
+class LifecycleConfig:
+    hook_name: Optional[str] = None
+    # null: read from the instance tag aws:autoscaling:groupName
+    group_name: Optional[str] = None
+    poll_interval: float = 5.0
+    spot_margin: float = 20.0
+    rebalance: str = field(default="ignore", metadata=_choice("ignore", "stop-consuming"))
+    scale_in_protection: bool = False
+    idle_before_unprotect: float = 300.0
+
+
+@dataclass
+class DeployConfig:
+    # a file CodeDeploy's bundle installs; a worker without it is not started at boot
+    first_revision_marker: str = "/airflow/.deployed-revision"
+    boot_gate: bool = True
+    validate_timeout: float = 300.0
+
+
+@dataclass
+class AwsConfig:
+    region: Optional[str] = None
+    max_attempts: int = 6
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+
+@dataclass
+class ImdsConfig:
+    # null: AWS_EC2_METADATA_SERVICE_ENDPOINT or http://169.254.169.254/
+    endpoint: Optional[str] = None
+    timeout: float = 1.0
+    attempts: int = 3
+    token_ttl: int = 21600
+
+
+@dataclass
+class AgentConfig:
+    cluster: str = "prod"
+    state_dir: str = "/var/lib/airflow-agent"
+    airflow_home: str = "/airflow"
+    systemctl: List[str] = field(default_factory=lambda: ["systemctl"])
+    role: RoleConfig = field(default_factory=RoleConfig)
+    units: Dict[str, List[str]] = field(default_factory=dict)
+    agent_units: Dict[str, List[str]] = field(default_factory=dict)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    confapply: ConfapplyConfig = field(default_factory=ConfapplyConfig)
+    variables: VariablesConfig = field(default_factory=VariablesConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    imds: ImdsConfig = field(default_factory=ImdsConfig)
+    # where the config came from, for error messages; not a YAML key
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def units_for(self, role: str) -> List[str]:
+        """The role's Airflow units, in start order."""
+        return list(self.units.get(role, DEFAULT_UNITS[role]))
+
+    def agent_units_for(self, role: str) -> List[str]:
+        return list(self.agent_units.get(role, DEFAULT_AGENT_UNITS[role]))
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    if origin in (list, List):
+        return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
+    if origin in (dict, Dict):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted, or raise ConfigError."""
+
+    def bad(what: str = "") -> ConfigError:
+        got = type(value).__name__ if value is not None else "null"
+        return ConfigError(
+            f"{source}: key '{key}' must be {what or _type_name(tp)}, got {got} {value!r}"
+            if not isinstance(value, (dict, list))
+            else f"{source}: key '{key}' must be {what or _type_name(tp)}, got {got}"
+        )
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(value, inner, key, source)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise bad()
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad()
+        ktp, vtp = typing.get_args(tp)
+        return {
+            _coerce(k, ktp, f"{key}", source): _coerce(v, vtp, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        # YAML turns 0640 into an int and yes into a bool; a string key wants a string
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise bad()
+
+
+def _build(cls: Any, data: Dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{source}: unknown key '{where}' (known keys here: {known})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _coerce(value, hints[name], key, source)
+        choices = fields[name].metadata.get("choices")
+        if choices is not None and converted not in choices:
+            allowed = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{source}: key '{key}' is {converted!r}; allowed: {allowed}")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _validate(cfg: AgentConfig) -> None:
+    src = cfg.source
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{src}: key '{key}' {why}")
+
+    if not cfg.env.ssm_paths:
+        fail("env.ssm_paths", "must list at least one SSM path")
+    for i, p in enumerate(cfg.env.ssm_paths):
+        if not p.startswith("/") or not p.endswith("/"):
+            fail(f"env.ssm_paths[{i}]", f"must start and end with '/', got {p!r}")
+    for name in list(cfg.env.static) + cfg.env.required:
+        if not _ENV_NAME.match(name):
+            fail("env.static/env.required", f"has an invalid variable name {name!r}")
+    if not 0.0 <= cfg.env.max_drop_fraction <= 1.0:
+        fail("env.max_drop_fraction", f"must be between 0 and 1, got {cfg.env.max_drop_fraction}")
+    if not re.fullmatch(r"0?[0-7]{3}", cfg.env.mode):
+        fail("env.mode", f"must be an octal mode string like \"0640\", got {cfg.env.mode!r}")
+    if cfg.env.mode_bits & 0o007:
+        fail("env.mode", f"must not give access to others (secrets), got {cfg.env.mode!r}")
+    for role, units in list(cfg.units.items()) + list(cfg.agent_units.items()):
+        if role not in ROLES:
+            fail(f"units.{role}", f"is not a role; roles are {', '.join(ROLES)}")
+        if not units:
+            fail(f"units.{role}", "must list at least one unit")
+    for pattern, role in cfg.role.groups.items():
+        if role not in ROLES:
+            fail(f"role.groups.{pattern}", f"maps to {role!r}; roles are {', '.join(ROLES)}")
+    if cfg.confapply.debounce < 0 or cfg.confapply.max_wait < cfg.confapply.debounce:
+        fail("confapply.max_wait", "must be >= confapply.debounce >= 0")
+    if cfg.drain.timeout <= 0:
+        fail("drain.timeout", "must be positive")
+    if not 1 <= cfg.imds.token_ttl <= 21600:
+        fail("imds.token_ttl", "must be 1..21600 seconds")
+    if not cfg.systemctl:
+        fail("systemctl", "must be a command")
+
+
+def config_from_dict(data: Optional[Dict[str, Any]], source: str = "<dict>") -> AgentConfig:
+    """Build and validate a config from already-parsed YAML data."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    cfg = _build(AgentConfig, data, "", source)
+    cfg.source = source
+    _validate(cfg)
+    return cfg
+
+
+def resolve_config_path(cli_path: Optional[str]) -> str:
+    return cli_path or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Optional[str] = None) -> AgentConfig:
+    """Load agent.yaml from `path`, $AIRFLOW_AGENT_CONFIG or the default path.
+
+    A missing file at the *default* path means defaults (a fresh instance before cfn-init);
+    a missing file that was named explicitly is an error.
+    """
+    named = path or os.environ.get(CONFIG_ENV_VAR)
+    resolved = resolve_config_path(path)
+    try:
+        text = Path(resolved).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"{resolved}: config file not found") from None
+        return config_from_dict({}, source=f"{resolved} (absent; defaults)")
+    except OSError as exc:
+        raise ConfigError(f"{resolved}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{resolved}: not valid YAML{where}") from None
+    return config_from_dict(data, source=resolved)
+
+
+def config_as_dict(cfg: AgentConfig) -> Dict[str, Any]:
+    """The config as plain data for printing; static env values are redacted (they may be secret)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("source", None)
+    data["env"]["static"] = {k: "<redacted>" for k in data["env"]["static"]}
+    return data

@@ -1,0 +1,101 @@
+"""Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
+
+A reader (systemd, a unit, another agent run) sees either the old file or the new one, never
+a partial or missing file, even when the writer is killed at any instant.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from pathlib import Path
+from typing import Optional, Union
+
+PathLike = Union[str, Path]
+_TMP_SUFFIX = ".tmp-agent"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def resolve_owner(owner: Optional[str], group: Optional[str]) -> "tuple[int, int]":
+    """Names -> ids; -1 keeps the current one. Unknown names raise KeyError naming them."""
+    uid = gid = -1
+    if owner is not None:
+        try:
+            uid = pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise KeyError(f"user {owner!r} does not exist") from None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise KeyError(f"group {group!r} does not exist") from None
+    return uid, gid
+
+
+def fsync_dir(directory: PathLike) -> None:
+    fd = os.open(str(directory), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: PathLike, data: bytes, mode: int = 0o600, uid: int = -1, gid: int = -1
+) -> None:
+    """Replace `path` with `data` atomically; mode and owner are set before any byte is written."""
+    path = Path(path)
+    fd = -1
+    tmp = path.parent / f"{_tmp_prefix(path)}{os.getpid()}{_TMP_SUFFIX}"
+    try:
+        fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def remove_stale_temps(path: PathLike) -> int:
+    """Remove temp files a killed writer left beside `path`; returns how many."""
+    path = Path(path)
+    removed = 0
+    try:
+        entries = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if name.startswith(_tmp_prefix(path)) and name.endswith(_TMP_SUFFIX):
+            try:
+                entry.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def read_bytes_or_none(path: PathLike) -> Optional[bytes]:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,195 @@
+"""IMDSv2 client: every fact about this instance comes through here.
+
+Token flow: `PUT /latest/api/token` with a TTL; the token is reused until shortly before it
+expires and refreshed once when a GET answers 401 (IMDS restarted, clock skew). Each request
+has a short timeout and a bounded number of attempts, so an instance without IMDS fails fast
+with `ImdsUnavailable` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, Optional
+
+from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "http://169.254.169.254/"
+ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+# refresh this long before the TTL ends, so a token never expires between check and use
+_TOKEN_MARGIN = 60.0
+
+
+class ImdsUnavailable(AgentError):
+    """IMDS could not be reached or refused every attempt."""
+
+
+class ImdsClient:
+    def __init__(
+        self,
+        endpoint: Optional[str] = None,
+        timeout: float = 1.0,
+        attempts: int = 3,
+        token_ttl: int = 21600,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        base = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+        self.endpoint = base.rstrip("/") + "/"
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.token_ttl = token_ttl
+        self._clock = clock
+        self._sleep = sleep
+        self._token: Optional[str] = None
+        self._token_expires = 0.0
+        self.token_fetches = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "ImdsClient":
+        return cls(
+            endpoint=cfg.imds.endpoint,
+            timeout=cfg.imds.timeout,
+            attempts=cfg.imds.attempts,
+            token_ttl=cfg.imds.token_ttl,
+        )
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _open(self, req: urllib.request.Request) -> "tuple[int, bytes]":
+        """One HTTP exchange; returns (status, body). Network errors raise OSError."""
+        # IMDS is link-local; a proxy from the environment must never see these requests
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=self.timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read() or b""
+
+    def _with_retries(self, what: str, req_factory: Callable[[], urllib.request.Request]):
+        last: Optional[BaseException] = None
+        for attempt in range(self.attempts):
+            try:
+                status, body = self._open(req_factory())
+            except OSError as exc:
+                last = exc
+            else:
+                if status < 500:
+                    return status, body
+                last = AgentError(f"HTTP {status}")
+            if attempt + 1 < self.attempts:
+                self._sleep(min(0.2 * 2**attempt, 1.0))
+        raise ImdsUnavailable(
+            f"IMDS at {self.endpoint} unreachable for {what} after {self.attempts} attempts: {last}"
+        )
+
+    def _fetch_token(self) -> str:
+        def req() -> urllib.request.Request:
+            return urllib.request.Request(
+                self.endpoint + "latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl)},
+            )
+
+        status, body = self._with_retries("a session token", req)
+        if status != 200 or not body:
+            raise ImdsUnavailable(f"IMDS at {self.endpoint} refused a session token (HTTP {status})")
+        self.token_fetches += 1
+        self._token = body.decode("ascii").strip()
+        self._token_expires = self._clock() + self.token_ttl - min(_TOKEN_MARGIN, self.token_ttl / 2)
+        return self._token
+
+    def token(self) -> str:
+        if self._token is None or self._clock() >= self._token_expires:
+            return self._fetch_token()
+        return self._token
+
+    def get(self, path: str) -> Optional[str]:
+        """GET latest/<path>; None on 404 (the fact does not exist), text otherwise."""
+        url = self.endpoint + "latest/" + path.lstrip("/")
+        for refreshed in (False, True):
+            token = self.token()
+
+            def req(token: str = token) -> urllib.request.Request:
+                return urllib.request.Request(url, headers={"X-aws-ec2-metadata-token": token})
+
+            status, body = self._with_retries(path, req)
+            if status == 401 and not refreshed:
+                log.info("IMDS token rejected (401); fetching a new one")
+                self._token = None
+                continue
+            if status == 404:
+                return None
+            if status != 200:
+                raise ImdsUnavailable(f"IMDS GET {path} answered HTTP {status}")
+            return body.decode("utf-8")
+        raise ImdsUnavailable(f"IMDS GET {path} rejected a fresh token (HTTP 401)")
+
+    def require(self, path: str) -> str:
+        value = self.get(path)
+        if value is None:
+            raise ImdsUnavailable(f"IMDS has no {path}")
+        return value
+
+    # -- facts -----------------------------------------------------------------------------
+
+    def instance_id(self) -> str:
+        return self.require("meta-data/instance-id").strip()
+
+    def region(self) -> str:
+        return self.require("meta-data/placement/region").strip()
+
+    def availability_zone(self) -> str:
+        return self.require("meta-data/placement/availability-zone").strip()
+
+    def tags_enabled(self) -> bool:
+        return self.get("meta-data/tags/instance") is not None
+
+    def tag(self, key: str) -> Optional[str]:
+        """An instance tag through IMDS; None when absent or when tags in metadata are off."""
+        value = self.get("meta-data/tags/instance/" + key)
+        return value if value is None else value.strip()
+
+    def tags(self) -> Dict[str, str]:
+        listing = self.get("meta-data/tags/instance")
+        if listing is None:
+            return {}
+        out = {}
+        for key in filter(None, (k.strip() for k in listing.splitlines())):
+            value = self.tag(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def target_lifecycle_state(self) -> Optional[str]:
+        value = self.get("meta-data/autoscaling/target-lifecycle-state")
+        return value.strip() if value else None
+
+    def spot_instance_action(self) -> Optional[dict]:
+        """{"action": "terminate", "time": "..."} when a Spot interruption is scheduled."""
+        return self._json("meta-data/spot/instance-action")
+
+    def rebalance_recommendation(self) -> Optional[dict]:
+        return self._json("meta-data/events/recommendations/rebalance")
+
+    def identity_document(self) -> dict:
+        doc = self._json("dynamic/instance-identity/document")
+        if doc is None:
+            raise ImdsUnavailable("IMDS has no instance identity document")
+        return doc
+
+    def _json(self, path: str) -> Optional[dict]:
+        text = self.get(path)
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ImdsUnavailable(f"IMDS {path} is not JSON") from None
+        return value if isinstance(value, dict) else None

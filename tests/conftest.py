@@ -1,0 +1,132 @@
+"""Shared fixtures: the embedded AWS, the strict IMDSv2 server, agent.yaml files, CLI runs.
+
+Safety first: before any test runs, every AWS and IMDS endpoint in this process's environment
+points at a closed loopback port, so a test that forgets a fixture fails fast instead of
+reaching 169.254.169.254 or a real AWS endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytest
+
+from tests.rig.aws_server import AwsServer
+from tests.rig.imds_server import ImdsServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_DEAD_ENDPOINT = "http://127.0.0.1:9"
+
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": _DEAD_ENDPOINT,
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": _DEAD_ENDPOINT + "/",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    }
+)
+for _name in ("AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AIRFLOW_AGENT_CONFIG"):
+    os.environ.pop(_name, None)
+
+
+@pytest.fixture(scope="session")
+def aws_server():
+    server = AwsServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def imds_server():
+    server = ImdsServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(aws_server, monkeypatch):
+    """The embedded AWS, reset, with this process's boto3 pointed at it."""
+    aws_server.reset()
+    for k, v in aws_server.client_env().items():
+        monkeypatch.setenv(k, v)
+    yield aws_server
+    aws_server.clear_faults()
+
+
+@pytest.fixture
+def imds(imds_server, monkeypatch):
+    """The strict IMDSv2 server, reset, with this process's IMDS endpoint pointed at it."""
+    imds_server.reset()
+    for k, v in imds_server.client_env().items():
+        monkeypatch.setenv(k, v)
+    return imds_server
+
+
+@pytest.fixture
+def agent_env(aws, imds) -> Dict[str, str]:
+    """Environment for an agent subprocess talking to the rig (region comes from IMDS)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(aws.client_env())
+    env.update(imds.client_env())
+    env.pop("AWS_REGION", None)
+    env.pop("AWS_DEFAULT_REGION", None)
+    env["AWS_CONFIG_FILE"] = "/dev/null"
+    env["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config(**overrides) -> Path of an agent.yaml whose paths all live under tmp_path."""
+
+    def make(overrides: Optional[Dict[str, Any]] = None, name: str = "agent.yaml") -> Path:
+        base = {
+            "cluster": "test",
+            "state_dir": str(tmp_path / "state"),
+            "airflow_home": str(tmp_path / "airflow"),
+            "env": {
+                "file": str(tmp_path / "sysconfig" / "airflow.env"),
+                "ssm_paths": ["/airflow/test/"],
+                "owner": "root",
+                "group": "root",
+            },
+        }
+        data = deep_merge(base, overrides or {})
+        path = tmp_path / name
+        path.write_text(json.dumps(data, indent=1))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def run_agent(agent_env):
+    """run_agent(config_path, *args, env=None) -> CompletedProcess of `python -m agent ...`."""
+
+    def run(config: Optional[Path], *args: str, env: Optional[Dict[str, str]] = None,
+            timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "agent"]
+        if config is not None:
+            argv += ["--config", str(config)]
+        argv += list(args)
+        full_env = dict(agent_env)
+        full_env.update(env or {})
+        return subprocess.run(argv, capture_output=True, text=True, env=full_env,
+                              timeout=timeout, check=check, cwd=str(REPO_ROOT))
+
+    return run
