@@ -51,7 +51,7 @@ class AwsClients:
             if self._session is None:
                 self._session = boto3.session.Session(region_name=self.region())
             config = botocore.config.Config(
-                retries={"mode": "adaptive", "max_attempts": self._cfg.aws.max_attempts},
+                retries={"mode": "adaptive", "total_max_attempts": self._cfg.aws.max_attempts},
                 connect_timeout=self._cfg.aws.connect_timeout,
                 read_timeout=self._cfg.aws.read_timeout,
                 user_agent_extra="airflow-ec2-agent",

@@ -22,16 +22,66 @@ log = logging.getLogger("agent")
 
 # command -> (module, add_arguments function, run function, one-line help)
 COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
-    "role": ("agent.role", "add_arguments", "run", "detect this instance's role; --apply enables its units"),
-    "env": ("agent.env_sync", "add_arguments", "run", "SSM Parameter Store -> the Airflow env file"),
-    "confapply": ("agent.confapply", "add_arguments", "run", "restart Airflow units when the env file's content changes"),
-    "drain": ("agent.drain", "add_arguments", "run", "stop the local Celery worker taking tasks, wait, stop it"),
-    "undrain": ("agent.drain", "add_undrain_arguments", "run_undrain", "let the local Celery worker consume again"),
-    "deploy-hook": ("agent.deploy_hook", "add_arguments", "run", "run one CodeDeploy lifecycle event for this role"),
-    "lifecycle": ("agent.lifecycle", "add_arguments", "run", "react to Auto Scaling termination and Spot notices"),
-    "variables": ("agent.variables", "add_arguments", "run", "Secrets Manager secret -> Airflow Variables"),
-    "bootstrap": ("agent.bootstrap", "add_arguments", "run", "first boot: role, env sync, units; safe to repeat"),
-    "status": ("agent.status", "add_arguments", "run", "what the agent knows and what the units are doing"),
+    "role": (
+        "agent.role",
+        "add_arguments",
+        "run",
+        "detect this instance's role; --apply enables its units",
+    ),
+    "env": (
+        "agent.env_sync",
+        "add_arguments",
+        "run",
+        "SSM Parameter Store -> the Airflow env file",
+    ),
+    "confapply": (
+        "agent.confapply",
+        "add_arguments",
+        "run",
+        "restart Airflow units when the env file's content changes",
+    ),
+    "drain": (
+        "agent.drain",
+        "add_arguments",
+        "run",
+        "stop the local Celery worker taking tasks, wait, stop it",
+    ),
+    "undrain": (
+        "agent.drain",
+        "add_undrain_arguments",
+        "run_undrain",
+        "let the local Celery worker consume again",
+    ),
+    "deploy-hook": (
+        "agent.deploy_hook",
+        "add_arguments",
+        "run",
+        "run one CodeDeploy lifecycle event for this role",
+    ),
+    "lifecycle": (
+        "agent.lifecycle",
+        "add_arguments",
+        "run",
+        "react to Auto Scaling termination and Spot notices",
+    ),
+    "variables": (
+        "agent.variables",
+        "add_arguments",
+        "run",
+        "Secrets Manager secret -> Airflow Variables",
+    ),
+    "bootstrap": (
+        "agent.bootstrap",
+        "add_arguments",
+        "run",
+        "first boot: role, env sync, units; safe to repeat",
+    ),
+    "status": (
+        "agent.status",
+        "add_arguments",
+        "run",
+        "what the agent knows and what the units are doing",
+    ),
 }
 
 EPILOG = """\

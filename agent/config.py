@@ -76,6 +76,8 @@ class ConfapplyConfig:
     # how long each restarted unit may take to become active
     unit_timeout: float = 120.0
     watchdog_interval: float = 10.0
+    # re-hash this often without an event: retries a failed apply, covers a missed event
+    recheck_interval: float = 60.0
 
 
 @dataclass
@@ -94,8 +96,14 @@ class DrainConfig:
     on_deadline: str = field(default="fail", metadata=_choice("fail", "stop"))
     # Celery node name of the local worker; null means celery@<hostname>
     node_name: Optional[str] = None
-    poll_interval: float = 2.0
+    # each poll asks the worker twice (active, reserved) and returns on its reply
+    poll_interval: float = 1.0
     worker_unit: str = "airflow-worker"
+    # how long a running worker may take to answer remote control (it may still be starting)
+    # before the drain falls back to a warm shutdown through systemctl stop
+    reply_timeout: float = 30.0
+    # how long an idle worker's `systemctl stop` may take
+    stop_timeout: float = 120.0
 
 
 @dataclass
@@ -108,6 +116,12 @@ class LifecycleConfig:
     rebalance: str = field(default="ignore", metadata=_choice("ignore", "stop-consuming"))
     scale_in_protection: bool = False
     idle_before_unprotect: float = 300.0
+    # null: HeartbeatTimeout/3 capped at 300 s; an override is capped at HeartbeatTimeout/2
+    heartbeat_interval: Optional[float] = None
+    # stop heartbeating and complete this long before the hook's global timeout
+    complete_margin: float = 60.0
+    # null: hold a termination up to the global timeout; else at most this many seconds
+    max_wait: Optional[float] = None
 
 
 @dataclass
@@ -121,7 +135,7 @@ class DeployConfig:
 @dataclass
 class AwsConfig:
     region: Optional[str] = None
-    max_attempts: int = 6
+    max_attempts: int = 6  # total attempts per call, the first included
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
 
@@ -274,7 +288,7 @@ def _validate(cfg: AgentConfig) -> None:
     if not 0.0 <= cfg.env.max_drop_fraction <= 1.0:
         fail("env.max_drop_fraction", f"must be between 0 and 1, got {cfg.env.max_drop_fraction}")
     if not re.fullmatch(r"0?[0-7]{3}", cfg.env.mode):
-        fail("env.mode", f"must be an octal mode string like \"0640\", got {cfg.env.mode!r}")
+        fail("env.mode", f'must be an octal mode string like "0640", got {cfg.env.mode!r}')
     if cfg.env.mode_bits & 0o007:
         fail("env.mode", f"must not give access to others (secrets), got {cfg.env.mode!r}")
     for role, units in list(cfg.units.items()) + list(cfg.agent_units.items()):
@@ -337,7 +351,7 @@ def load_config(path: Optional[str] = None) -> AgentConfig:
 
 
 def config_as_dict(cfg: AgentConfig) -> Dict[str, Any]:
-    """The config as plain data for printing; static env values are redacted (they may be secret)."""
+    """The config as plain data for printing; static env values are redacted (may be secret)."""
     data = dataclasses.asdict(cfg)
     data.pop("source", None)
     data["env"]["static"] = {k: "<redacted>" for k in data["env"]["static"]}

@@ -9,6 +9,7 @@ exits non-zero with a one-line reason. Values never reach logs or stdout; `--dif
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -84,13 +85,13 @@ class EnvSync:
         self.state = state or StateStore(cfg.state_dir)
         self.path = Path(cfg.env.file)
 
-    def _owner(self) -> "tuple[int, int]":
+    def _owner(self) -> tuple[int, int]:
         try:
             return resolve_owner(self.cfg.env.owner, self.cfg.env.group)
         except KeyError as exc:
             raise ConfigError(f"{self.cfg.source}: env.owner/env.group: {exc.args[0]}") from None
 
-    def plan(self, allow_drop: bool = False) -> "tuple[EnvPlan, Optional[bytes]]":
+    def plan(self, allow_drop: bool = False) -> tuple[EnvPlan, Optional[bytes]]:
         params = fetch_parameters(self.ssm, self.cfg.env.ssm_paths)
         register_secrets(p.value for p in params if p.type == "SecureString")
         mapped = map_parameters(params, self.cfg.env.ssm_paths)
@@ -152,13 +153,11 @@ class EnvSync:
 
 
 def _record_failure(cfg, reason: str) -> None:
-    try:
+    # the state dir may be the very thing that is broken; the log line still goes out
+    with contextlib.suppress(OSError):
         StateStore(cfg.state_dir).update(
             "env", last_failure=time.time(), last_sync_result="failed", last_failure_reason=reason
         )
-    except OSError:
-        # the state dir may be the very thing that is broken; the log line still goes out
-        pass
 
 
 def print_diff(plan: EnvPlan, out=None) -> None:

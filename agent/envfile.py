@@ -45,7 +45,7 @@ def encode_value(value: str) -> str:
 
 
 def encode_env(variables: Dict[str, str], header: str = "") -> bytes:
-    """The EnvironmentFile bytes for `variables`, sorted by name so equal input gives equal bytes."""
+    """EnvironmentFile bytes for `variables`, sorted by name: equal input gives equal bytes."""
     lines = [f"# {line}\n" for line in header.splitlines()]
     for name in sorted(variables):
         if not NAME_RE.match(name):
@@ -159,8 +159,14 @@ def _parse_pairs(text: str) -> Iterable[Tuple[str, str]]:
         elif state == "COMMENT_ESCAPE":
             state = "COMMENT"
 
-    if state in ("PRE_VALUE", "VALUE", "VALUE_ESCAPE", "SINGLE_QUOTE_VALUE",
-                 "DOUBLE_QUOTE_VALUE", "DOUBLE_QUOTE_VALUE_ESCAPE"):
+    if state in (
+        "PRE_VALUE",
+        "VALUE",
+        "VALUE_ESCAPE",
+        "SINGLE_QUOTE_VALUE",
+        "DOUBLE_QUOTE_VALUE",
+        "DOUBLE_QUOTE_VALUE_ESCAPE",
+    ):
         _trim_key(key, last_key_whitespace)
         if state == "VALUE" and last_value_whitespace >= 0:
             del value[last_value_whitespace:]

@@ -6,6 +6,7 @@ a partial or missing file, even when the writer is killed at any instant.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -20,7 +21,7 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def resolve_owner(owner: Optional[str], group: Optional[str]) -> "tuple[int, int]":
+def resolve_owner(owner: Optional[str], group: Optional[str]) -> tuple[int, int]:
     """Names -> ids; -1 keeps the current one. Unknown names raise KeyError naming them."""
     uid = gid = -1
     if owner is not None:
@@ -68,10 +69,8 @@ def atomic_write(
     except BaseException:
         if fd != -1:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 

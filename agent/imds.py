@@ -41,6 +41,8 @@ class ImdsClient:
         sleep: Callable[[float], None] = time.sleep,
     ):
         base = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+        if not base.startswith(("http://", "https://")):
+            raise ImdsUnavailable(f"IMDS endpoint {base!r} is not an http(s) URL")
         self.endpoint = base.rstrip("/") + "/"
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -52,7 +54,7 @@ class ImdsClient:
         self.token_fetches = 0
 
     @classmethod
-    def from_config(cls, cfg) -> "ImdsClient":
+    def from_config(cls, cfg) -> ImdsClient:
         return cls(
             endpoint=cfg.imds.endpoint,
             timeout=cfg.imds.timeout,
@@ -62,11 +64,12 @@ class ImdsClient:
 
     # -- transport -------------------------------------------------------------------------
 
-    def _open(self, req: urllib.request.Request) -> "tuple[int, bytes]":
+    def _open(self, req: urllib.request.Request) -> tuple[int, bytes]:
         """One HTTP exchange; returns (status, body). Network errors raise OSError."""
         # IMDS is link-local; a proxy from the environment must never see these requests
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
+            # the scheme is checked in __init__: only http(s) endpoints get here
             with opener.open(req, timeout=self.timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
@@ -99,10 +102,14 @@ class ImdsClient:
 
         status, body = self._with_retries("a session token", req)
         if status != 200 or not body:
-            raise ImdsUnavailable(f"IMDS at {self.endpoint} refused a session token (HTTP {status})")
+            raise ImdsUnavailable(
+                f"IMDS at {self.endpoint} refused a session token (HTTP {status})"
+            )
         self.token_fetches += 1
         self._token = body.decode("ascii").strip()
-        self._token_expires = self._clock() + self.token_ttl - min(_TOKEN_MARGIN, self.token_ttl / 2)
+        self._token_expires = (
+            self._clock() + self.token_ttl - min(_TOKEN_MARGIN, self.token_ttl / 2)
+        )
         return self._token
 
     def token(self) -> str:

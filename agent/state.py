@@ -6,6 +6,7 @@ Each job keeps its own document (`role.json`, `confapply.json`, `env.json`, `dra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -45,7 +46,5 @@ class StateStore:
         return data
 
     def delete(self, name: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.path(name).unlink()
-        except FileNotFoundError:
-            pass

@@ -86,7 +86,9 @@ def agent_env(aws, imds) -> Dict[str, str]:
 def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -118,15 +120,27 @@ def make_config(tmp_path):
 def run_agent(agent_env):
     """run_agent(config_path, *args, env=None) -> CompletedProcess of `python -m agent ...`."""
 
-    def run(config: Optional[Path], *args: str, env: Optional[Dict[str, str]] = None,
-            timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    def run(
+        config: Optional[Path],
+        *args: str,
+        env: Optional[Dict[str, str]] = None,
+        timeout: float = 120,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "agent"]
         if config is not None:
             argv += ["--config", str(config)]
         argv += list(args)
         full_env = dict(agent_env)
         full_env.update(env or {})
-        return subprocess.run(argv, capture_output=True, text=True, env=full_env,
-                              timeout=timeout, check=check, cwd=str(REPO_ROOT))
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            check=check,
+            cwd=str(REPO_ROOT),
+        )
 
     return run

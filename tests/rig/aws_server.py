@@ -41,7 +41,9 @@ class RigApp:
     @staticmethod
     def _json(start_response, status: str, body: Any):
         data = json.dumps(body).encode()
-        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        start_response(
+            status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        )
         return [data]
 
     def _control(self, environ, start_response, path: str, body: bytes):
@@ -89,7 +91,7 @@ class RigApp:
         return self._json(start_response, "404 Not Found", {"error": path})
 
     @staticmethod
-    def _identify(environ, body: bytes) -> "tuple[str, str, Dict[str, str]]":
+    def _identify(environ, body: bytes) -> tuple[str, str, Dict[str, str]]:
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         scope = _SCOPE_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
         service = scope.group(1) if scope else ""
@@ -106,7 +108,10 @@ class RigApp:
         status = f"{fault['status']} Error"
         if json_protocol:
             data = json.dumps({"__type": fault["code"], "message": fault["message"]}).encode()
-            headers = [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", fault["code"])]
+            headers = [
+                ("Content-Type", "application/x-amz-json-1.1"),
+                ("x-amzn-ErrorType", fault["code"]),
+            ]
         else:
             data = (
                 "<ErrorResponse><Error><Type>Sender</Type>"
@@ -171,10 +176,18 @@ class AwsServer(ServerProcess):
     def reset(self) -> None:
         self.post("/_rig/reset")
 
-    def inject(self, action: str, code: str = "ThrottlingException", count: int = 1,
-               status: int = 400, message: str = "Rate exceeded") -> None:
-        self.post("/_rig/faults", {"action": action, "code": code, "count": count,
-                                    "status": status, "message": message})
+    def inject(
+        self,
+        action: str,
+        code: str = "ThrottlingException",
+        count: int = 1,
+        status: int = 400,
+        message: str = "Rate exceeded",
+    ) -> None:
+        self.post(
+            "/_rig/faults",
+            {"action": action, "code": code, "count": count, "status": status, "message": message},
+        )
 
     def clear_faults(self) -> None:
         self.request("DELETE", "/_rig/faults")
@@ -214,7 +227,9 @@ def main() -> None:
     from werkzeug.serving import make_server
 
     app = RigApp(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(
+        "127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler
+    )
     serve_forever(server, args.port_file)
 
 

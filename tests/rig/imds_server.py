@@ -83,8 +83,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
         with self.state.lock:
-            self.state.log.append({"method": self.command, "path": self.path, "status": status,
-                                   "time": time.time()})
+            self.state.log.append(
+                {"method": self.command, "path": self.path, "status": status, "time": time.time()}
+            )
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
+    def start(self, timeout: float = 30.0) -> ServerProcess:
         port_file = Path(self._dir) / "port"
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -114,7 +115,5 @@ def serve_forever(server, port_file: str) -> None:
     with open(tmp, "w") as f:
         f.write(str(server.server_address[1]))
     os.replace(tmp, port_file)
-    try:
+    with contextlib.suppress(SystemExit):
         server.serve_forever()
-    except SystemExit:
-        pass

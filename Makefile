@@ -1,0 +1,72 @@
+# make test: set up everything the suite needs on a fresh Debian 12 machine (as root) and run it.
+# make demo: run the agent's main jobs end to end on a local sandbox with embedded AWS.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PY39 ?= $(shell ls -d $$HOME/.pyenv/versions/3.9*/bin/python3 /usr/bin/python3.9 2>/dev/null | head -1)
+VENV := .venv
+AIRFLOW_VENV := .cache/airflow-venv
+PY39_VENV := .cache/py39-venv
+PIP_FLAGS := -q --disable-pip-version-check
+APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux
+AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary
+# pure-code tests that must also pass on Python 3.9 (Amazon Linux 2023's python3)
+UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py
+
+.PHONY: test demo lint format unit bench deps apt-deps venv airflow-venv py39-venv clean
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+$(AIRFLOW_VENV)/.stamp:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install $(PIP_FLAGS) $(AIRFLOW_REQS)
+	touch $@
+
+$(PY39_VENV)/.stamp: setup.cfg pyproject.toml
+	@test -n "$(PY39)" || { echo "no Python 3.9 found (pyenv 3.9.x expected)"; exit 1; }
+	$(PY39) -m venv $(PY39_VENV)
+	$(PY39_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(PY39_VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+airflow-venv: $(AIRFLOW_VENV)/.stamp
+py39-venv: $(PY39_VENV)/.stamp
+deps: apt-deps venv airflow-venv py39-venv
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff format --check agent tests bench
+
+format: venv
+	$(VENV)/bin/ruff format agent tests bench
+	$(VENV)/bin/ruff check --fix agent tests bench
+
+unit: py39-venv
+	$(PY39_VENV)/bin/python -m pytest -q -p no:cacheprovider $(UNIT_TESTS)
+
+test: deps lint
+	$(VENV)/bin/python -m pytest
+	$(MAKE) --no-print-directory unit
+
+demo: apt-deps venv airflow-venv
+	$(VENV)/bin/python -m tests.rig.demo
+
+bench: deps
+	$(VENV)/bin/python bench/env_sync.py
+
+clean:
+	rm -rf $(VENV) $(PY39_VENV) .pytest_cache .hypothesis *.egg-info

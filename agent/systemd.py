@@ -1,0 +1,159 @@
+"""systemctl behind one small object, so every job controls units the same way.
+
+The command is configurable (`systemctl` in agent.yaml) so a test or the sandbox can point it
+elsewhere; the tests that prove jobs work drive a real systemd. Also holds the sd_notify
+wrapper: sdnotify does nothing without NOTIFY_SOCKET, which is what we want outside systemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from agent.errors import AgentError, DeadlineError
+
+log = logging.getLogger(__name__)
+
+
+class SystemctlError(AgentError):
+    """A systemctl call failed; the message carries its stderr."""
+
+
+class Systemctl:
+    def __init__(self, command: Sequence[str] = ("systemctl",), timeout: float = 120.0):
+        self.command = list(command)
+        self.timeout = timeout
+
+    def _run(self, *args: str, check: bool = True, timeout: Optional[float] = None):
+        argv = self.command + list(args)
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout or self.timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise SystemctlError(
+                f"'{' '.join(argv)}' did not finish in {timeout or self.timeout}s"
+            ) from None
+        except FileNotFoundError:
+            raise SystemctlError(f"cannot run {argv[0]!r}: not found") from None
+        if check and proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise SystemctlError(
+                f"'{' '.join(argv)}' failed (rc {proc.returncode}): {' '.join(msg)[:400]}"
+            )
+        return proc
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def show(self, unit: str, *props: str) -> Dict[str, str]:
+        proc = self._run("show", unit, "--property=" + ",".join(props), check=False)
+        out: Dict[str, str] = {}
+        for line in proc.stdout.splitlines():
+            k, sep, v = line.partition("=")
+            if sep:
+                out[k] = v
+        return out
+
+    def active_state(self, unit: str) -> str:
+        return self.show(unit, "ActiveState").get("ActiveState", "unknown")
+
+    def is_active(self, unit: str) -> bool:
+        return self.active_state(unit) == "active"
+
+    def main_pid(self, unit: str) -> int:
+        return int(self.show(unit, "MainPID").get("MainPID") or 0)
+
+    def is_enabled(self, unit: str) -> str:
+        proc = self._run("is-enabled", unit, check=False)
+        return proc.stdout.strip() or "unknown"
+
+    def exists(self, unit: str) -> bool:
+        return self.show(unit, "LoadState").get("LoadState") not in (None, "not-found")
+
+    def unit_states(self, units: Iterable[str]) -> Dict[str, Dict[str, str]]:
+        props = ("ActiveState", "SubState", "MainPID", "UnitFileState", "Result", "NRestarts")
+        return {u: self.show(u, *props) for u in units}
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def start(self, *units: str, no_block: bool = False) -> None:
+        self._run("start", *(["--no-block"] if no_block else []), *units)
+
+    def stop(self, *units: str, timeout: Optional[float] = None) -> None:
+        self._run("stop", *units, timeout=timeout)
+
+    def restart(self, unit: str) -> None:
+        self._run("restart", unit)
+
+    def enable(self, *units: str, now: bool = False) -> None:
+        self._run("enable", *(["--now"] if now else []), *units)
+
+    def disable(self, *units: str, now: bool = False) -> None:
+        self._run("disable", *(["--now"] if now else []), *units)
+
+    def reset_failed(self, unit: str) -> None:
+        self._run("reset-failed", unit, check=False)
+
+    def daemon_reload(self) -> None:
+        self._run("daemon-reload")
+
+    def wait_active(
+        self,
+        unit: str,
+        timeout: float,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Wait until `unit` is active; DeadlineError naming its state when it is not in time."""
+        deadline = clock() + timeout
+        state = "unknown"
+        while clock() < deadline:
+            state = self.active_state(unit)
+            if state == "active":
+                return
+            if state == "failed":
+                break
+            sleep(0.2)
+        raise DeadlineError(f"{unit} is {state}, not active, after waiting up to {timeout:.0f}s")
+
+
+class Notifier:
+    """sd_notify: READY, STATUS, WATCHDOG, STOPPING. Silent outside a notify unit."""
+
+    def __init__(self):
+        try:
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+        except ImportError:  # pragma: no cover - sdnotify is a hard dependency
+            self._n = None
+
+    def _send(self, msg: str) -> None:
+        if self._n is not None:
+            self._n.notify(msg)
+
+    def ready(self, status: str = "") -> None:
+        self._send("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+    def status(self, text: str) -> None:
+        self._send(f"STATUS={text}")
+
+    def watchdog(self) -> None:
+        self._send("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1")
+
+
+def systemctl_from_config(cfg) -> Systemctl:
+    return Systemctl(cfg.systemctl)
+
+
+def units_summary(states: Dict[str, Dict[str, str]]) -> List[str]:
+    return [f"{u}={s.get('ActiveState', '?')}" for u, s in states.items()]

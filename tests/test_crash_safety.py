@@ -1,0 +1,63 @@
+"""A writer killed with SIGKILL at random moments never leaves a partial or missing env file."""
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+from agent.fsutil import remove_stale_temps
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from agent.fsutil import atomic_write
+    from agent.envfile import encode_env
+    path = sys.argv[1]
+    # two large, distinct files so a torn write would be visible
+    a = encode_env({f"K{i}": "a" * 200 for i in range(1500)})
+    b = encode_env({f"K{i}": "b" * 200 for i in range(1500)})
+    print("ready", flush=True)
+    n = 0
+    while True:
+        atomic_write(path, a if n % 2 else b, mode=0o640)
+        n += 1
+    """
+)
+
+
+def test_sigkill_at_random_moments_never_tears_the_file(tmp_path):
+    from agent.envfile import encode_env
+
+    path = tmp_path / "airflow.env"
+    good = {
+        encode_env({f"K{i}": "a" * 200 for i in range(1500)}),
+        encode_env({f"K{i}": "b" * 200 for i in range(1500)}),
+    }
+    path.write_bytes(next(iter(good)))
+    rng = random.Random(20261121)
+    kills = 0
+    for _ in range(220):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        # kill somewhere inside the write loop: each write of ~300 KB takes a few ms
+        deadline = rng.uniform(0.0, 0.03)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=deadline)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        kills += 1
+        assert path.read_bytes() in good, "env file torn or missing after SIGKILL"
+    assert kills >= 200
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "airflow.env"]
+    # killed writers may leave temp files; the next sync removes them
+    assert remove_stale_temps(path) == len(leftovers)
+    assert [p.name for p in tmp_path.iterdir()] == ["airflow.env"]
