@@ -9,7 +9,7 @@ VENV := .venv
 AIRFLOW_VENV := .cache/airflow-venv
 PY39_VENV := .cache/py39-venv
 PIP_FLAGS := -q --disable-pip-version-check
-APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux
+APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv
 AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary
 # pure-code tests that must also pass on Python 3.9 (Amazon Linux 2023's python3)
 UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py
@@ -55,8 +55,8 @@ format: venv
 	$(VENV)/bin/ruff format agent tests bench
 	$(VENV)/bin/ruff check --fix agent tests bench
 
-unit: py39-venv
-	$(PY39_VENV)/bin/python -m pytest -q -p no:cacheprovider $(UNIT_TESTS)
+unit: venv py39-venv
+	RIG_PYTHON=$(abspath $(VENV))/bin/python $(PY39_VENV)/bin/python -m pytest -q -p no:cacheprovider $(UNIT_TESTS)
 
 test: deps lint
 	$(VENV)/bin/python -m pytest

@@ -18,6 +18,9 @@ import re
 from typing import Dict, Iterable, Optional, Tuple
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Linux's MAX_ARG_STRLEN (32 pages) less the terminating NUL: a longer NAME=VALUE is accepted
+# by systemd but makes execve fail with E2BIG, so the unit would not start
+MAX_ASSIGNMENT_BYTES = 131071
 
 _NEEDS_ESCAPE = '"\\`$'
 _NEWLINE = "\n\r"
@@ -55,8 +58,12 @@ def encode_env(variables: Dict[str, str], header: str = "") -> bytes:
 
 
 def parse_env(data: bytes) -> Dict[str, str]:
-    """Parse EnvironmentFile bytes the way systemd 252 does; later assignments win."""
-    return dict(_parse_pairs(data.decode("utf-8", errors="surrogateescape")))
+    """Parse EnvironmentFile bytes the way systemd 252 does; later assignments win.
+
+    Like systemd, assignments whose name is not a valid variable name are dropped.
+    """
+    pairs = _parse_pairs(data.decode("utf-8", errors="surrogateescape"))
+    return {k: v for k, v in pairs if NAME_RE.match(k)}
 
 
 def _parse_pairs(text: str) -> Iterable[Tuple[str, str]]:
@@ -186,6 +193,13 @@ def roundtrip_failures(variables: Dict[str, str]) -> Dict[str, str]:
         reason = unrepresentable_reason(value)
         if reason:
             failures[name] = reason
+            continue
+        size = len(name.encode()) + 1 + len(value.encode("utf-8"))
+        if size > MAX_ASSIGNMENT_BYTES:
+            failures[name] = (
+                f"makes {name}=VALUE {size} bytes; Linux passes at most "
+                f"{MAX_ASSIGNMENT_BYTES} bytes per variable to a process"
+            )
     if failures:
         return failures
     parsed = parse_env(encode_env(variables))

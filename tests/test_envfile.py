@@ -91,3 +91,15 @@ def test_encoding_is_sorted_and_stable():
     a = encode_env({"B": "2", "A": "1"}, header="h")
     b = encode_env({"A": "1", "B": "2"}, header="h")
     assert a == b == b'# h\nA="1"\nB="2"\n'
+
+
+def test_assignment_longer_than_linux_allows_is_refused():
+    limit = 131071
+    assert roundtrip_failures({"LV": "x" * (limit - len("LV="))}) == {}
+    assert "131071" in roundtrip_failures({"LV": "x" * (limit - len("LV=") + 1)})["LV"]
+    # the limit is in bytes, not characters
+    assert roundtrip_failures({"LV": "é" * 65535})
+
+
+def test_invalid_names_are_dropped_like_systemd_does():
+    assert parse_env(b"export B=3\nGOOD=1\n") == {"GOOD": "1"}

@@ -37,6 +37,9 @@ class ServerProcess:
 
     def __init__(self, module: str, args: Optional[List[str]] = None, log_name: str = ""):
         self.module = module
+        # the servers are test infrastructure: the 3.9 unit run borrows the 3.11 venv's
+        # Python for them (moto's server app is newer there), the product stays on 3.9
+        self.python = os.environ.get("RIG_PYTHON") or sys.executable
         self.args = args or []
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
@@ -53,7 +56,7 @@ class ServerProcess:
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, "--port-file", str(port_file), *self.args],
+                [self.python, "-m", self.module, "--port-file", str(port_file), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

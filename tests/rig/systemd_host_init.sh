@@ -64,11 +64,17 @@ for p in sys sysrq-trigger irq bus; do
 done
 
 mount --rbind /sys "$R/sys"
+# Drop our private copies of the machine's cgroup mounts (mounts are private: checked above).
+umount -R "$R/sys/fs/cgroup"
 # Fresh cgroup trees, rooted at our cgroup namespace (= the child cgroup the launcher made).
 mount -t tmpfs -o mode=0755,nosuid,nodev,noexec aea-cgroup "$R/sys/fs/cgroup"
 mkdir "$R/sys/fs/cgroup/systemd" "$R/sys/fs/cgroup/unified"
 mount -t cgroup -o none,name=systemd,nosuid,nodev,noexec cgroup "$R/sys/fs/cgroup/systemd"
 mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$R/sys/fs/cgroup/unified"
+# Read-only now, so systemd cannot create mount points for the cpu/memory/pids/devices ...
+# controllers: those v1 hierarchies are the machine's own, and systemd would create (and on
+# SIGKILL leave behind) system.slice/init.scope directories in them, outside our subtree.
+mount -o remount,bind,ro,nosuid,nodev,noexec "$R/sys/fs/cgroup"
 # The rbind of the host's /sys is made read-only *per mount* (remount,bind): the sysfs
 # superblock is the host's, so a plain remount would change it for the host too.
 mount -o remount,bind,ro,nosuid,nodev,noexec "$R/sys"
@@ -158,4 +164,4 @@ exec /usr/bin/setpriv \
     container="$AEA_NAME" \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
-    /lib/systemd/systemd --system --unit=aea-host.target --log-target=console --show-status=no
+    /lib/systemd/systemd --system --unit=aea-host.target --log-target=journal --show-status=no
