@@ -8,13 +8,15 @@ PY39 ?= $(shell ls -d $$HOME/.pyenv/versions/3.9*/bin/python3 /usr/bin/python3.9
 VENV := .venv
 AIRFLOW_VENV := .cache/airflow-venv
 PY39_VENV := .cache/py39-venv
+# checkov pins old boto3/botocore, so it gets a venv of its own
+CHECKOV_VENV := .cache/checkov-venv
 PIP_FLAGS := -q --disable-pip-version-check
 APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv
 AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary
 # pure-code tests that must also pass on Python 3.9 (Amazon Linux 2023's python3)
 UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py
 
-.PHONY: test demo lint format unit bench deps apt-deps venv airflow-venv py39-venv clean
+.PHONY: test demo lint format unit bench deps apt-deps venv airflow-venv py39-venv checkov-venv clean
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -42,10 +44,16 @@ $(PY39_VENV)/.stamp: setup.cfg pyproject.toml
 	$(PY39_VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
 	touch $@
 
+$(CHECKOV_VENV)/.stamp:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install $(PIP_FLAGS) checkov
+	touch $@
+
 venv: $(VENV)/.stamp
 airflow-venv: $(AIRFLOW_VENV)/.stamp
 py39-venv: $(PY39_VENV)/.stamp
-deps: apt-deps venv airflow-venv py39-venv
+checkov-venv: $(CHECKOV_VENV)/.stamp
+deps: apt-deps venv airflow-venv py39-venv checkov-venv
 
 lint: venv
 	$(VENV)/bin/ruff check agent tests bench
