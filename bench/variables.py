@@ -1,0 +1,238 @@
+"""Benchmark: `airflow-agent variables sync` vs a full `airflow variables import`, same run.
+
+5,000 variables in one Secrets Manager secret (moto over HTTP), the real Airflow 3 CLI on
+SQLite. Cases:
+  full import   the anchor's way: `airflow variables import all.json -a overwrite` of all keys
+  sync, 1 change  ours after one key changed: import of 1 key + export to verify
+  sync, unchanged ours with the same secret version: must make no Airflow call
+Wall time includes everything each does (ours: Python start, GetSecretValue, planning, CLI).
+Each case runs --repeat times, alternating; the table shows the median.
+
+Run: .venv/bin/python bench/variables.py [--n 5000] [--repeat 3] [--db sqlite|postgres]
+(--db postgres starts a throwaway PostgreSQL 15 from Debian's package on 127.0.0.1, as the
+`postgres` user, fsync on, and stops it by its PID at the end.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.rig.aws_server import AwsServer  # noqa: E402
+
+AIRFLOW = REPO / ".cache" / "airflow-venv" / "bin" / "airflow"
+SECRET_ID = "bench/variables"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_postgres() -> tuple:
+    """(Popen, sqlalchemy URL, data dir) of a throwaway PostgreSQL owned by user postgres."""
+    import pwd
+
+    pg = pwd.getpwnam("postgres")
+    data = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    os.chown(data, pg.pw_uid, pg.pw_gid)
+    as_pg = {"user": pg.pw_uid, "group": pg.pw_gid, "extra_groups": []}
+    subprocess.run(
+        [str(PG_BIN / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+        cwd=str(data),
+        **as_pg,
+    )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            str(PG_BIN / "postgres"),
+            "-D",
+            str(data / "db"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(data),
+        **as_pg,
+    )
+    deadline = time.monotonic() + 60
+    while (
+        subprocess.run(
+            [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            sys.exit("PostgreSQL did not start")
+        time.sleep(0.2)
+    subprocess.run(
+        [str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "airflow"],
+        check=True,
+        capture_output=True,
+    )
+    return proc, f"postgresql+psycopg2://postgres@127.0.0.1:{port}/airflow", data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    args = ap.parse_args()
+    pg = start_postgres() if args.db == "postgres" else None
+    try:
+        run_bench(args, pg)
+    finally:
+        if pg:
+            pg[0].terminate()
+            pg[0].wait(timeout=30)
+            shutil.rmtree(pg[2], ignore_errors=True)
+
+
+def run_bench(args: argparse.Namespace, pg) -> None:
+
+    work = Path(tempfile.mkdtemp(prefix="bench-variables-"))
+    home = work / "airflow-home"
+    home.mkdir()
+    airflow_env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg[1] if pg else f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    if pg:
+        # the venv has no asyncpg; the variables commands never use the async engine
+        airflow_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = (
+            f"sqlite+aiosqlite:///{home}/x.db"
+        )
+    env_file = work / "airflow.env"
+    env_file.write_text("".join(f'{k}="{v}"\n' for k, v in airflow_env.items()))
+    cli_env = {"PATH": os.environ["PATH"], **airflow_env}
+    mig = subprocess.run(
+        [str(AIRFLOW), "db", "migrate"], env=cli_env, capture_output=True, text=True
+    )
+    if mig.returncode != 0:
+        sys.exit("airflow db migrate failed: " + (mig.stdout + mig.stderr)[-3000:])
+
+    # a wrapper that counts our Airflow calls, then execs the real CLI
+    calls = work / "calls.log"
+    wrapper = work / "airflow-counting"
+    wrapper.write_text(f'#!/bin/sh\necho "$1 $2" >> {calls}\nexec {AIRFLOW} "$@"\n')
+    wrapper.chmod(0o755)
+
+    aws = AwsServer().start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(aws.client_env())
+        env.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+        env["PYTHONPATH"] = str(REPO)
+        config = work / "agent.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "state_dir": str(work / "state"),
+                    "env": {"file": str(env_file)},
+                    "variables": {
+                        "secret_id": SECRET_ID,
+                        "airflow_command": [str(wrapper)],
+                        "user": None,
+                    },
+                }
+            )
+        )
+        import boto3
+
+        sm = boto3.client(
+            "secretsmanager",
+            region_name="us-east-1",
+            endpoint_url=aws.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        secret = {f"bench_key_{i:05d}": f"value-{i}-{os.urandom(8).hex()}" for i in range(args.n)}
+        sm.create_secret(Name=SECRET_ID, SecretString=json.dumps(secret))
+        all_file = work / "all.json"
+
+        def sync() -> tuple:
+            before = len(calls.read_text().splitlines()) if calls.exists() else 0
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                [sys.executable, "-m", "agent", "--config", str(config), "variables", "sync"],
+                env=env,
+                capture_output=True,
+                text=True,
+                cwd=str(REPO),
+            )
+            wall = time.monotonic() - t0
+            if proc.returncode != 0:
+                sys.exit(f"sync failed: {proc.stderr}")
+            after = len(calls.read_text().splitlines()) if calls.exists() else 0
+            state = json.loads((work / "state" / "variables.json").read_text())
+            written = state["counts"]["imported"] if "no Airflow call" not in proc.stderr else 0
+            return wall, written, after - before
+
+        wall, written, ncalls = sync()
+        print(f"(first sync, all {args.n} new: {wall:.1f} s, {written} written, {ncalls} calls)")
+
+        full, change, unchanged = [], [], []
+        for r in range(args.repeat):
+            # the anchor: every key, every time anything changed
+            all_file.write_text(json.dumps(secret))
+            t0 = time.monotonic()
+            out = subprocess.run(
+                [str(AIRFLOW), "variables", "import", str(all_file), "-a", "overwrite"],
+                env=cli_env,
+                capture_output=True,
+                text=True,
+            )
+            full.append((time.monotonic() - t0, args.n if out.returncode == 0 else -1, 1))
+            all_file.unlink()
+
+            key = f"bench_key_{r:05d}"
+            secret[key] = f"changed-{r}-{os.urandom(8).hex()}"
+            sm.put_secret_value(SecretId=SECRET_ID, SecretString=json.dumps(secret))
+            change.append(sync())
+            unchanged.append(sync())
+
+        def row(name: str, runs: list) -> str:
+            wall = statistics.median(r[0] for r in runs)
+            return f"| {name:<30} | {runs[0][1]:>12} | {runs[0][2]:>13} | {wall:>13.2f} |", wall
+
+        db = "PostgreSQL 15 (localhost)" if pg else "SQLite"
+        print(f"\n{args.n} variables, median of {args.repeat} runs, real Airflow CLI on {db}\n")
+        print("| case                           | keys written | Airflow calls | wall time (s) |")
+        print("|--------------------------------|--------------|---------------|---------------|")
+        line, t_full = row("full `variables import` (all)", full)
+        print(line)
+        line, t_change = row("ours: 1 key changed", change)
+        print(line)
+        line, t_same = row("ours: secret unchanged", unchanged)
+        print(line)
+        print(f"\nspeed-up, 1 change: {t_full / t_change:.1f}x; unchanged: {t_full / t_same:.1f}x")
+    finally:
+        aws.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

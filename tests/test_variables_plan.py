@@ -1,0 +1,147 @@
+"""Unit tests of the pure core of `variables sync`: secret shape, plan, export verification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.variables_plan import (
+    SecretShapeError,
+    entry_digest,
+    expected_export,
+    import_document,
+    name_list,
+    parse_secret,
+    plan_variables,
+    secrets_backend,
+    shadowed_by_env,
+    verify_deleted,
+    verify_import,
+)
+
+KEY = b"k" * 32
+SECRET_VALUE = "s3cr3t-do-not-print"
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (None, "no SecretString"),
+        ("", "not valid JSON"),
+        ('{"a": ', "not valid JSON"),
+        ("[1, 2]", "got an array"),
+        ('"just a string"', "got a string"),
+        ("42", "got a number"),
+        ("null", "got null"),
+        ('{"a": 1, "a": 2}', 'duplicate key "a"'),
+        ('{"a": {"x": 1, "x": 2}}', 'duplicate key "x"'),
+        ('{"": "v"}', "empty key"),
+        ('{"  ": "v"}', "blank key"),
+        ('{"a\\nb": "v"}', "control character"),
+        ('{"a": NaN}', "NaN is not a JSON value"),
+        ('{"a": Infinity}', "Infinity is not a JSON value"),
+        ('{"' + "k" * 251 + '": "v"}', "251 characters; Airflow allows 250"),
+        ('{"a": {"value": 1, "other": 2}}', 'may only also have "description", found "other"'),
+        ('{"a": {"value": 1, "description": 5}}', '"description" must be a string or null'),
+        ('{"a": "\\ud800"}', "not valid Unicode"),
+    ],
+)
+def test_bad_shapes_are_refused_naming_the_problem(text, problem):
+    with pytest.raises(SecretShapeError) as err:
+        parse_secret(text)
+    assert problem in str(err.value)
+
+
+def test_error_messages_never_quote_values():
+    v = json.dumps(SECRET_VALUE)
+    bad = '{"a": ' + v + ', "b": {"value": ' + v + ', "description": 7}}'
+    for text in (bad, '{"a": ' + v + ' "b"}', "[" + v + "]"):
+        with pytest.raises(SecretShapeError) as err:
+            parse_secret(text)
+        assert SECRET_VALUE not in str(err.value)
+
+
+def test_good_shapes_parse():
+    secret = parse_secret(
+        '{"s": "x", "n": 1, "b": true, "z": null, "l": [1], "o": {"p": 1},'
+        ' "w": {"value": "v", "description": "d"}, "w2": {"value": {"q": 1}}}'
+    )
+    assert set(secret) == {"s", "n", "b", "z", "l", "o", "w", "w2"}
+    assert parse_secret("{}") == {}
+
+
+def test_plan_new_changed_unchanged_removed():
+    old = {"same": "1", "chg": "old", "gone": "x"}
+    hashes = {k: entry_digest(KEY, v) for k, v in old.items()}
+    plan = plan_variables({"same": "1", "chg": "new", "add": "a"}, hashes, KEY)
+    assert plan.new == ["add"]
+    assert plan.changed == ["chg"]
+    assert plan.unchanged == ["same"]
+    assert plan.removed == ["gone"]
+    assert plan.to_import == ["add", "chg"]
+
+
+def test_digest_follows_what_airflow_stores():
+    # Airflow stores 1 and "1" as the same string: no re-import for a type-only edit
+    assert entry_digest(KEY, 1) == entry_digest(KEY, "1")
+    assert entry_digest(KEY, {"value": "v"}) == entry_digest(KEY, "v")
+    # a description change is a change
+    assert entry_digest(KEY, {"value": "v", "description": "d"}) != entry_digest(KEY, "v")
+    # keyed: another instance's key gives other hashes, and no value is recoverable
+    assert entry_digest(KEY, "v") != entry_digest(b"o" * 32, "v")
+    assert SECRET_VALUE not in entry_digest(KEY, SECRET_VALUE)
+
+
+def test_verify_against_airflow_export_reconstruction():
+    secret = {
+        "s": "plain",
+        "num_str": "123",
+        "num": 123,
+        "obj": {"a": [1, 2]},
+        "desc": {"value": "v", "description": "d"},
+        "wrapped_obj": {"value": {"value": 1}},
+        "empty_desc": {"value": "v", "description": ""},
+    }
+    # what airflow variables export writes for these after an import (see variable_command.py)
+    exported = {
+        "s": "plain",
+        "num_str": 123,
+        "num": 123,
+        "obj": {"a": [1, 2]},
+        "desc": {"value": "v", "description": "d"},
+        "wrapped_obj": {"value": {"value": 1}, "description": None},
+        "empty_desc": "v",
+        "unmanaged": "whatever",
+    }
+    landed, failed = verify_import(secret, sorted(secret), exported)
+    assert failed == []
+    assert sorted(landed) == sorted(secret)
+    exported["num"] = 124
+    del exported["s"]
+    landed, failed = verify_import(secret, sorted(secret), exported)
+    assert failed == ["num", "s"]
+    assert verify_deleted(["unmanaged", "x"], exported) == (["x"], ["unmanaged"])
+
+
+def test_expected_export_keeps_type_distinctions():
+    assert expected_export(True) != expected_export(1)
+    assert expected_export("true") == expected_export(True)  # Airflow cannot tell them apart
+
+
+def test_import_document_holds_only_the_keys_asked():
+    doc = json.loads(import_document({"a": 1, "b": {"value": "x"}, "c": 3}, ["b"]))
+    assert doc == {"b": {"value": "x"}}
+
+
+def test_shadowing():
+    env = {"AIRFLOW_VAR_MY_KEY": "x", "AIRFLOW__SECRETS__BACKEND": ""}
+    assert shadowed_by_env(["my_key", "other"], env) == ["my_key"]
+    assert secrets_backend(env) is None
+    env["AIRFLOW__SECRETS__BACKEND"] = "airflow.providers.amazon.SecretsManagerBackend"
+    assert secrets_backend(env) == "AIRFLOW__SECRETS__BACKEND"
+
+
+def test_name_list_truncates():
+    assert name_list(["a", "b"]) == "a, b"
+    assert name_list([str(i) for i in range(25)], limit=3) == "0, 1, 2 and 22 more"
