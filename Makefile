@@ -14,7 +14,8 @@ PIP_FLAGS := -q --disable-pip-version-check
 APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv
 AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary
 # pure-code tests that must also pass on Python 3.9 (Amazon Linux 2023's python3)
-UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py
+UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py \
+	tests/test_lifecycle_plan.py tests/test_variables_plan.py
 
 .PHONY: test demo lint format unit bench deps apt-deps venv airflow-venv py39-venv checkov-venv clean
 

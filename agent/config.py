@@ -88,6 +88,13 @@ class VariablesConfig:
     env_file: Optional[str] = None
     user: Optional[str] = "airflow"
     timeout: float = 300.0
+    # api: a co-process in the Airflow venv's python writes through airflow.models.Variable
+    # and verifies by digest; cli: `airflow variables import` of a 0600 file + export
+    method: str = field(default="api", metadata=_choice("api", "cli"))
+    # the Airflow venv's interpreter (api); null means the `python` beside airflow_command[0]
+    airflow_python: Optional[str] = None
+    # `variables watch`: seconds between GetSecretValue polls
+    watch_interval: float = 30.0
 
 
 @dataclass
@@ -130,6 +137,15 @@ class DeployConfig:
     first_revision_marker: str = "/airflow/.deployed-revision"
     boot_gate: bool = True
     validate_timeout: float = 300.0
+    # AfterInstall: the installed tree is chowned to this user/group (CodeDeploy copies as root)
+    owner: str = "airflow"
+    group: str = "airflow"
+    # AfterInstall: `airflow dags list-import-errors --local` fails the deploy on an import error
+    check_import_errors: bool = True
+    airflow_command: List[str] = field(default_factory=lambda: ["/opt/airflow/venv/bin/airflow"])
+    check_timeout: float = 600.0
+    # ValidateService on the webserver role: this URL must answer 200
+    health_url: Optional[str] = "http://127.0.0.1:8080/api/v2/monitor/health"
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Unit tests of confapply's pure core: content hash, coalescing, restart decisions."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.confapply_plan import (
+    ApplyOutcome,
+    Coalescer,
+    content_hash,
+    is_relevant,
+    needs_apply,
+    should_reset_and_retry,
+    units_to_restart,
+    watchdog_interval,
+    watched_files,
+)
+
+
+def test_hash_depends_on_content_not_on_anything_else():
+    a = content_hash([("/e", b"A=1\n")])
+    assert a == content_hash([("/e", b"A=1\n")])
+    assert a != content_hash([("/e", b"A=2\n")])
+    # a missing file differs from an empty one, so deleting the file is a change
+    assert content_hash([("/e", None)]) != content_hash([("/e", b"")])
+
+
+@given(
+    st.lists(st.tuples(st.text(min_size=1), st.one_of(st.none(), st.binary())), max_size=3),
+    st.lists(st.tuples(st.text(min_size=1), st.one_of(st.none(), st.binary())), max_size=3),
+)
+def test_hash_is_injective_on_inputs(x, y):
+    # length-prefixing means no two different inputs share a byte stream
+    assert (content_hash(x) == content_hash(y)) == (x == y)
+
+
+def test_watched_files_env_first_no_duplicates():
+    assert watched_files("/e", ["/a", "/e", "/a", "/b"]) == ["/e", "/a", "/b"]
+
+
+def test_relevance_of_events():
+    watched = ["/etc/sysconfig/airflow.env"]
+    # atomic replace: moved from the temp name to the file
+    assert is_relevant(["/etc/sysconfig/.airflow.env.1.tmp", "/etc/sysconfig/airflow.env"], watched)
+    assert is_relevant(["/etc/sysconfig/airflow.env", None], watched)
+    assert not is_relevant(["/etc/sysconfig/other", None], watched)
+    assert not is_relevant([None, None], watched)
+
+
+def test_coalescer_debounces_a_burst_into_one_check():
+    c = Coalescer(debounce=0.5, max_wait=3.0)
+    assert not c.pending and c.due_at() is None
+    for i in range(20):  # 20 writes within 1 s
+        c.note(10.0 + i * 0.05)
+    assert c.due_at() == 10.95 + 0.5
+    assert not c.due(11.4)
+    assert c.due(11.45)
+    assert c.take() == 20
+    assert not c.pending
+
+
+def test_coalescer_max_wait_bounds_an_endless_stream():
+    c = Coalescer(debounce=1.0, max_wait=3.0)
+    t = 0.0
+    while t < 10:
+        c.note(t)
+        if c.due(t):
+            break
+        t += 0.2
+    assert 3.0 <= t <= 3.2
+
+
+def test_changes_after_take_form_the_next_burst():
+    c = Coalescer(debounce=0.5, max_wait=2.0)
+    c.note(1.0)
+    c.take()
+    c.note(5.0)  # arrives while restarting
+    assert c.pending and c.due_at() == 5.5
+
+
+def test_needs_apply():
+    assert needs_apply(None, "x")
+    assert needs_apply("x", "y")
+    assert not needs_apply("x", "x")
+    # after a part-way failed apply, even the applied content must be applied again
+    assert needs_apply("x", "x", dirty=True)
+
+
+def test_units_to_restart_keeps_order_and_skips_stopped_units():
+    units = ["a", "b", "c", "d"]
+    states = {"a": "active", "b": "inactive", "c": "failed", "d": "activating"}
+    assert units_to_restart(units, states) == (["a", "c", "d"], ["b"])
+
+
+def test_start_limit_retry_only_once_and_only_for_start_limit():
+    assert should_reset_and_retry("start-limit-hit", retried=False)
+    assert not should_reset_and_retry("start-limit-hit", retried=True)
+    assert not should_reset_and_retry("exit-code", retried=False)
+
+
+def test_watchdog_interval_prefers_half_of_watchdog_usec():
+    assert watchdog_interval(10.0, "60000000") == 30.0
+    assert watchdog_interval(10.0, None) == 10.0
+    assert watchdog_interval(10.0, "garbage") == 10.0
+    assert watchdog_interval(0.0, None) is None
+
+
+def test_outcome_ok_only_without_failure_or_interruption():
+    o = ApplyOutcome(hash="h", restarted=["a"])
+    assert o.ok
+    o.failed["b"] = "timeout"
+    assert not o.ok and "failed b (timeout)" in o.summary()
+    assert not ApplyOutcome(hash="h", interrupted=True).ok

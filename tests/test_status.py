@@ -1,0 +1,143 @@
+"""`airflow-agent status`: works with systemd and AWS unreachable; on a real systemd it shows
+the role, hashes and unit states."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import boto3
+import pytest
+
+from agent.state import StateStore
+from tests.rig import agent_host as ah
+from tests.rig.systemd_host import SystemdHost
+
+TOP_KEYS = {
+    "role",
+    "role_recorded_at",
+    "env_file",
+    "config",
+    "env",
+    "variables",
+    "drain",
+    "lifecycle",
+    "systemd",
+    "units",
+}
+
+
+def seeded_config(make_config, tmp_path, systemctl):
+    cfg = make_config({"systemctl": systemctl})
+    store = StateStore(str(tmp_path / "state"))
+    store.save("role", {"role": "worker", "decided_at": 1795000000.0})
+    store.save(
+        "env",
+        {
+            "last_sync": 1795000000.0,
+            "last_sync_result": "failed",
+            "last_failure_reason": "SSM GetParametersByPath /x/ failed: boom",
+            "file_sha256": "ab" * 32,
+            "variables": 7,
+        },
+    )
+    store.save("variables", {"some_future_key": [1, 2], "last_sync": 1795000100.0})
+    store.save("drain", {"state": "draining", "started_at": 1795000200.0})
+    env = tmp_path / "sysconfig" / "airflow.env"
+    env.parent.mkdir(parents=True)
+    env.write_bytes(b'A="1"\n')
+    return cfg
+
+
+def test_status_without_systemd_or_aws_says_so(run_agent, make_config, tmp_path):
+    # the AWS/IMDS endpoints of this process point at a closed port (conftest): unreachable
+    cfg = seeded_config(make_config, tmp_path, ["/nonexistent/systemctl"])
+    proc = run_agent(cfg, "status")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "systemd unreachable" in out and "not found" in out
+    assert out.splitlines()[0].split() == ["role", "worker"]
+    assert "last_sync_result=failed" in out and "variables=7" in out
+    assert "some_future_key=[1, 2]" in out and "state=draining" in out
+    assert "NOT in sync" in out  # confapply never recorded a hash here
+    # aligned: every value starts in the same column, after the longest label
+    head = out.splitlines()[:8]
+    assert "changed since" in out  # the file is not what the last sync wrote
+    assert all(line[11:13] == "  " and line[13] != " " for line in head), head
+
+    proc = run_agent(cfg, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert set(s) == TOP_KEYS
+    assert s["systemd"]["reachable"] is False and "not found" in s["systemd"]["error"]
+    assert s["units"] == {}
+    assert s["role"] == "worker"
+    assert s["env"]["last_failure_reason"].startswith("SSM GetParametersByPath")
+    assert s["variables"]["some_future_key"] == [1, 2]
+    assert len(s["config"]["current_hash"]) == 64 and s["config"]["applied_hash"] is None
+    assert s["env_file"]["sha256"] == hashlib.sha256(b'A="1"\n').hexdigest()
+    assert s["env_file"]["synced_sha256"] == "ab" * 32
+
+
+def test_status_when_systemctl_runs_but_no_systemd_answers(run_agent, make_config, tmp_path):
+    cfg = seeded_config(make_config, tmp_path, ["false"])
+    proc = run_agent(cfg, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["systemd"] == {"reachable": False, "error": "systemctl rc 1"}
+
+
+def test_status_with_an_unreadable_state_document(run_agent, make_config, tmp_path):
+    cfg = seeded_config(make_config, tmp_path, ["false"])
+    (tmp_path / "state" / "lifecycle.json").mkdir()  # reading it fails with an OSError
+    proc = run_agent(cfg, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Is a directory" in json.loads(proc.stdout)["lifecycle"]["unreadable"]
+
+
+def test_status_with_nothing_recorded(run_agent, make_config):
+    proc = run_agent(make_config({"systemctl": ["false"]}), "status")
+    assert proc.returncode == 0, proc.stderr
+    assert "not recorded" in proc.stdout and "no record" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory, aws_server, imds_server):
+    aws_server.reset()
+    ssm = boto3.client(
+        "ssm",
+        endpoint_url=aws_server.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    ah.put_params(ssm, {"FOO": "bar"})
+    with SystemdHost(tmp_path_factory.mktemp("status-host"), name="aea-status") as h:
+        ah.prepare(h, aws_server, imds_server)
+        ah.agent(h, aws_server, imds_server, "bootstrap", "--role", "webserver")
+        h.wait_active("airflow-api-server")
+        yield h
+
+
+@pytest.mark.systemd
+def test_status_on_a_real_host(host, aws_server, imds_server):
+    s = json.loads(ah.agent(host, aws_server, imds_server, "status", "--json").stdout)
+    assert set(s) == TOP_KEYS
+    assert s["role"] == "webserver"
+    assert s["systemd"] == {"reachable": True, "error": None}
+    assert sorted(s["units"]) == [
+        "airflow-agent-confapply",
+        "airflow-agent-env",
+        "airflow-api-server",
+    ]
+    api = s["units"]["airflow-api-server"]
+    assert api["active"] == "active" and api["enabled"] == "enabled"
+    assert api["main_pid"] == host.main_pid("airflow-api-server")
+    assert s["config"]["in_sync"] is True
+    assert s["env"]["last_sync_result"] == "ok" and s["env"]["variables"] == 2
+    assert s["env_file"]["sha256"] == s["env"]["file_sha256"]
+
+    text = ah.agent(host, aws_server, imds_server, "status").stdout
+    assert "(in sync)" in text
+    line = next(x for x in text.splitlines() if x.startswith("airflow-api-server"))
+    assert line.split()[:2] == ["airflow-api-server", "active"]
