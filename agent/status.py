@@ -27,7 +27,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from agent.config import ROLES
-from agent.errors import EXIT_OK, AgentError
+from agent.errors import EXIT_OK
 from agent.state import StateStore
 
 DOCS = ("env", "variables", "drain", "lifecycle")
@@ -56,13 +56,9 @@ def _int(text: Optional[str]) -> int:
 
 def unit_states(systemctl, units: List[str]) -> tuple[Dict[str, Any], Optional[str]]:
     """({unit: state}, error): error says why systemd could not be asked."""
-    try:
-        probe = systemctl._run("show", "--property=Version", check=False, timeout=10)
-    except AgentError as exc:
-        return {}, str(exc)
-    if probe.returncode != 0 or "Version=" not in probe.stdout:
-        why = (probe.stderr or probe.stdout).strip()[:300]
-        return {}, why or f"systemctl rc {probe.returncode}"
+    unreachable = systemctl.manager_unreachable_reason()
+    if unreachable:
+        return {}, unreachable
     states = {}
     for u, s in systemctl.unit_states(units).items():
         states[u] = {

@@ -76,6 +76,17 @@ class Systemctl:
     def exists(self, unit: str) -> bool:
         return self.show(unit, "LoadState").get("LoadState") not in (None, "not-found")
 
+    def manager_unreachable_reason(self) -> Optional[str]:
+        """None when the service manager answers, else why it could not be asked."""
+        try:
+            probe = self._run("show", "--property=Version", check=False, timeout=10)
+        except AgentError as exc:
+            return str(exc)
+        if probe.returncode != 0 or "Version=" not in probe.stdout:
+            why = (probe.stderr or probe.stdout).strip()[:300]
+            return why or f"systemctl rc {probe.returncode}"
+        return None
+
     def unit_states(self, units: Iterable[str]) -> Dict[str, Dict[str, str]]:
         props = ("ActiveState", "SubState", "MainPID", "UnitFileState", "Result", "NRestarts")
         return {u: self.show(u, *props) for u in units}
