@@ -139,19 +139,39 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _doc_line(doc: Dict[str, Any]) -> str:
+# the fields the human view shows per job document (all of them are in --json)
+_SHOWN = {
+    "variables": ("last_result", "version_id", "synced_at", "counts", "last_error", "not_pruned"),
+    "lifecycle": ("summary", "phase", "target_lifecycle_state", "last_poll"),
+}
+
+
+def _doc_line(doc: Dict[str, Any], keys: Optional[tuple] = None) -> str:
     if not doc:
         return "no record"
     parts = []
-    for k in sorted(doc):
+    if keys and not doc.get("unreadable"):
+        doc = {k: doc[k] for k in keys if doc.get(k) not in (None, "", [], {})}
+    for k in list(doc) if keys else sorted(doc):
         v = doc[k]
         is_time = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if is_time and (k in ("last_sync", "last_failure") or k.endswith("_at")):
+        if is_time and (k in ("last_sync", "last_failure", "last_poll") or k.endswith("_at")):
             v = _when(v)
         if isinstance(v, (dict, list)):
             v = json.dumps(v, sort_keys=True)
         parts.append(f"{k}={v}")
     return " ".join(parts)
+
+
+def _lifecycle_line(doc: Dict[str, Any]) -> str:
+    line = _doc_line(doc, _SHOWN["lifecycle"])
+    action = doc.get("lifecycle_action") if isinstance(doc, dict) else None
+    if isinstance(action, dict) and action.get("hook"):
+        line += (
+            f" heartbeats={action.get('heartbeats_sent', 0)}"
+            f" completed={bool(action.get('completed'))}"
+        )
+    return line
 
 
 def _hash_line(c: Dict[str, Any]) -> str:
@@ -171,9 +191,9 @@ def render(s: Dict[str, Any]) -> str:
         ("env file", _env_file_line(s["env_file"])),
         ("config hash", _hash_line(c)),
         ("env sync", _doc_line(s["env"])),
-        ("variables", _doc_line(s["variables"])),
+        ("variables", _doc_line(s["variables"], _SHOWN["variables"])),
         ("drain", _doc_line(s["drain"])),
-        ("lifecycle", _doc_line(s["lifecycle"])),
+        ("lifecycle", _lifecycle_line(s["lifecycle"])),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
