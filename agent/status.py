@@ -152,6 +152,8 @@ def _doc_line(doc: Dict[str, Any], keys: Optional[tuple] = None) -> str:
     parts = []
     if keys and not doc.get("unreadable"):
         doc = {k: doc[k] for k in keys if doc.get(k) not in (None, "", [], {})}
+        if not doc:
+            return "nothing recorded yet (see --json)"
     for k in list(doc) if keys else sorted(doc):
         v = doc[k]
         is_time = isinstance(v, (int, float)) and not isinstance(v, bool)
