@@ -12,12 +12,13 @@ PY39_VENV := .cache/py39-venv
 CHECKOV_VENV := .cache/checkov-venv
 PIP_FLAGS := -q --disable-pip-version-check
 APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv
-AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary
+AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary \
+	asyncpg
 # pure-code tests that must also pass on Python 3.9 (Amazon Linux 2023's python3)
 UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py \
 	tests/test_lifecycle_plan.py tests/test_variables_plan.py
 
-.PHONY: test demo lint format unit bench deps apt-deps venv airflow-venv py39-venv checkov-venv clean
+.PHONY: test demo lint format unit bench bench-drain deps apt-deps venv airflow-venv py39-venv checkov-venv clean
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -74,8 +75,14 @@ test: deps lint
 demo: apt-deps venv airflow-venv
 	$(VENV)/bin/python -m tests.rig.demo
 
+# benchmarks print tables; they are run on purpose, not by `make test` (bench-drain: ~12 min)
 bench: deps
 	$(VENV)/bin/python bench/env_sync.py
+	$(VENV)/bin/python -m bench.confapply
+	$(VENV)/bin/python -m bench.variables
+
+bench-drain: deps
+	$(VENV)/bin/python -m bench.drain
 
 clean:
 	rm -rf $(VENV) $(PY39_VENV) .pytest_cache .hypothesis *.egg-info

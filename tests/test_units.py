@@ -31,6 +31,7 @@ AGENT_UNITS = [
     "airflow-agent-env.service",
     "airflow-agent-confapply.service",
     "airflow-agent-variables.service",
+    "airflow-agent-variables-watch.service",
     "airflow-agent-lifecycle.service",
 ]
 AIRFLOW_UNITS = [
@@ -47,7 +48,8 @@ THRESHOLD = {
     "airflow-agent-env.service": 2.2,
     "airflow-agent-lifecycle.service": 1.9,
     "airflow-agent-variables.service": 2.3,
-    **{u: 1.8 for u in AIRFLOW_UNITS},
+    "airflow-agent-variables-watch.service": 2.3,
+    **{u: 2.0 for u in AIRFLOW_UNITS},
 }
 assert all(THRESHOLD[u] <= 5.0 for u in AGENT_UNITS)
 
@@ -143,6 +145,8 @@ elif job == "lifecycle watch":
 elif job == "variables sync":
     step("as-airflow", as_airflow)
     step("tcp", tcp_socket)
+elif job == "variables watch":
+    daemon([("as-airflow", as_airflow), ("tcp", tcp_socket)])
 else:
     result("unknown job " + job)
     sys.exit(2)
@@ -277,6 +281,23 @@ def test_variables_unit_runs_commands_as_airflow(host: SystemdHost) -> None:
     _assert_all_ok(_results(host, "variables-sync"), ["state-dir", "as-airflow", "tcp"])
     timer = host.systemctl("cat", "airflow-agent-variables.timer").stdout
     assert "RandomizedDelaySec=" in timer
+
+
+def test_variables_watch_unit_notifies_and_runs_commands_as_airflow(host: SystemdHost) -> None:
+    unit = "airflow-agent-variables-watch.service"
+    host.systemctl("start", "airflow-agent-env.service")
+    host.systemctl("start", unit)  # returns after READY=1
+    host.wait_active(unit)
+    res = host.wait_for(
+        lambda: (lambda r: r if "ready" in r else None)(_results(host, "variables-watch")),
+        10,
+        "variables watch stub ready",
+    )
+    _assert_all_ok(res, ["state-dir", "as-airflow", "tcp"])
+    assert host.unit_property(unit, "StatusText") == "stub running"
+    assert host.unit_property(unit, "NotifyAccess") == "main"
+    host.systemctl("stop", unit)
+    assert "stopped" in _results(host, "variables-watch")
 
 
 @pytest.mark.parametrize("unit", AIRFLOW_UNITS)

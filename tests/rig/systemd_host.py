@@ -234,10 +234,27 @@ def _hash_files(repo: Path, files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _pip_wheel(src: Path, out: Path, *flags: str) -> None:
+# the interpreter the test host builds its venv with (Debian's python3, as on the instance's
+# OS image): dependency wheels are resolved by it so environment markers match (redis needs
+# async-timeout below Python 3.11.3, for one)
+HOST_PYTHON = "/usr/bin/python3"
+
+
+def _builder_python(cache: Path) -> str:
+    """A venv of HOST_PYTHON with pip, made once under the cache."""
+    venv = cache / "builder-venv"
+    if not (venv / "bin" / "pip").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([HOST_PYTHON, "-m", "venv", str(venv)], check=True, timeout=300)
+    return str(venv / "bin" / "python")
+
+
+def _pip_wheel(
+    src: Path, out: Path, *flags: str, extras: str = "", python: Optional[str] = None
+) -> None:
     proc = subprocess.run(
         [
-            sys.executable,
+            python or sys.executable,
             "-m",
             "pip",
             "wheel",
@@ -246,7 +263,7 @@ def _pip_wheel(src: Path, out: Path, *flags: str) -> None:
             *flags,
             "-w",
             str(out),
-            str(src),
+            str(src) + extras,
         ],
         capture_output=True,
         text=True,
@@ -300,7 +317,9 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
         return src
 
     def build_deps(out: Path) -> None:
-        _pip_wheel(copy_src(out), out)
+        # with the worker extra (celery), as cfn-init installs it on workers: a test host may
+        # play any role
+        _pip_wheel(copy_src(out), out, extras="[worker]", python=_builder_python(cache))
         for w in out.glob("*.whl"):  # the package's own wheel comes from the pkg cache
             if _wheel_project(w) == _project_name(repo):
                 w.unlink()
@@ -312,7 +331,8 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
         flags = ("--no-deps", "--no-build-isolation") if can_build else ("--no-deps",)
         _pip_wheel(copy_src(out), out, *flags)
 
-    deps = _cached_build(cache, f"deps-{_hash_files(repo, meta)}", build_deps)
+    # the extras are part of what is built, so part of the key
+    deps = _cached_build(cache, f"deps-worker-host-{_hash_files(repo, meta)}", build_deps)
     key = _hash_files(repo, files)
     pkg = _cached_build(cache, f"pkg-{key}", build_pkg)
 
@@ -321,7 +341,7 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
             for w in d.glob("*.whl"):
                 os.link(w, out / w.name)
 
-    return _cached_build(cache, f"wheelhouse-{key}", link_both)
+    return _cached_build(cache, f"wheelhouse-{deps.name}-{key}", link_both)
 
 
 def _wheel_project(wheel: Path) -> str:
@@ -806,7 +826,7 @@ class SystemdHost:
                 "--disable-pip-version-check",
                 "--find-links",
                 str(stage / "wheelhouse"),
-                "airflow-ec2-agent",
+                "airflow-ec2-agent[worker]",
             ]
         )
         self.run(

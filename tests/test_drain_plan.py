@@ -1,0 +1,163 @@
+"""Pure tests of the drain state machine and the broker settings read from the env file."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import drain_plan as plan
+from agent.celery_control import ControlError, QueueSpec, broker_settings, redact_url
+
+Q = [
+    {"name": "default", "exchange": "default", "exchange_type": "direct", "routing_key": "default"}
+]
+
+
+def _state(phase, **kw):
+    base = dict(phase=phase, node="celery@a", started=100.0, deadline=400.0, queues=list(Q))
+    base.update(kw)
+    return plan.DrainState(**base)
+
+
+def test_fresh_drain_gets_the_timeout_as_deadline():
+    s = plan.begin(None, "celery@a", now=1000.0, timeout=60)
+    assert (s.phase, s.started, s.deadline, s.resumed) == ("cancelling", 1000.0, 1060.0, 0)
+
+
+def test_a_callers_earlier_deadline_wins():
+    assert plan.begin(None, "celery@a", 1000.0, 600, deadline=1030.0).deadline == 1030.0
+    assert plan.begin(None, "celery@a", 1000.0, 10, deadline=5000.0).deadline == 1010.0
+
+
+@pytest.mark.parametrize("phase", plan.IN_PROGRESS)
+def test_in_progress_drain_resumes_without_extending_its_deadline(phase):
+    s = plan.begin(_state(phase), "celery@a", now=300.0, timeout=3000)
+    assert (s.phase, s.started, s.deadline, s.resumed) == (phase, 100.0, 400.0, 1)
+    assert s.queues == Q
+    assert plan.begin(_state(phase), "celery@a", 300.0, 3000, deadline=350.0).deadline == 350.0
+
+
+def test_drain_after_a_deadline_retries_with_a_new_deadline_keeping_queues():
+    s = plan.begin(_state("deadline"), "celery@a", now=500.0, timeout=60)
+    assert (s.phase, s.started, s.deadline, s.queues) == ("cancelling", 500.0, 560.0, Q)
+
+
+def test_finished_or_other_node_state_starts_afresh():
+    assert plan.begin(_state("stopped"), "celery@a", 500.0, 60).queues == []
+    assert plan.begin(_state("waiting"), "celery@b", 500.0, 60).resumed == 0
+
+
+def test_state_round_trips_and_rejects_garbage():
+    s = _state("waiting", resumed=2, method="warm-stop", note="x")
+    assert plan.DrainState.from_dict(s.to_dict()) == s
+    assert plan.DrainState.from_dict({}) is None
+    assert (
+        plan.DrainState.from_dict({"phase": "bogus", "node": "n", "started": 1, "deadline": 2})
+        is None
+    )
+    assert (
+        plan.DrainState.from_dict({"phase": "waiting", "node": "n", "started": "x", "deadline": 2})
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "active,reserved,now,on_deadline,want",
+    [
+        (0, 0, 999, "fail", plan.IDLE),  # idle wins even past the deadline
+        (1, 0, 10, "fail", plan.WAIT),
+        (0, 1, 10, "fail", plan.WAIT),  # a reserved task still runs locally
+        (1, 0, 100, "fail", plan.DEADLINE_FAIL),
+        (2, 0, 101, "stop", plan.DEADLINE_STOP),
+    ],
+)
+def test_poll_decision(active, reserved, now, on_deadline, want):
+    assert plan.poll_decision(active, reserved, now, 100, on_deadline) == want
+
+
+def test_sleep_never_passes_the_deadline():
+    assert plan.next_sleep(1.0, now=10.0, deadline=100.0) == 1.0
+    assert plan.next_sleep(1.0, now=99.7, deadline=100.0) == pytest.approx(0.3)
+    assert plan.next_sleep(1.0, now=101.0, deadline=100.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    "active_state,cond",
+    [
+        ("active", plan.UNIT_RUNNING),
+        ("deactivating", plan.UNIT_STOPPING),
+        ("activating", plan.UNIT_STARTING),
+        ("inactive", plan.UNIT_STOPPED),
+        ("failed", plan.UNIT_STOPPED),
+        ("unknown", plan.UNIT_STOPPED),
+    ],
+)
+def test_unit_condition(active_state, cond):
+    assert plan.unit_condition(active_state) == cond
+
+
+def test_undrain_actions():
+    assert plan.undrain_action(None, plan.UNIT_STOPPED) == plan.START_UNIT
+    assert (
+        plan.undrain_action(_state("deadline"), plan.UNIT_STOPPING) == plan.WAIT_STOPPED_THEN_START
+    )
+    assert plan.undrain_action(_state("deadline"), plan.UNIT_RUNNING) == plan.ADD_CONSUMERS
+    assert plan.undrain_action(None, plan.UNIT_RUNNING) == plan.NOTHING
+    two = Q + [{"name": "q2"}]
+    assert plan.missing_queues(two, ["default"]) == [{"name": "q2"}]
+    assert plan.merge_queues(Q, [{"name": "default", "exchange": "other"}, {"name": "q2"}]) == two
+
+
+def test_broker_settings_from_env_file_values():
+    env = {
+        "AIRFLOW__CELERY__BROKER_URL": "redis://:pw@redis.internal:6379/1",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "21600",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__SOCKET_TIMEOUT": "2.5",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX": "airflow",
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__IS_SECURE": "True",
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+    }
+    s = broker_settings(env)
+    assert s.transport_options == {
+        "visibility_timeout": 21600,
+        "socket_timeout": 2.5,
+        "global_keyprefix": "airflow",
+        "is_secure": True,
+    }
+    assert s.remote_control and s.redacted == "redis://redis.internal:6379/1"
+    assert "pw" not in s.redacted
+    assert not broker_settings({"AIRFLOW__CELERY__BROKER_URL": "sqs://"}).remote_control
+
+
+def test_missing_or_indirect_broker_url_is_named():
+    with pytest.raises(ControlError, match="has no AIRFLOW__CELERY__BROKER_URL"):
+        broker_settings({})
+    with pytest.raises(ControlError, match="sets AIRFLOW__CELERY__BROKER_URL_SECRET"):
+        broker_settings({"AIRFLOW__CELERY__BROKER_URL_SECRET": "celery/broker"})
+
+
+def test_queue_spec_from_active_queues_reply():
+    item = {"name": "gpu", "exchange": {"name": "gpu", "type": "direct"}, "routing_key": "gpu"}
+    spec = QueueSpec.from_active_queues(item)
+    assert spec == QueueSpec("gpu", "gpu", "direct", "gpu")
+    assert QueueSpec.from_dict(spec.to_dict()) == spec
+    assert redact_url("rediss://u:p@h:1/0") == "rediss://h:1/0"
+
+
+def test_paused_consumers_then_a_drain_gets_its_own_deadline():
+    s = plan.begin(_state("paused", deadline=50.0), "celery@a", now=500.0, timeout=60)
+    assert (s.phase, s.deadline, s.queues, s.resumed) == ("cancelling", 560.0, Q, 0)
+    assert plan.undrain_action(_state("paused"), plan.UNIT_RUNNING) == plan.ADD_CONSUMERS
+
+
+def test_import_error_output_parsing_ignores_log_lines_with_brackets():
+    from agent.deploy_hook import _parse_import_errors
+
+    out = (
+        "2026 [warning] graphviz [py.warnings] x\n"
+        '[{"filepath": "/airflow/dags/bad.py", "error": "Traceback\\nImportError: x"}]\n'
+    )
+    assert _parse_import_errors(out) == [
+        {"filepath": "/airflow/dags/bad.py", "error": "Traceback\nImportError: x"}
+    ]
+    assert _parse_import_errors("noise [1\n[]\n") == []
+    assert _parse_import_errors("only logs [here]\n") is None
