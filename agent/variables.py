@@ -7,10 +7,15 @@ The I/O shell around `agent.variables_plan`. One run:
 2. reads the secret; when its VersionId is the one last synced completely, stops: no Airflow
    call at all;
 3. refuses a secret that is not a JSON object of usable keys (nothing imported, state kept);
-4. imports only new and changed keys with `airflow variables import -a overwrite` of a 0600 temp
-   file, deletes keys that left the secret only with `--prune` (`airflow variables delete`),
-   then reads everything back with `airflow variables export` (a 0600 temp file too) and fails
-   naming every key that did not land: the CLI reports per-key failures with exit status 0;
+4. writes only new and changed keys, deletes keys that left the secret only with `--prune`,
+   reads back and fails naming every key that did not land, by one of two methods
+   (`variables.method`):
+   - api (default): through one co-process in the Airflow venv's interpreter
+     (agent/variables_bridge.py + agent/airflow_bridge.py): `Variable.set/delete` per key, then
+     an HMAC of what each key holds, read in a new session; values only on a pipe;
+   - cli: `airflow variables import -a overwrite` of a 0600 temp file, `airflow variables
+     delete`, then `airflow variables export` (a 0600 temp file too): the CLI reports per-key
+     failures with exit status 0, so only the export tells;
 5. records per-key keyed hashes (never values) of what landed, so the next run retries the rest.
 
 State (StateStore, root 0600): `variables.json` is the summary `status` shows (`version_id` and
@@ -18,8 +23,11 @@ State (StateStore, root 0600): `variables.json` is the summary `status` shows (`
 `last_counts`, `not_pruned`, `secret_id`); `variables-hashes.json` holds the per-key hashes;
 `variables.key` the HMAC key.
 
-The Airflow CLI runs with the environment of the units' EnvironmentFile (`variables.env_file`,
-default `env.file`), never with values on its argv, as `variables.user` (default `airflow`).
+`variables watch` (agent/variables_watch.py) runs the same sync in a loop with a warm bridge.
+
+The Airflow CLI (or the bridge) runs with the environment of the units' EnvironmentFile
+(`variables.env_file`, default `env.file`), never with values on its argv, as `variables.user`
+(default `airflow`).
 The switch uses Popen's own user/group/extra_groups (setgroups+setregid+setreuid in the child
 before exec; no setpriv/runuser binary, nothing added to argv). Because the state dir is root
 0700, the child is started with its working directory already inside the temp dir (chdir
@@ -50,7 +58,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from agent.aws import AWS_ERRORS, AwsClients, describe_error
 from agent.envfile import parse_env
@@ -58,9 +66,11 @@ from agent.errors import EXIT_OK, AgentError, ConfigError, RefusedError
 from agent.fsutil import atomic_write
 from agent.logs import register_secrets
 from agent.state import StateStore
+from agent.variables_bridge import BridgeProvider, default_python
 from agent.variables_plan import (
     SecretShapeError,
     VariablesPlan,
+    bridge_item,
     import_document,
     name_list,
     parse_secret,
@@ -68,7 +78,9 @@ from agent.variables_plan import (
     secrets_backend,
     shadowed_by_env,
     unwrap,
+    verify_absent,
     verify_deleted,
+    verify_digests,
     verify_import,
 )
 
@@ -112,6 +124,27 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
         action="store_true",
         help="import every key even if recorded as synced (e.g. after Airflow's database was "
         "restored or edited by hand)",
+    )
+    watch = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="daemon: poll the secret and sync each new version through a warm Airflow bridge",
+        description=(
+            "Keep one Airflow interpreter (the bridge) running, poll GetSecretValue every "
+            "interval, and sync when the VersionId changes (an unchanged secret costs no "
+            "Airflow work). Restarts the bridge if it dies or the env file changes. Reports "
+            "READY/STATUS/WATCHDOG to systemd; exits cleanly on SIGTERM."
+        ),
+    )
+    watch.add_argument(
+        "--interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between polls (default: variables.watch_interval)",
+    )
+    watch.add_argument(
+        "--prune", action="store_true", help="delete variables removed from the secret"
     )
 
 
@@ -354,12 +387,36 @@ class SyncResult:
 
 
 class VariablesSync:
-    def __init__(self, cfg, secretsmanager: Any, state: Optional[StateStore] = None):
+    def __init__(
+        self,
+        cfg,
+        secretsmanager: Any,
+        state: Optional[StateStore] = None,
+        bridges: Optional[BridgeProvider] = None,
+        tick: Callable[[], None] = lambda: None,
+    ):
         self.cfg = cfg
         self.sm = secretsmanager
         self.state = state or StateStore(cfg.state_dir)
         self.vcfg = cfg.variables
         self.env_file = Path(self.vcfg.env_file or cfg.env.file)
+        # method api: where the Airflow co-process comes from (one per run, or a warm one)
+        self.bridges = bridges or bridge_provider(cfg, warm=False)
+        # called between chunks of Airflow work (the watch daemon pets its watchdog there)
+        self.tick = tick
+        # the watch daemon polls often: an unchanged secret is not worth a log line there
+        self.unchanged_level = logging.INFO
+
+    def warm_up(self) -> Any:
+        """method api: the co-process the next run will use, started now if there is none (or
+        the old one died, or the env file changed). None for method cli."""
+        if self.vcfg.method != "api":
+            return None
+        run_as = resolve_run_as(self.vcfg.user, self.cfg.source)
+        self.state.ensure()
+        tmp = TempDir(self.state.dir, run_as)
+        tmp.path.mkdir(mode=0o711 if run_as else 0o700, exist_ok=True)
+        return self.bridges.acquire(self._airflow_env(run_as), run_as, tmp.path)
 
     # -- inputs
 
@@ -449,7 +506,8 @@ class VariablesSync:
                     len(doc["not_pruned"]),
                     name_list(doc["not_pruned"]),
                 )
-            log.info(
+            log.log(
+                self.unchanged_level,
                 "secret %s version %s already synced at %s; no Airflow call",
                 sid,
                 version_id,
@@ -510,12 +568,14 @@ class VariablesSync:
             return SyncResult(plan, version_id)
 
         to_delete = plan.removed if prune else []
-        cli = AirflowCli(self.vcfg.airflow_command, env, run_as, tmp.path, self.vcfg.timeout)
-        old_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
+        if self.vcfg.method == "api":
+            landed, failed, gone, kept, calls = self._apply_api(
+                env, run_as, tmp, secret, plan, to_delete
+            )
+        else:
+            cli = AirflowCli(self.vcfg.airflow_command, env, run_as, tmp.path, self.vcfg.timeout)
             landed, failed, gone, kept = self._apply(cli, tmp, secret, plan, to_delete)
-        finally:
-            signal.signal(signal.SIGTERM, old_handler)
+            calls = cli.calls
 
         # hashes of what is known to be in Airflow now; a failed key has none, so it is retried
         new_hashes = {k: hashes[k] for k in plan.unchanged}
@@ -567,11 +627,55 @@ class VariablesSync:
             len(landed),
             len(gone),
             len(plan.unchanged),
-            cli.calls,
+            calls,
         )
         return SyncResult(
-            plan, version_id, imported=len(landed), deleted=len(gone), airflow_calls=cli.calls
+            plan, version_id, imported=len(landed), deleted=len(gone), airflow_calls=calls
         )
+
+    def _apply_api(
+        self,
+        env: Dict[str, str],
+        run_as: Optional[RunAs],
+        tmp: TempDir,
+        secret: Dict[str, Any],
+        plan: VariablesPlan,
+        to_delete: List[str],
+    ) -> Tuple[List[str], List[str], List[str], List[str], int]:
+        """Through the Airflow bridge: set, delete, then digests read back in new sessions.
+        (landed, failed, deleted, still there, requests)."""
+        to_import = plan.to_import
+        if not to_import and not to_delete:
+            return [], [], [], [], 0
+        bridge = self.bridges.acquire(env, run_as, tmp.path)
+        before = bridge.requests
+        broken = True
+        try:
+            if to_import:
+                refused = bridge.set({k: bridge_item(secret[k]) for k in to_import}, self.tick)
+                log.log(
+                    logging.WARNING if refused else logging.INFO,
+                    "airflow bridge set %d key(s): %d refused by Airflow%s",
+                    len(to_import),
+                    len(refused),
+                    _refused_suffix(refused),
+                )
+            if to_delete:
+                refused = bridge.delete(to_delete, self.tick)
+                if refused:
+                    log.warning(
+                        "airflow bridge delete of %d key(s): %d refused%s",
+                        len(to_delete),
+                        len(refused),
+                        _refused_suffix(refused),
+                    )
+            digests = bridge.digests(sorted(set(to_import) | set(to_delete)), self.tick)
+            broken = False
+        finally:
+            self.bridges.release(bridge, broken)
+        landed, failed = verify_digests(secret, to_import, digests, bridge.hmac_key)
+        gone, kept = verify_absent(to_delete, digests)
+        return landed, failed, gone, kept, bridge.requests - before
 
     def _apply(
         self,
@@ -670,6 +774,23 @@ def _secret_strings(secret: Dict[str, Any]) -> List[str]:
     return out
 
 
+def _refused_suffix(refused: Dict[str, str]) -> str:
+    # key names and exception class names only; never the exception's message
+    if not refused:
+        return ""
+    shown = [f"{k} ({refused[k]})" for k in sorted(refused)]
+    return ": " + name_list(shown)
+
+
+def bridge_provider(cfg, warm: bool) -> BridgeProvider:
+    from agent.variables_bridge import WarmBridgeProvider
+
+    vcfg = cfg.variables
+    python = vcfg.airflow_python or default_python(vcfg.airflow_command)
+    cls = WarmBridgeProvider if warm else BridgeProvider
+    return cls(python, vcfg.timeout, _pdeathsig_preexec())
+
+
 def _exc_suffix(output: str) -> str:
     names = exception_names(output)
     return f" ({', '.join(names)})" if names else ""
@@ -701,6 +822,13 @@ def _record_failure(cfg, result: str, reason: str) -> None:
 def run(args: argparse.Namespace, cfg) -> int:
     if not cfg.variables.secret_id:
         raise ConfigError(f"{cfg.source}: key 'variables.secret_id' is not set")
+    if args.variables_command == "watch":
+        from agent.variables_watch import watch
+
+        return watch(args, cfg)
+    # a oneshot blocked on Airflow: SIGTERM unwinds through the finally blocks that remove the
+    # temp file (cli) or end the co-process (api), and is recorded as a failed run
+    old_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         sm = AwsClients(cfg).client("secretsmanager")
         VariablesSync(cfg, sm).run(
@@ -720,4 +848,6 @@ def run(args: argparse.Namespace, cfg) -> int:
     except AWS_ERRORS as exc:
         _record_failure(cfg, "failed", describe_error(exc))
         raise AgentError(f"variables sync: {describe_error(exc)}") from None
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
     return EXIT_OK

@@ -23,6 +23,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+# the bridge's digest (standalone, stdlib only): what the agent expects is computed by the very
+# function that runs inside the Airflow interpreter
+from agent.airflow_bridge import digest as bridge_digest
+
 # Airflow's `variable.key` column is String(ID_LEN=250); PostgreSQL/MySQL refuse longer keys
 # (SQLite would silently accept them), so refuse them here on every database alike.
 MAX_KEY_LEN = 250
@@ -262,3 +266,43 @@ def name_list(keys: List[str], limit: int = 20) -> str:
     """Keys for one log line: all of them up to `limit`, then a count."""
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+# ---------------------------------------------------------------- variables.method: api
+
+
+def bridge_item(raw: Any) -> Dict[str, Any]:
+    """What the bridge hands to Variable.set: the stored string form and the description,
+    exactly what `airflow variables import` would store for this entry."""
+    value, description = unwrap(raw)
+    return {"value": stored_form(value), "description": description}
+
+
+def verify_digests(
+    secret: Mapping[str, Any],
+    imported: Iterable[str],
+    digests: Mapping[str, Optional[str]],
+    hmac_key: bytes,
+) -> Tuple[List[str], List[str]]:
+    """(landed, failed) among `imported`: the bridge's HMAC of what Airflow stores for each key
+    against the HMAC of what we meant to store (same function, same per-bridge key)."""
+    landed, failed = [], []
+    for key in imported:
+        item = bridge_item(secret[key])
+        want = bridge_digest(hmac_key, item["value"], item["description"])
+        got = digests.get(key)
+        if got is not None and hmac.compare_digest(got, want):
+            landed.append(key)
+        else:
+            failed.append(key)
+    return landed, failed
+
+
+def verify_absent(
+    deleted: Iterable[str], digests: Mapping[str, Optional[str]]
+) -> Tuple[List[str], List[str]]:
+    """(gone, still_there) among deleted keys: the bridge reports an absent key as null."""
+    deleted = list(deleted)
+    return [k for k in deleted if digests.get(k) is None], [
+        k for k in deleted if digests.get(k) is not None
+    ]

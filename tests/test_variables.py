@@ -1,4 +1,5 @@
-"""`airflow-agent variables sync` against the real Airflow 3 CLI (SQLite) and moto over HTTP.
+"""`airflow-agent variables sync`, `variables.method: cli`, against the real Airflow 3 CLI
+(SQLite) and moto over HTTP.
 
 One `airflow db migrate` per module; each test copies the migrated AIRFLOW_HOME. The Airflow
 command is a wrapper script that logs each call (argv words only, never a value), can drop one
@@ -79,7 +80,7 @@ def _airflow_env(home: Path) -> Dict[str, str]:
 class Rig:
     """One test's Airflow home copy, env file, wrapper, config and secret."""
 
-    def __init__(self, tmp_path: Path, migrated_home: Path, make_config, run_agent):
+    def __init__(self, tmp_path: Path, migrated_home: Path, make_config, run_agent, **variables):
         self.tmp = tmp_path
         self.home = tmp_path / "airflow-home"
         shutil.copytree(migrated_home, self.home)
@@ -101,6 +102,7 @@ class Rig:
                     "airflow_command": [str(wrapper)],
                     "env_file": str(self.env_file),
                     "user": None,
+                    **variables,
                 }
             }
         )
@@ -154,7 +156,9 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path, migrated_home, make_config, run_agent, aws, imds) -> Rig:
-    return Rig(tmp_path, migrated_home, make_config, run_agent)
+    # these tests are about the CLI method (its wrapper, its temp files); the default method,
+    # api, has tests/test_variables_api.py
+    return Rig(tmp_path, migrated_home, make_config, run_agent, method="cli")
 
 
 class CmdlineScanner:
@@ -476,6 +480,7 @@ def test_cli_runs_as_the_configured_user_across_a_root_only_state_dir(rig, world
                 "airflow_command": [str(stand_in)],
                 "env_file": str(rig.env_file),
                 "user": "nobody",
+                "method": "cli",
             }
         },
         name="agent-nobody.yaml",

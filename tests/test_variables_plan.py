@@ -145,3 +145,37 @@ def test_shadowing():
 def test_name_list_truncates():
     assert name_list(["a", "b"]) == "a, b"
     assert name_list([str(i) for i in range(25)], limit=3) == "0, 1, 2 and 22 more"
+
+
+def test_api_items_and_digest_verification():
+    from agent.airflow_bridge import digest
+    from agent.variables_plan import bridge_item, verify_absent, verify_digests
+
+    secret = {
+        "s": "text",
+        "n": 42,
+        "obj": {"a": [1, 2]},
+        "wrapped": {"value": {"x": 1}, "description": "d"},
+        "null": None,
+    }
+    items = {k: bridge_item(v) for k, v in secret.items()}
+    # what `airflow variables import` stores: strings as is, the rest as indented JSON
+    assert items["s"] == {"value": "text", "description": None}
+    assert items["n"] == {"value": "42", "description": None}
+    assert items["wrapped"] == {"value": json.dumps({"x": 1}, indent=2), "description": "d"}
+    assert items["null"]["value"] == "null"
+    key = b"k" * 32
+    # the bridge's digest of what Airflow stores, for each stored row
+    digests = {k: digest(key, i["value"], i["description"]) for k, i in items.items()}
+    assert verify_digests(secret, sorted(secret), digests, key) == (sorted(secret), [])
+    # a different stored value, a different description, a missing row, an unreadable row
+    digests["s"] = digest(key, "other", None)
+    digests["wrapped"] = digest(key, items["wrapped"]["value"], "changed")
+    digests["n"] = None
+    digests["obj"] = "error:InvalidToken"
+    landed, failed = verify_digests(secret, sorted(secret), digests, key)
+    assert landed == ["null"] and failed == ["n", "obj", "s", "wrapped"]
+    # another key (another bridge) never matches
+    assert verify_digests({"s": "text"}, ["s"], {"s": digest(b"x" * 32, "text", None)}, key)[1]
+    # deletes: absent is gone; present or unreadable is still there
+    assert verify_absent(["n", "obj", "s"], digests) == (["n"], ["obj", "s"])

@@ -44,7 +44,9 @@ def host(tmp_path_factory, aws_server, imds_server):
     aws_server.reset()
     imds_server.reset()
     with SystemdHost(tmp_path_factory.mktemp("variables-host"), name="aea-variables") as h:
-        ah.prepare(h, aws_server, imds_server, config={"variables": {"secret_id": SECRET_ID}})
+        # the stand-in is a CLI: this host has no Airflow interpreter for method api
+        config = {"variables": {"secret_id": SECRET_ID, "method": "cli"}}
+        ah.prepare(h, aws_server, imds_server, config=config)
         h.write_file("/opt/airflow/venv/bin/airflow", STAND_IN, mode=0o755)
         h.write_file(
             "/etc/sysconfig/airflow.env",
@@ -89,3 +91,163 @@ def test_timer_service_syncs_as_airflow_under_the_units_hardening(host, aws_serv
     # a second start: same version, no Airflow call
     host.systemctl("start", UNIT)
     assert len(host.read_file("/airflow/stand-in-calls.jsonl").splitlines()) == 2
+
+
+# A stand-in for the Airflow venv's interpreter for `variables.method: api`: the system python
+# with a stand-in `airflow` package (the few names agent/airflow_bridge.py uses) that keeps the
+# variables in /airflow/api-variables.json and records, at import, who runs it with which argv.
+API_PYTHON = """#!/bin/sh
+PYTHONPATH=/opt/airflow/standin exec /usr/bin/python3 "$@"
+"""
+STANDIN_PKG = {
+    "airflow/__init__.py": """
+import json, os
+__version__ = "stand-in"
+with open("/airflow/stand-in-bridge.jsonl", "a") as f:
+    argv = open("/proc/self/cmdline", "rb").read().split(b"\\0")
+    f.write(json.dumps([os.getpid(), os.getuid(), os.getcwd(), [a.decode() for a in argv]]) + "\\n")
+""",
+    "airflow/settings.py": """
+class Session:
+    def __init__(self):
+        self.pending = {}
+    def execute(self, stmt):
+        return None
+    def scalars(self, query):
+        from airflow.models.variable import Variable, load
+        data = load()
+        return [Variable(k, data[k][0], data[k][1]) for k in query.keys if k in data]
+    def rollback(self):
+        self.pending.clear()
+    def commit(self):
+        if self.pending:
+            from airflow.models.variable import load, save
+            data = load()
+            data.update(self.pending)
+            save(data)
+            self.pending.clear()
+    def close(self):
+        pass
+""",
+    "airflow/utils/__init__.py": "",
+    "airflow/utils/session.py": """
+import contextlib
+from airflow.settings import Session
+@contextlib.contextmanager
+def create_session():
+    s = Session()
+    yield s
+    s.commit()
+""",
+    "airflow/models/__init__.py": "",
+    "airflow/models/variable.py": """
+import json, os
+DB = "/airflow/api-variables.json"
+def load():
+    return json.load(open(DB)) if os.path.exists(DB) else {}
+def save(data):
+    json.dump(data, open(DB + ".tmp", "w"))
+    os.rename(DB + ".tmp", DB)
+class _Key:
+    def in_(self, keys):
+        return list(keys)
+class Variable:
+    key = _Key()
+    def __init__(self, key, val, description):
+        self.key, self.val, self.description = key, val, description
+    @staticmethod
+    def set(key, value, description=None, serialize_json=False, session=None):
+        if session is not None:
+            session.pending[key] = [str(value), description]
+            return
+        data = load()
+        data[key] = [str(value), description]
+        save(data)
+    @staticmethod
+    def delete(key, session=None):
+        data = load()
+        gone = data.pop(key, None) is not None
+        save(data)
+        return int(gone)
+""",
+    "sqlalchemy/__init__.py": """
+class _Select:
+    def __init__(self, model):
+        self.keys = []
+    def where(self, keys):
+        self.keys = keys
+        return self
+def select(model):
+    return _Select(model)
+def text(sql):
+    return sql
+""",
+}
+WATCH_UNIT = "airflow-agent-variables-watch.service"
+
+
+def _bridges(host) -> list:
+    text = host.read_file("/airflow/stand-in-bridge.jsonl").decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _alive(host, pid: int) -> bool:
+    return host.run(["kill", "-0", str(pid)], check=False).returncode == 0
+
+
+def test_watch_daemon_syncs_through_a_bridge_run_as_airflow_under_its_hardening(host, aws_server):
+    sm = boto3.client(
+        "secretsmanager",
+        endpoint_url=aws_server.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    secret_id = "airflow/test/variables-watch"
+    secret = {"w1": "watch-value-314159", "w2": {"value": 3, "description": "three"}}
+    sm.create_secret(Name=secret_id, SecretString=json.dumps(secret))
+    host.write_file("/opt/airflow/venv/bin/python", API_PYTHON, mode=0o755)
+    for path, text in STANDIN_PKG.items():
+        host.write_file(f"/opt/airflow/standin/{path}", text)
+    config = {"variables": {"secret_id": secret_id, "watch_interval": 1}}
+    host.write_file("/etc/airflow-agent/agent.yaml", ah.agent_yaml(config))
+
+    cursor = host.journal_cursor()
+    proc = host.systemctl("start", WATCH_UNIT, check=False)  # returns after READY=1
+    journal = host.journal(WATCH_UNIT, since_cursor=cursor)
+    assert proc.returncode == 0, journal
+    assert host.unit_property(WATCH_UNIT, "ActiveState") == "active"
+    assert "2 imported" in host.unit_property(WATCH_UNIT, "StatusText")
+    stored = json.loads(host.read_file("/airflow/api-variables.json"))
+    assert stored == {"w1": ["watch-value-314159", None], "w2": ["3", "three"]}
+    airflow_uid = int(host.run(["id", "-u", "airflow"]).stdout)
+    ((pid, uid, cwd, argv),) = _bridges(host)
+    assert uid == airflow_uid and cwd == "/var/lib/airflow-agent/variables-tmp"
+    assert argv[:2] == ["/usr/bin/python3", "-c"] and "watch-value" not in json.dumps(argv)
+
+    # a change lands within the interval, through the same (warm) bridge
+    secret["w1"] = "watch-value-271828"
+    sm.put_secret_value(SecretId=secret_id, SecretString=json.dumps(secret))
+    host.wait_for(
+        lambda: (
+            json.loads(host.read_file("/airflow/api-variables.json"))["w1"][0]
+            == "watch-value-271828"
+        ),
+        15,
+        "the change",
+    )
+    assert len(_bridges(host)) == 1
+
+    # the bridge dies: the daemon starts another as airflow
+    host.run(["kill", "-9", str(pid)])
+    host.wait_for(lambda: len(_bridges(host)) == 2, 30, "a new bridge")
+    new_pid = _bridges(host)[1][0]
+    host.wait_for(lambda: _alive(host, new_pid), 10, "the new bridge alive")
+
+    host.systemctl("stop", WATCH_UNIT)
+    assert host.unit_property(WATCH_UNIT, "ActiveState") == "inactive"
+    assert host.unit_property(WATCH_UNIT, "Result") == "success"
+    assert not _alive(host, new_pid)
+    journal = host.journal(WATCH_UNIT, since_cursor=cursor)
+    assert "variables watch stopped" in journal and "exited (status -9)" in journal
+    assert "watch-value" not in journal
