@@ -47,10 +47,7 @@ logged and ignored). `drain` returns a `DrainResult` or raises `DeadlineError` (
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import logging
-import os
 import socket
 import time
 import urllib.parse
@@ -69,6 +66,7 @@ from agent.celery_control import (
 )
 from agent.envfile import parse_env
 from agent.errors import AgentError, ConfigError, DeadlineError
+from agent.fsutil import FileLock
 from agent.logs import register_secrets
 from agent.state import StateStore
 from agent.systemd import Notifier, Systemctl, SystemctlError, systemctl_from_config
@@ -127,33 +125,17 @@ def read_broker(cfg) -> BrokerSettings:
     return settings
 
 
-class _DrainLock:
+class _DrainLock(FileLock):
     """One drain/undrain at a time per instance (deploy hook and lifecycle may race)."""
 
     def __init__(self, store: StateStore):
-        self.path = store.dir / "drain.lock"
-        self.fd: Optional[int] = None
+        super().__init__(store.dir / "drain.lock")
 
-    def acquire(self, until: float, clock: Callable[[], float], sleep) -> None:
+    def acquire(self, until: float, clock: Callable[[], float], sleep) -> bool:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if clock() >= until:
-                os.close(self.fd)
-                self.fd = None
-                raise DeadlineError(f"another drain/undrain holds {self.path}; gave up waiting")
-            sleep(0.2)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if not super().acquire(until, clock, sleep):
+            raise DeadlineError(f"another drain/undrain holds {self.path}; gave up waiting")
+        return True
 
 
 class Drainer:

@@ -7,11 +7,14 @@ a partial or missing file, even when the writer is killed at any instant.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import grp
 import os
 import pwd
+import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 PathLike = Union[str, Path]
 _TMP_SUFFIX = ".tmp-agent"
@@ -98,3 +101,37 @@ def read_bytes_or_none(path: PathLike) -> Optional[bytes]:
         return Path(path).read_bytes()
     except FileNotFoundError:
         return None
+
+
+class FileLock:
+    """An exclusive flock on `path`, waited for until a deadline: one run of a job at a time."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+
+    def acquire(
+        self,
+        until: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> bool:
+        """True once held; False when `clock()` reached `until` first (nothing is held then)."""
+        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    self.release()
+                    raise
+            if clock() >= until:
+                self.release()
+                return False
+            sleep(0.2)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

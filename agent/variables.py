@@ -43,30 +43,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import errno
-import fcntl
 import json
 import logging
 import os
 import pwd
-import re
 import secrets as pysecrets
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agent.aws import AWS_ERRORS, AwsClients, describe_error
 from agent.envfile import parse_env
 from agent.errors import EXIT_OK, AgentError, ConfigError, RefusedError
-from agent.fsutil import atomic_write
+from agent.fsutil import FileLock, atomic_write
 from agent.logs import register_secrets
 from agent.state import StateStore
 from agent.variables_bridge import BridgeProvider, default_python
+from agent.variables_exec import (
+    IMPORT_COUNTS,
+    AirflowCli,
+    RunAs,
+    TempDir,
+    exception_names,
+    pdeathsig_preexec,
+    read_fd,
+    resolve_run_as,
+)
 from agent.variables_plan import (
     SecretShapeError,
     VariablesPlan,
@@ -89,12 +94,10 @@ log = logging.getLogger(__name__)
 STATE_NAME = "variables"
 # the per-key hashes live in their own document so `status` shows a small summary
 HASHES_NAME = "variables-hashes"
-TMP_DIR_NAME = "variables-tmp"
 LOCK_NAME = "variables.lock"
 DIGEST_KEY_NAME = "variables.key"
 # what systemd gives a service; the env file comes on top
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -148,219 +151,20 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     )
 
 
-# ---------------------------------------------------------------- the Airflow CLI, run safely
-
-
-@dataclass
-class RunAs:
-    """The user the Airflow CLI runs as; None fields mean: no switch."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: List[int]
-    home: str
-
-
-def resolve_run_as(user: Optional[str], source: str) -> Optional[RunAs]:
-    """None when no switch is needed (user null, or the agent already runs as that user)."""
-    if user is None:
-        return None
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise ConfigError(f"{source}: key 'variables.user': user {user!r} does not exist") from None
-    if pw.pw_uid == os.geteuid():
-        return None
-    if os.geteuid() != 0:
-        raise ConfigError(
-            f"{source}: key 'variables.user' is {user!r} but the agent runs as uid "
-            f"{os.geteuid()} and cannot switch; run it as root or set variables.user: null"
-        )
-    return RunAs(user, pw.pw_uid, pw.pw_gid, os.getgrouplist(user, pw.pw_gid), pw.pw_dir)
-
-
-def _pdeathsig_preexec():
-    """A preexec_fn: the CLI dies with us, so a killed run leaves no import still writing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def preexec() -> None:
-        # runs after the uid switch (which would clear it), just before exec
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
-
-
-_IMPORT_COUNTS = re.compile(r"^(\d+) of (\d+) variables successfully updated", re.M)
-_IMPORT_FAILED = re.compile(r"^Variable import failed: ([A-Za-z_][A-Za-z0-9_.]*)\(", re.M)
-_EXC_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*(?:Error|Exception|Exit))\b")
-
-
-def exception_names(output: str) -> List[str]:
-    """Exception class names in Airflow's output; the rest of a line may quote a value."""
-    names = set(_IMPORT_FAILED.findall(output))
-    for line in output.splitlines():
-        m = _EXC_LINE.match(line.strip())
-        if m:
-            names.add(m.group(1))
-    return sorted(names)
-
-
-class AirflowCli:
-    """Runs `variables.airflow_command` with the units' environment, as the configured user."""
-
-    def __init__(
-        self,
-        command: Sequence[str],
-        env: Dict[str, str],
-        run_as: Optional[RunAs],
-        cwd: Path,
-        timeout: float,
-    ):
-        self.command = list(command)
-        self.env = env
-        self.run_as = run_as
-        self.cwd = cwd
-        self.timeout = timeout
-        self.calls = 0
-
-    def run(self, *args: str) -> Tuple[int, str]:
-        """(exit status, stdout+stderr). The output is for parsing, never for logging."""
-        argv = self.command + list(args)
-        kwargs: Dict[str, Any] = {}
-        if self.run_as is not None:
-            kwargs.update(
-                user=self.run_as.uid, group=self.run_as.gid, extra_groups=self.run_as.groups
-            )
-        self.calls += 1
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(
-                argv,
-                env=self.env,
-                cwd=str(self.cwd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=self.timeout,
-                umask=0o077,
-                preexec_fn=_pdeathsig_preexec(),
-                **kwargs,
-            )
-        except FileNotFoundError:
-            raise ConfigError(f"variables.airflow_command: {self.command[0]} not found") from None
-        except PermissionError:
-            raise ConfigError(
-                f"variables.airflow_command: {self.command[0]} is not executable"
-            ) from None
-        except subprocess.TimeoutExpired:
-            raise AgentError(
-                f"airflow {' '.join(args[:2])} did not finish within {self.timeout:g} s "
-                "(variables.timeout); killed"
-            ) from None
-        out = proc.stdout.decode("utf-8", errors="replace")
-        log.debug(
-            "airflow %s: exit %d in %.1f s",
-            " ".join(args[:2]),
-            proc.returncode,
-            time.monotonic() - started,
-        )
-        return proc.returncode, out
-
-
-# ---------------------------------------------------------------- private temp files
-
-
-class TempDir:
-    """state_dir/variables-tmp: 0700 (0711 when the CLI runs as another user, so it can reach
-    its file by name from its working directory; it cannot list the directory, and the state
-    dir above stays 0700). Emptied at the start of every run, under the lock."""
-
-    def __init__(self, state_dir: Path, run_as: Optional[RunAs]):
-        self.path = state_dir / TMP_DIR_NAME
-        self.run_as = run_as
-
-    def prepare(self) -> int:
-        mode = 0o711 if self.run_as else 0o700
-        self.path.mkdir(mode=mode, exist_ok=True)
-        os.chmod(self.path, mode)
-        removed = 0
-        for entry in self.path.iterdir():
-            try:
-                entry.unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
-
-    def create(self, prefix: str, data: bytes = b"") -> Tuple[str, int]:
-        """A new 0600 file (owned by the CLI's user): (name relative to the dir, open fd)."""
-        name = f"{prefix}-{pysecrets.token_hex(8)}.json"
-        fd = os.open(
-            str(self.path / name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
-        try:
-            if self.run_as is not None:
-                try:
-                    os.fchown(fd, self.run_as.uid, self.run_as.gid)
-                except PermissionError:
-                    raise AgentError(
-                        f"cannot hand the temp file to user {self.run_as.name} (fchown: "
-                        "operation not permitted): running the Airflow CLI as another user "
-                        "needs CAP_CHOWN and the @chown system calls in the agent's unit"
-                    ) from None
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
-            self.remove(name)
-            raise
-        return name, fd
-
-    def remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / name).unlink()
-
-
-def _read_fd(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while True:
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
-class _Lock:
+class _Lock(FileLock):
     def __init__(self, path: Path, timeout: float):
-        self.path = path
+        super().__init__(path)
         self.timeout = timeout
-        self.fd = -1
 
     def __enter__(self) -> _Lock:
-        self.fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() >= deadline:
-                os.close(self.fd)
-                raise AgentError(
-                    f"another variables sync holds {self.path} for more than {self.timeout:g} s"
-                )
-            time.sleep(0.2)
+        if not self.acquire(time.monotonic() + self.timeout):
+            raise AgentError(
+                f"another variables sync holds {self.path} for more than {self.timeout:g} s"
+            )
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        os.close(self.fd)
+        self.release()
 
 
 class _Terminated(AgentError):
@@ -696,7 +500,7 @@ class VariablesSync:
                 rc, out = cli.run("variables", "import", name, "-a", "overwrite")
             finally:
                 tmp.remove(name)
-            m = _IMPORT_COUNTS.search(out)
+            m = IMPORT_COUNTS.search(out)
             clean = rc == 0 and m is not None and m.group(1) == m.group(2) == str(len(to_import))
             log.log(
                 logging.INFO if clean else logging.WARNING,
@@ -720,7 +524,7 @@ class VariablesSync:
         name, fd = tmp.create("export")
         try:
             rc, out = cli.run("variables", "export", name)
-            body = _read_fd(fd)
+            body = read_fd(fd)
         finally:
             os.close(fd)
             tmp.remove(name)
@@ -788,7 +592,7 @@ def bridge_provider(cfg, warm: bool) -> BridgeProvider:
     vcfg = cfg.variables
     python = vcfg.airflow_python or default_python(vcfg.airflow_command)
     cls = WarmBridgeProvider if warm else BridgeProvider
-    return cls(python, vcfg.timeout, _pdeathsig_preexec())
+    return cls(python, vcfg.timeout, pdeathsig_preexec())
 
 
 def _exc_suffix(output: str) -> str:

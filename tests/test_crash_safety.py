@@ -61,3 +61,20 @@ def test_sigkill_at_random_moments_never_tears_the_file(tmp_path):
     # killed writers may leave temp files; the next sync removes them
     assert remove_stale_temps(path) == len(leftovers)
     assert [p.name for p in tmp_path.iterdir()] == ["airflow.env"]
+
+
+def test_file_lock_is_exclusive_and_gives_up_at_its_deadline(tmp_path):
+    from agent.fsutil import FileLock
+
+    first, second = FileLock(tmp_path / "job.lock"), FileLock(tmp_path / "job.lock")
+    assert first.acquire(until=0)
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    assert not second.acquire(until=1.0, clock=lambda: now[0], sleep=sleep)
+    assert second.fd is None and now[0] >= 1.0
+    first.release()
+    assert second.acquire(until=0)
+    second.release()
