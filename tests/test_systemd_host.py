@@ -151,6 +151,21 @@ def test_shared_dir_is_shared(host: SystemdHost) -> None:
     assert (host.shared_dir / "from-inside").read_text() == "in"
 
 
+def test_a_repo_under_tmp_is_seen_inside_copy_on_write(tmp_path: Path) -> None:
+    """A CI clone may live under /tmp, which is a private tmpfs inside: it is overlaid at its
+    own path, so its venvs are usable in there while writes stay in the throwaway host."""
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    (repo / "marker").write_text("from the real tree\n")
+    (tmp_path / "shared-cow").mkdir()
+    with SystemdHost(tmp_path / "shared-cow", name="aea-repotest", repo_dir=repo) as h:
+        assert h.read_file(str(repo / "marker")) == b"from the real tree\n"
+        h.run(["sh", "-c", f"echo inside > {repo}/written-inside; rm {repo}/marker"])
+        assert h.read_file(str(repo / "written-inside")) == b"inside\n"
+    assert sorted(p.name for p in repo.iterdir()) == ["marker"]
+    assert (repo / "marker").read_text() == "from the real tree\n"
+
+
 def test_default_environment_reaches_units(host: SystemdHost) -> None:
     host.set_default_environment({"AEA_PROBE": "value with spaces", "AEA_OTHER": "2"})
     out = host.run(

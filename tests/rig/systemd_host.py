@@ -382,9 +382,16 @@ atexit.register(_stop_all_at_exit)
 class SystemdHost:
     """A real systemd as PID 1 of its own namespaces; see the module docstring."""
 
-    def __init__(self, shared_dir: Union[str, Path], name: str = "aea-test") -> None:
+    def __init__(
+        self,
+        shared_dir: Union[str, Path],
+        name: str = "aea-test",
+        repo_dir: Optional[Union[str, Path]] = None,
+    ) -> None:
         self.shared_dir = Path(shared_dir).resolve()
         self.name = name
+        # the project's tree is seen inside at its own path even when it lives under /tmp
+        self.repo_dir = Path(repo_dir or Path(__file__).resolve().parents[2]).resolve()
         self.pid: Optional[int] = None  # systemd, as seen from outside
         self.boot_state: Optional[str] = None
         self.boot_seconds: Optional[float] = None
@@ -463,6 +470,7 @@ class SystemdHost:
                 "PATH": INSIDE_PATH,
                 "AEA_BASE": str(self._base),
                 "AEA_SHARED": str(self.shared_dir),
+                "AEA_REPO": str(self.repo_dir),
                 "AEA_NAME": self.name,
                 "AEA_HOST_MNTNS": _ns("mnt"),
                 "AEA_HOST_NETNS": _ns("net"),

@@ -12,6 +12,7 @@
 # Inputs (environment):
 #   AEA_BASE         an empty host directory used as the mount point of this host's private tmpfs
 #   AEA_SHARED       a host directory bind-mounted at the same path inside
+#   AEA_REPO         optional: the project's tree, overlaid copy-on-write at the same path
 #   AEA_NAME         the container name (container=<name>, hostname)
 #   AEA_HOST_MNTNS   readlink /proc/self/ns/mnt of the launcher (must differ from ours)
 #   AEA_HOST_NETNS   readlink /proc/self/ns/net of the launcher (must differ from ours)
@@ -99,7 +100,20 @@ mount -t tmpfs -o mode=0755,nosuid,nodev aea-run "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev aea-tmp "$R/tmp"
 mount -t tmpfs -o mode=1777,nosuid,nodev aea-vartmp "$R/var/tmp"
 
-# The directory the test shares with the host, at the same path.
+# The project's tree (its venvs and rigs are named by path) at its own path, copy-on-write like
+# the rest of the root: it may live under /tmp (a CI clone), which is a private tmpfs in here.
+if [ -n "${AEA_REPO:-}" ]; then
+    case "$AEA_REPO" in /*) ;; *) die "AEA_REPO must be absolute" ;; esac
+    [ -d "$AEA_REPO" ] || die "AEA_REPO $AEA_REPO is not a directory"
+    mkdir "$B/repo-upper" "$B/repo-work"
+    mkdir -p "$R$AEA_REPO"
+    mount -t overlay -o "lowerdir=$AEA_REPO,upperdir=$B/repo-upper,workdir=$B/repo-work" \
+        aea-repo "$R$AEA_REPO"
+    [ "$(findmnt -n -o FSTYPE --mountpoint "$R$AEA_REPO")" = overlay ] || die "repo overlay missing"
+fi
+
+# The directory the test shares with the host, at the same path (after the repo: it may be
+# inside it).
 mkdir -p "$R$AEA_SHARED"
 mount --bind "$AEA_SHARED" "$R$AEA_SHARED"
 
