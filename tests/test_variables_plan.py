@@ -179,3 +179,14 @@ def test_api_items_and_digest_verification():
     assert verify_digests({"s": "text"}, ["s"], {"s": digest(b"x" * 32, "text", None)}, key)[1]
     # deletes: absent is gone; present or unreadable is still there
     assert verify_absent(["n", "obj", "s"], digests) == (["n"], ["obj", "s"])
+
+
+def test_sync_without_a_secret_configured_is_a_warning_not_a_failure(make_config, run_agent):
+    """The scheduler's timer is on by default; a cluster without variables must stay green."""
+    cfg = make_config()
+    proc = run_agent(cfg, "variables", "sync")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" in proc.stderr and "variables.secret_id is not set" in proc.stderr
+    # the daemon, which an operator enables on purpose, still refuses to start without one
+    proc = run_agent(cfg, "variables", "watch")
+    assert proc.returncode == 2 and "variables.secret_id" in proc.stderr
