@@ -111,6 +111,8 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
     }
     for name in DOCS:
         out[name] = _load(store, name)
+    # the `variables watch` daemon's counters, when it is the one in use
+    out["variables_watch"] = _load(store, "variables-watch")
     return out
 
 
@@ -143,6 +145,7 @@ def _when(ts: Any) -> str:
 _SHOWN = {
     "variables": ("last_result", "version_id", "synced_at", "counts", "last_error", "not_pruned"),
     "lifecycle": ("summary", "phase", "target_lifecycle_state", "last_poll"),
+    "variables_watch": ("status", "last_poll_at", "bridge_pid", "bridge_starts"),
 }
 
 
@@ -194,6 +197,11 @@ def render(s: Dict[str, Any]) -> str:
         ("config hash", _hash_line(c)),
         ("env sync", _doc_line(s["env"])),
         ("variables", _doc_line(s["variables"], _SHOWN["variables"])),
+        *(
+            [("vars watch", _doc_line(s["variables_watch"], _SHOWN["variables_watch"]))]
+            if s.get("variables_watch")
+            else []
+        ),
         ("drain", _doc_line(s["drain"])),
         ("lifecycle", _lifecycle_line(s["lifecycle"])),
     ]

@@ -22,6 +22,7 @@ TOP_KEYS = {
     "variables",
     "drain",
     "lifecycle",
+    "variables_watch",
     "systemd",
     "units",
 }
@@ -176,7 +177,12 @@ def test_human_view_shows_the_job_fields_that_matter():
         "systemd": {"reachable": False, "error": "no bus"},
         "units": {},
     }
+    s["variables_watch"] = {"status": "idle", "bridge_pid": 42, "failures": 0}
     text = render(s)
+    assert any(
+        line.startswith("vars watch") and line.endswith("status=idle bridge_pid=42")
+        for line in text.splitlines()
+    )
     lines = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
     assert lines["variables"].startswith("last_result=ok version_id=v-7 synced_at=1970-01-01")
     assert "secret_id" not in lines["variables"]
