@@ -51,8 +51,11 @@ WORKER = "airflow-worker"
 
 DROPIN = """\
 [Service]
-# test rig only: the machine's python is under /root/.pyenv (see tests/rig/airflow_cluster.py)
+# test rig only: the units run Airflow and the agent from this work tree's venvs (the machine's
+# python is under /root/.pyenv, and a CI clone may live under /tmp, which PrivateTmp= would
+# hide); the shipped units keep both protections
 ProtectHome=no
+PrivateTmp=no
 """
 
 
