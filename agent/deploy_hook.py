@@ -42,7 +42,6 @@ from typing import Dict, List, Optional
 
 from agent.errors import AgentError, ConfigError, DeadlineError
 from agent.fsutil import atomic_write, resolve_owner
-from agent.state import StateStore
 from agent.systemd import Systemctl, systemctl_from_config
 
 log = logging.getLogger(__name__)
@@ -71,14 +70,9 @@ def plan_hook(event: str, role: str) -> List[str]:
 
 def role_of(cfg) -> str:
     """The recorded role (agent.role), else role.override; an error naming both otherwise."""
-    role: Optional[str] = None
-    try:
-        from agent.role import current_role
+    from agent.role import current_role
 
-        role = current_role(cfg)
-    except ImportError:  # agent.role not installed: read its document directly
-        role = StateStore(cfg.state_dir).load("role").get("role")
-    role = role or cfg.role.override
+    role = current_role(cfg) or cfg.role.override
     if role not in ("scheduler", "webserver", "worker"):
         raise AgentError(
             f"this instance has no role: no role.json in {cfg.state_dir} and no role.override "
