@@ -34,30 +34,8 @@ def default_drain() -> DrainFn:
 
 
 def default_stop_consuming() -> Callable[[Any], Any]:
-    """Cancel every consumer of the local worker, recorded in drain.json (undrain restores).
-
-    Uses agent.drain's `stop_consuming` when it offers one; otherwise the drain's own
-    cancel step (same lock, same drain.json), so a later drain resumes from "waiting".
-    """
-    from agent import drain, drain_plan
-
-    fn = getattr(drain, "stop_consuming", None)
-    if fn is not None:
-        return fn
-
-    def stop_consuming(cfg) -> None:
-        drainer = drain.Drainer(cfg)
-        store = drainer.store
-        now = time.time()
-        lock = drain._DrainLock(store)
-        lock.acquire(now + cfg.drain.reply_timeout, time.time, time.sleep)
-        try:
-            previous = drain_plan.DrainState.from_dict(store.load(drain.STATE_NAME))
-            state = drain_plan.begin(previous, drainer.node, now, cfg.drain.timeout, None)
-            with drainer.control_factory(drain.read_broker(cfg), state.node) as control:
-                drainer._cancel_consumers(control, state)
-        finally:
-            lock.release()
+    """Cancel every consumer of the local worker, recorded in drain.json (undrain restores)."""
+    from agent.drain import stop_consuming
 
     return stop_consuming
 
@@ -89,8 +67,7 @@ def default_active_tasks(cfg) -> Callable[[], List[Dict[str, Any]]]:
 
     def active() -> List[Dict[str, Any]]:
         with _control(cfg) as ctl:
-            # WorkerControl has no public "list active" call yet; its bounded inspect is it
-            items = ctl._inspect("active") or []
+            items = ctl.active_tasks()
         return [
             {
                 "id": t.get("id"),
@@ -103,15 +80,6 @@ def default_active_tasks(cfg) -> Callable[[], List[Dict[str, Any]]]:
         ]
 
     return active
-
-
-def _unfinished_from(result: Any) -> List[Any]:
-    """Tasks the drain reported still running at its end (attribute or key `active`/...)."""
-    for name in ("unfinished", "unfinished_tasks", "active_tasks", "active"):
-        value = result.get(name) if isinstance(result, dict) else getattr(result, name, None)
-        if isinstance(value, (list, tuple)):
-            return list(value)
-    return []
 
 
 class DrainRunner:
@@ -146,18 +114,19 @@ class DrainRunner:
     def _run(self) -> None:
         try:
             result = self.drain_fn(self.cfg, deadline=self.deadline, on_progress=self._on_progress)
-            unfinished = _jsonable(_unfinished_from(result))
             at_deadline = getattr(result, "outcome", "") == "stopped-at-deadline"
+            # the drain reports counts, not tasks: the watcher names them from its own
+            # `inspect active` snapshot taken just before the deadline
             outcome = {
-                "status": "deadline" if unfinished or at_deadline else "done",
+                "status": "deadline" if at_deadline else "done",
                 "result": getattr(result, "outcome", None),
-                "unfinished_tasks": unfinished,
+                "unfinished_tasks": [],
             }
         except AgentError as exc:
             outcome = {
                 "status": "deadline" if exc.exit_code == 4 else "failed",
                 "message": str(exc),
-                "unfinished_tasks": _jsonable(_unfinished_from(exc)),
+                "unfinished_tasks": [],
             }
         except Exception as exc:  # the drain's bug must not kill the heartbeats
             outcome = {
