@@ -114,17 +114,9 @@ UNSCOPED_ACTIONS: FrozenSet[str] = frozenset(
         "ec2:DescribeTags",
         "autoscaling:DescribeAutoScalingInstances",
         "autoscaling:DescribeLifecycleHooks",
-        "ssmmessages:CreateControlChannel",
-        "ssmmessages:CreateDataChannel",
-        "ssmmessages:OpenControlChannel",
-        "ssmmessages:OpenDataChannel",
-        "ec2messages:AcknowledgeMessage",
-        "ec2messages:DeleteMessage",
-        "ec2messages:FailMessage",
-        "ec2messages:GetEndpoint",
-        "ec2messages:GetMessages",
-        "ec2messages:SendReply",
     }
+    # the SSM agent's message channels (its ssm:UpdateInstanceInformation is scoped)
+    | {a for a in OTHER_ACTIONS["ssm agent"] if a.startswith(("ssmmessages:", "ec2messages:"))}
 )
 
 

@@ -3,7 +3,6 @@ the worker boot gate, and an env sync failure that touches no unit."""
 
 from __future__ import annotations
 
-import boto3
 import pytest
 
 from tests.rig import agent_host as ah
@@ -28,17 +27,6 @@ PROPS = [
     "UnitFileState",
     "ActiveEnterTimestampMonotonic",
 ]
-
-
-@pytest.fixture(scope="module")
-def ssm(aws_server):
-    return boto3.client(
-        "ssm",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import re
 import time
 
-import boto3
 import pytest
 
 from agent.confapply_plan import content_hash
@@ -26,17 +25,6 @@ pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 UNITS = ["airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
 CONFAPPLY = "airflow-agent-confapply.service"
 ENV_FILE = "/etc/sysconfig/airflow.env"
-
-
-@pytest.fixture(scope="module")
-def ssm(aws_server):
-    return boto3.client(
-        "ssm",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 @pytest.fixture(scope="module")
