@@ -17,7 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns a truthy value or `timeout` passes; return the value."""
+    """Poll `predicate` until it returns a truthy value or `timeout` passes; return the value.
+
+    The predicate may raise until its condition holds; the last such exception is named in the
+    TimeoutError and chained to it, so a timeout says why.
+    """
     deadline = time.monotonic() + timeout
     last_exc: Optional[BaseException] = None
     while True:
@@ -25,10 +29,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # the condition may raise until it holds
+            last_exc = None
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last_exc})")
+            raise TimeoutError(
+                f"timed out after {timeout:g}s waiting for {what} (last: {last_exc})"
+            ) from last_exc
         time.sleep(interval)
 
 

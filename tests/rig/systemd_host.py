@@ -48,6 +48,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
+from tests.rig.proc import wait_for
+
 __all__ = [
     "SystemdHost",
     "SystemdHostError",
@@ -87,26 +89,6 @@ class CommandFailed(subprocess.CalledProcessError):
             f"{super().__str__()}\n--- stdout ---\n{text(self.stdout)[-4000:]}"
             f"\n--- stderr ---\n{text(self.stderr)[-4000:]}"
         )
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `predicate` until it returns something truthy; return that, or raise TimeoutError.
-
-    The last exception raised by the predicate (if any) is chained, so a timeout says why.
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: Optional[BaseException] = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-            last_exc = None
-        except Exception as exc:  # noqa: BLE001 - reported on timeout
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}") from last_exc
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------------------------
