@@ -264,15 +264,7 @@ def main() -> int:
     aws, imds = AwsServer().start(), ImdsServer().start()
     shared = tempfile.mkdtemp(prefix="aea-bench-")
     try:
-        import boto3
-
-        ssm = boto3.client(
-            "ssm",
-            endpoint_url=aws.url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        ssm = aws.client("ssm")
         ah.put_params(ssm, {"FOO": "bench", "STANDIN_READY_DELAY": "0"})
         with SystemdHost(shared, name="aea-bench") as host:
             print("booting the test host and installing the agent ...", flush=True)

@@ -237,15 +237,8 @@ def run_bench(args: argparse.Namespace, pg) -> None:
                     }
                 )
             )
-        import boto3
 
-        sm = boto3.client(
-            "secretsmanager",
-            region_name="us-east-1",
-            endpoint_url=aws.url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        sm = aws.client("secretsmanager")
         secret = {f"bench_key_{i:05d}": f"value-{i}-{os.urandom(8).hex()}" for i in range(args.n)}
         sm.create_secret(Name=SECRET_ID, SecretString=json.dumps(secret))
         all_file = work / "all.json"

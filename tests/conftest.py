@@ -53,15 +53,7 @@ def imds_server():
 @pytest.fixture(scope="session")
 def ssm(aws_server):
     """An SSM client on the embedded AWS, for fixtures of any scope that seed parameters."""
-    import boto3
-
-    return boto3.client(
-        "ssm",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return aws_server.client("ssm")
 
 
 @pytest.fixture

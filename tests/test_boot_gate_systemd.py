@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import boto3
 import pytest
 
 from tests.rig import agent_host as ah
@@ -25,13 +24,7 @@ MARKER = "/airflow/.deployed-revision"
 def host(tmp_path_factory, aws_server, imds_server):
     aws_server.reset()
     imds_server.reset()
-    ssm = boto3.client(
-        "ssm",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    ssm = aws_server.client("ssm")
     ah.put_params(ssm, {"FOO": "bar", "STANDIN_READY_DELAY": "0"})
     with SystemdHost(tmp_path_factory.mktemp("boot-gate-host"), name="aea-bootgate") as h:
         ah.prepare(h, aws_server, imds_server)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 
-import boto3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -80,13 +79,7 @@ def host(tmp_path_factory, aws_server, imds_server):
 def test_values_from_ssm_reach_a_real_unit_byte_for_byte(host, aws_server, imds_server):
     values = generate_values()
     assert len(values) >= N_VALUES
-    ssm = boto3.client(
-        "ssm",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    ssm = aws_server.client("ssm")
     names = {f"V{i:04d}": v for i, v in enumerate(values)}
     for name, value in names.items():
         ssm.put_parameter(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 
-import boto3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +20,7 @@ from agent.config import config_from_dict
 from agent.imds import ImdsClient
 from agent.lifecycle import LifecycleAws, Watcher
 from agent.state import StateStore
+from tests.lifecycle_rig import make_asg
 
 # -- timing rules ----------------------------------------------------------------------------
 
@@ -218,29 +218,7 @@ class _RecordingAws(LifecycleAws):
 
 
 def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws, imds, tmp_path):
-    kw = {"endpoint_url": aws.url, "region_name": "us-east-1"}
-    boto3.client("ec2", **kw).create_launch_template(
-        LaunchTemplateName="lt-worker",
-        LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "t3.micro"},
-    )
-    asg = boto3.client("autoscaling", **kw)
-    asg.create_auto_scaling_group(
-        AutoScalingGroupName="workers",
-        LaunchTemplate={"LaunchTemplateName": "lt-worker"},
-        MinSize=1,
-        MaxSize=1,
-        DesiredCapacity=1,
-        AvailabilityZones=["us-east-1a"],
-    )
-    asg.put_lifecycle_hook(
-        LifecycleHookName="drain",
-        AutoScalingGroupName="workers",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-        HeartbeatTimeout=30,
-    )
-    iid = asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
-    imds.set_paths({"meta-data/instance-id": iid})
-    imds.set_tags({"aws:autoscaling:groupName": "workers"})
+    make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
     # hook_name unset: the group's only termination hook is found through DescribeLifecycleHooks
     cfg = config_from_dict(
         {
@@ -302,7 +280,6 @@ def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws
 
 
 def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, imds, tmp_path):
-    from tests.lifecycle_rig import make_asg
     from tests.rig.proc import wait_for
 
     make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import boto3
 import pytest
 
 from agent.state import StateStore
@@ -105,13 +104,7 @@ def test_status_with_nothing_recorded(run_agent, make_config):
 @pytest.fixture(scope="module")
 def host(tmp_path_factory, aws_server, imds_server):
     aws_server.reset()
-    ssm = boto3.client(
-        "ssm",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    ssm = aws_server.client("ssm")
     ah.put_params(ssm, {"FOO": "bar"})
     with SystemdHost(tmp_path_factory.mktemp("status-host"), name="aea-status") as h:
         ah.prepare(h, aws_server, imds_server)

@@ -27,6 +27,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tests.conftest import REPO_ROOT
+from tests.rig import variable_shapes
 from tests.rig.proc import wait_for
 
 AIRFLOW = REPO_ROOT / ".cache" / "airflow-venv" / "bin" / "airflow"
@@ -211,26 +212,11 @@ def _values(n: int, tag: str) -> Dict[str, str]:
 
 def test_sync_imports_only_changes_skips_unchanged_prunes_on_request(rig):
     secret: Dict = _values(4, "first")
-    secret["json_value"] = {"nested": [1, 2, "x"]}
-    secret["number"] = 42
-    secret["described"] = {"value": "with-desc-value", "description": "a description"}
+    secret.update(variable_shapes.BASIC)
     secret["-dash"] = "dash-value-" + os.urandom(4).hex()
     assert len(secret) == 8
     # shapes whose export differs from the import (the verification must model Airflow's)
-    secret.update(
-        {
-            "num_str": "123",
-            "bool": True,
-            "null": None,
-            "float": 1.5,
-            "list": [1, "a", None],
-            "json_str": '{"value": 1}',
-            "empty": "",
-            "unicode": "ünïcödé ✓ 日本",
-            "wrapped_null": {"value": None, "description": None},
-            "wrapped_obj": {"value": {"value": 2}, "description": ""},
-        }
-    )
+    secret.update(variable_shapes.EXPORT_DIFFERS)
     v1 = rig.put(secret)
     # the random values (short ones like "123" are everywhere in /proc)
     needles = [v for v in secret.values() if isinstance(v, str) and "-value-" in v]

@@ -27,6 +27,7 @@ import pytest
 
 from agent.variables_plan import stored_form, unwrap
 from tests.conftest import REPO_ROOT
+from tests.rig import variable_shapes
 from tests.rig.proc import wait_for
 from tests.test_variables import (  # noqa: F401 - migrated_home is a fixture
     AIRFLOW,
@@ -111,22 +112,7 @@ def _stored(raw) -> tuple:
     return stored_form(value), description
 
 
-SHAPES = {
-    "json_value": {"nested": [1, 2, "x"]},
-    "number": 42,
-    "described": {"value": "with-desc-value", "description": "a description"},
-    "-dash": "dash-value",
-    "num_str": "123",
-    "bool": True,
-    "null": None,
-    "float": 1.5,
-    "list": [1, "a", None],
-    "json_str": '{"value": 1}',
-    "empty": "",
-    "unicode": "ünïcödé ✓ 日本",
-    "wrapped_null": {"value": None, "description": None},
-    "wrapped_obj": {"value": {"value": 2}, "description": ""},
-}
+SHAPES = {**variable_shapes.BASIC, **variable_shapes.EXPORT_DIFFERS}
 
 
 def test_api_imports_only_changes_verified_without_the_cli(rig):

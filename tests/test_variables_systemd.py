@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import pytest
 
 from tests.rig import agent_host as ah
@@ -58,13 +57,7 @@ def host(tmp_path_factory, aws_server, imds_server):
 
 
 def test_timer_service_syncs_as_airflow_under_the_units_hardening(host, aws_server):
-    sm = boto3.client(
-        "secretsmanager",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    sm = aws_server.client("secretsmanager")
     secret = {"a": "value-a-123456", "b": {"value": 7, "description": "seven"}}
     sm.create_secret(Name=SECRET_ID, SecretString=json.dumps(secret))
     timer = host.systemctl("cat", "airflow-agent-variables.timer").stdout
@@ -196,13 +189,7 @@ def _alive(host, pid: int) -> bool:
 
 
 def test_watch_daemon_syncs_through_a_bridge_run_as_airflow_under_its_hardening(host, aws_server):
-    sm = boto3.client(
-        "secretsmanager",
-        endpoint_url=aws_server.url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    sm = aws_server.client("secretsmanager")
     secret_id = "airflow/test/variables-watch"
     secret = {"w1": "watch-value-314159", "w2": {"value": 3, "description": "three"}}
     sm.create_secret(Name=secret_id, SecretString=json.dumps(secret))

@@ -132,14 +132,11 @@ def now() -> float:
 def make_asg(aws, imds, hook: str, group: str, heartbeat_timeout: int) -> Dict[str, object]:
     """A real moto group (launch template, one instance) with a termination hook; IMDS then
     speaks for that instance (its id, the aws:autoscaling:groupName tag)."""
-    import boto3
-
-    kw = {"endpoint_url": aws.url, "region_name": "us-east-1"}
-    boto3.client("ec2", **kw).create_launch_template(
+    aws.client("ec2").create_launch_template(
         LaunchTemplateName="lt-worker",
         LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "t3.micro"},
     )
-    client = boto3.client("autoscaling", **kw)
+    client = aws.client("autoscaling")
     client.create_auto_scaling_group(
         AutoScalingGroupName=group,
         LaunchTemplate={"LaunchTemplateName": "lt-worker"},

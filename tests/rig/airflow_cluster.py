@@ -395,15 +395,8 @@ class AirflowCluster:
         }
 
     def _settings(self) -> None:
-        import boto3
 
-        ssm = boto3.client(
-            "ssm",
-            region_name="us-east-1",
-            endpoint_url=self.aws.url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        ssm = self.aws.client("ssm")
         for rel, value in {**self.airflow_settings(), **self.extra_settings}.items():
             ssm.put_parameter(Name=SSM_PATH + rel, Value=value, Type="SecureString", Overwrite=True)
         cfg = {

@@ -202,6 +202,18 @@ class AwsServer(ServerProcess):
     def lifecycle_actions(self) -> List[Dict[str, Any]]:
         return self.get("/_rig/lifecycle")
 
+    def client(self, service: str) -> Any:
+        """A boto3 client of `service` on this server (for seeding and inspecting state)."""
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
     def client_env(self) -> Dict[str, str]:
         """Environment for a process (the agent, boto3) that should talk to this server."""
         return {

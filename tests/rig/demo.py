@@ -72,16 +72,9 @@ def show_redacted(path: Path) -> None:
 
 
 def env_sync_demo(aws: AwsServer, imds: ImdsServer, work: Path) -> None:
-    import boto3
 
     banner("1. SSM Parameter Store -> /etc/sysconfig/airflow.env (sandboxed)")
-    ssm = boto3.client(
-        "ssm",
-        region_name="us-east-1",
-        endpoint_url=aws.url,
-        aws_access_key_id="demo",
-        aws_secret_access_key="demo",
-    )
+    ssm = aws.client("ssm")
     for key, value, kind in PARAMETERS:
         ssm.put_parameter(Name=f"/airflow/demo/{key}", Value=value, Type=kind, Overwrite=True)
     print(

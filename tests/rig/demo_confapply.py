@@ -67,15 +67,8 @@ def main() -> int:
     shared = tempfile.mkdtemp(prefix="aea-demo-")
     try:
         aws, imds = AwsServer().start(), ImdsServer().start()
-        import boto3
 
-        ssm = boto3.client(
-            "ssm",
-            endpoint_url=aws.url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        ssm = aws.client("ssm")
         ah.put_params(ssm, {"FOO": "first", "STANDIN_READY_DELAY": "0"})
         ssm.put_parameter(
             Name=f"{ah.SSM_PATH}core/parallelism", Value="32", Type="String", Overwrite=True
