@@ -58,12 +58,12 @@ checkov-venv: $(CHECKOV_VENV)/.stamp
 deps: apt-deps venv airflow-venv py39-venv checkov-venv
 
 lint: venv
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/ruff check agent sandbox tests bench
+	$(VENV)/bin/ruff format --check agent sandbox tests bench
 
 format: venv
-	$(VENV)/bin/ruff format agent tests bench
-	$(VENV)/bin/ruff check --fix agent tests bench
+	$(VENV)/bin/ruff format agent sandbox tests bench
+	$(VENV)/bin/ruff check --fix agent sandbox tests bench
 
 unit: venv py39-venv
 	RIG_PYTHON=$(abspath $(VENV))/bin/python $(PY39_VENV)/bin/python -m pytest -q -p no:cacheprovider $(UNIT_TESTS)
@@ -73,7 +73,7 @@ test: deps lint
 	$(MAKE) --no-print-directory unit
 
 demo: apt-deps venv airflow-venv
-	$(VENV)/bin/python -m tests.rig.demo
+	$(VENV)/bin/python -m sandbox.demo
 
 # benchmarks print tables; they are run on purpose, not by `make test` (bench-drain: ~12 min)
 bench: deps

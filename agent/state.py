@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict
 
-from agent.fsutil import atomic_write
+from agent.platform.fsutil import atomic_write
 
 
 class StateStore:

@@ -3,7 +3,7 @@
 Run on purpose (root; boots the systemd test host): `python -m bench.confapply [--quick]`.
 
 All three drive the same stand-in service (airflow-api-server with the test stand-in of
-tests/rig/agent_host.py: the real unit, EnvironmentFile= and all, running a tiny Python process)
+sandbox/agent_host.py: the real unit, EnvironmentFile= and all, running a tiny Python process)
 on one real systemd 252 test host, one approach active at a time:
 
 - ours:  airflow-agent-confapply as installed (real unit file), role webserver, with the
@@ -39,10 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.rig import agent_host as ah  # noqa: E402
-from tests.rig.aws_server import AwsServer  # noqa: E402
-from tests.rig.imds_server import ImdsServer  # noqa: E402
-from tests.rig.systemd_host import SystemdHost  # noqa: E402
+from sandbox import agent_host as ah  # noqa: E402
+from sandbox.aws_server import AwsServer  # noqa: E402
+from sandbox.imds_server import ImdsServer  # noqa: E402
+from sandbox.systemd_host import SystemdHost  # noqa: E402
 
 UNIT = "airflow-api-server"
 CONFAPPLY = "airflow-agent-confapply"

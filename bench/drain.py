@@ -3,7 +3,7 @@
 Run on purpose (root; boots the systemd test host with a real Airflow 3 cluster, ~12 min):
 `python -m bench.drain [--seconds 20,100]`.
 
-Same cluster (tests/rig/airflow_cluster.py), same DAG (4 parallel tasks, retries=2,
+Same cluster (sandbox/airflow_cluster.py), same DAG (4 parallel tasks, retries=2,
 concurrency 4 on the one worker), same moment (3 s after all four tasks started), one
 strategy at a time, for each task length (default 20 s, and 100 s: longer than the stock
 unit's 90 s stop timeout). The scheduler's task heartbeat timeout is 30 s (default 300 s) so
@@ -36,10 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.rig.airflow_cluster import WORKER, AirflowCluster, dag_source  # noqa: E402
-from tests.rig.aws_server import AwsServer  # noqa: E402
-from tests.rig.imds_server import ImdsServer  # noqa: E402
-from tests.rig.proc import wait_for  # noqa: E402
+from sandbox.airflow_cluster import WORKER, AirflowCluster, dag_source  # noqa: E402
+from sandbox.aws_server import AwsServer  # noqa: E402
+from sandbox.imds_server import ImdsServer  # noqa: E402
+from sandbox.proc import wait_for  # noqa: E402
 
 DAG = "headline"
 DROPIN = "/etc/systemd/system/airflow-worker.service.d/60-bench.conf"
@@ -54,7 +54,7 @@ def worker_ready(c: AirflowCluster) -> None:
     c.host.wait_active(WORKER, 60)
     ping = ["airflow-agent", "undrain", "--timeout", "60"]  # no-op on a consuming worker
     c.host.run(ping, timeout=90)
-    from agent.celery_control import BrokerSettings, WorkerControl
+    from agent.worker.celery_control import BrokerSettings, WorkerControl
 
     with WorkerControl(BrokerSettings(c.redis.url, {}), c.node) as w:
         wait_for(lambda: w.ping() and w.active_queues(), 60, "worker to consume", 0.5)

@@ -21,12 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from agent.aws import AwsClients  # noqa: E402
 from agent.config import config_from_dict  # noqa: E402
-from agent.env_sync import EnvSync, fetch_parameters  # noqa: E402
-from agent.envfile import encode_env  # noqa: E402
-from agent.fsutil import atomic_write  # noqa: E402
-from tests.rig.aws_server import AwsServer  # noqa: E402
+from agent.jobs.env_sync.sync import EnvSync, fetch_parameters  # noqa: E402
+from agent.platform.aws import AwsClients  # noqa: E402
+from agent.platform.envfile import encode_env  # noqa: E402
+from agent.platform.fsutil import atomic_write  # noqa: E402
+from sandbox.aws_server import AwsServer  # noqa: E402
 
 PATH = "/airflow/bench/"
 

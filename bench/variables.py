@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.rig.aws_server import AwsServer  # noqa: E402
+from sandbox.aws_server import AwsServer  # noqa: E402
 
 AIRFLOW = REPO / ".cache" / "airflow-venv" / "bin" / "airflow"
 SECRET_ID = "bench/variables"

@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 
 import pytest
 
-from tests.rig.aws_server import AwsServer
-from tests.rig.imds_server import ImdsServer
+from sandbox.aws_server import AwsServer
+from sandbox.imds_server import ImdsServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _DEAD_ENDPOINT = "http://127.0.0.1:9"

@@ -1,5 +1,5 @@
 """The worker boot gate end to end on a real systemd, the agent installed as cfn-init does
-(tests/rig/agent_host.py: real unit files, stand-in Airflow processes):
+(sandbox/agent_host.py: real unit files, stand-in Airflow processes):
 
 - a fresh worker (no CodeDeploy revision yet) is bootstrapped with airflow-worker enabled but
   not started, and only CodeDeploy's ApplicationStart (`deploy-hook ApplicationStart`, as the
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 

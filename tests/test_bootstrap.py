@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 

@@ -9,7 +9,8 @@
 - Airflow: every `<option>_secret` parameter names an option Airflow resolves through the
   secrets backend (checked with the real Airflow config code), under the prefix whose secrets
   the template creates.
-- IAM: every statement of the instance roles is in the allow-list of agent/iam_actions.py and
+- IAM: every statement of the instance roles is in the allow-list of
+  agent/platform/iam_actions.py and
   scoped to this stack's resources; that allow-list matches the AWS calls in agent/ code.
 - moto: create_stack of the template, reduced to the resource types moto implements (listed
   below), reaches CREATE_COMPLETE; then the real `airflow-agent env sync` with the template's
@@ -35,19 +36,19 @@ import botocore.session
 import pytest
 import yaml
 
-from agent import iam_actions
 from agent.config import DEFAULT_UNITS, ROLES, config_from_dict
-from agent.envfile import parse_env
-from agent.role import match_group
-from agent.ssm_env import Parameter, map_parameters
-from tests.rig.cfn_template import (
+from agent.jobs.env_sync.plan import Parameter, map_parameters
+from agent.jobs.role import match_group
+from agent.platform import iam_actions
+from agent.platform.envfile import parse_env
+from sandbox.cfn_template import (
     Resolver,
     as_list,
     load_template,
     reduce_for_moto,
     statements,
 )
-from tests.rig.proc import wait_for
+from sandbox.proc import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CFN_DIR = REPO / "cloudformation"
@@ -428,7 +429,7 @@ chmod 0640 /etc/sysconfig/airflow.env
 @pytest.mark.systemd
 def test_scheduler_db_migrate_command_runs_on_systemd(template, resolver, tmp_path):
     """The scheduler's first-boot migration, run as cfn-init would, on a real systemd 252."""
-    from tests.rig.systemd_host import SystemdHost
+    from sandbox.systemd_host import SystemdHost
 
     command = resolver.resolve(
         init_of(template, "scheduler")["start"]["commands"]["05-db-migrate"]["command"]
@@ -672,8 +673,8 @@ def test_instance_role_statements_are_allow_listed_and_scoped(template, resolver
         assert "NotAction" not in st and "NotResource" not in st, sid
         actions = as_list(st["Action"])
         resources = as_list(st["Resource"])
-        assert set(actions) <= allowed, f"{role}/{sid}: not in agent/iam_actions.py: " + str(
-            set(actions) - allowed
+        assert set(actions) <= allowed, (
+            f"{role}/{sid}: not in agent/platform/iam_actions.py: " + str(set(actions) - allowed)
         )
         assert not any("*" in a for a in actions), f"{role}/{sid}: wildcard action"
         unscoped = [a for a in actions if a in iam_actions.UNSCOPED_ACTIONS]
@@ -781,13 +782,13 @@ def test_iam_allow_list_matches_the_agents_aws_calls():
     listed = iam_actions.agent_actions()
     assert calls, "found no AWS calls in agent/: the scan is broken"
     assert set(calls) - listed == set(), (
-        "the agent calls actions agent/iam_actions.py does not list: "
+        "the agent calls actions agent/platform/iam_actions.py does not list: "
         + str({a: sorted(calls[a]) for a in set(calls) - listed})
     )
     # kms:Decrypt is called by Secrets Manager on the agent's behalf, not by agent code
     implicit = {"kms:Decrypt"}
     assert listed - implicit - set(calls) == set(), (
-        "agent/iam_actions.py lists actions no agent code calls"
+        "agent/platform/iam_actions.py lists actions no agent code calls"
     )
 
 

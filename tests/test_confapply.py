@@ -1,7 +1,7 @@
 """confapply on a real systemd: restarts exactly when the env file's content changes.
 
 One test host for the module: the project installed with its real unit files, bootstrapped as
-a scheduler whose three Airflow units run stand-ins (tests/rig/agent_host.py) that record the
+a scheduler whose three Airflow units run stand-ins (sandbox/agent_host.py) that record the
 environment they started with. Restarts are counted from the stand-ins' own start lines in
 the journal and from MainPIDs; "nothing happened" is asserted only after confapply reports
 (STATUS=, `N check(s)`) that it has looked at the change.
@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from agent.confapply_plan import content_hash
-from agent.envfile import encode_env
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from agent.jobs.confapply.plan import content_hash
+from agent.platform.envfile import encode_env
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
@@ -80,7 +80,7 @@ def settle(host, before_checks: int, timeout: float = 30) -> None:
 
 
 def current_vars(host) -> dict:
-    from agent.envfile import parse_env
+    from agent.platform.envfile import parse_env
 
     return parse_env(host.read_file(ENV_FILE))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.confapply_plan import (
+from agent.jobs.confapply.plan import (
     ApplyOutcome,
     Coalescer,
     content_hash,

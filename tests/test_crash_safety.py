@@ -8,13 +8,13 @@ import subprocess
 import sys
 import textwrap
 
-from agent.fsutil import remove_stale_temps
+from agent.platform.fsutil import remove_stale_temps
 
 WRITER = textwrap.dedent(
     """
     import sys
-    from agent.fsutil import atomic_write
-    from agent.envfile import encode_env
+    from agent.platform.fsutil import atomic_write
+    from agent.platform.envfile import encode_env
     path = sys.argv[1]
     # two large, distinct files so a torn write would be visible
     a = encode_env({f"K{i}": "a" * 200 for i in range(1500)})
@@ -29,7 +29,7 @@ WRITER = textwrap.dedent(
 
 
 def test_sigkill_at_random_moments_never_tears_the_file(tmp_path):
-    from agent.envfile import encode_env
+    from agent.platform.envfile import encode_env
 
     path = tmp_path / "airflow.env"
     good = {
@@ -64,7 +64,7 @@ def test_sigkill_at_random_moments_never_tears_the_file(tmp_path):
 
 
 def test_file_lock_is_exclusive_and_gives_up_at_its_deadline(tmp_path):
-    from agent.fsutil import FileLock
+    from agent.platform.fsutil import FileLock
 
     first, second = FileLock(tmp_path / "job.lock"), FileLock(tmp_path / "job.lock")
     assert first.acquire(until=0)

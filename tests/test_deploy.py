@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from agent.deploy_hook import EVENTS, plan_hook
-from tests.rig.celery_worker_host import REPO, VENV_PY, CeleryWorkerHost
-from tests.rig.codedeploy_runner import CodeDeployRunner, host_execute, local_execute, make_revision
-from tests.rig.proc import wait_for
+from agent.jobs.deploy_hook import EVENTS, plan_hook
+from sandbox.celery_worker_host import REPO, VENV_PY, CeleryWorkerHost
+from sandbox.codedeploy_runner import CodeDeployRunner, host_execute, local_execute, make_revision
+from sandbox.proc import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -207,7 +207,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, aws_server, imds_server):
-    from tests.rig.airflow_cluster import AirflowCluster
+    from sandbox.airflow_cluster import AirflowCluster
 
     aws_server.reset()
     c = AirflowCluster(tmp_path_factory.mktemp("airflow-shared"), aws_server, imds_server)
@@ -222,7 +222,7 @@ def test_headline_deploy_with_tasks_in_flight_kills_nothing(cluster, tmp_path):
     """4 tasks x 20 s running on the one worker (concurrency 4); a CodeDeploy deployment of a
     new bundle through the real appspec: every task ends success on try 1, the drain ends
     right after the last task, and a run triggered afterwards runs the new bundle's code."""
-    from tests.rig.airflow_cluster import dag_source
+    from sandbox.airflow_cluster import dag_source
 
     c = cluster
     runner = CodeDeployRunner(host_execute(c.host), c.shared / "cd-root", group="workers")
@@ -325,7 +325,7 @@ def test_scheduler_role_hooks_stop_start_and_validate_its_units(cluster):
 
 def test_after_install_fails_on_a_dag_import_error_with_one_line(make_config, run_agent, tmp_path):
     # The real Airflow CLI (`dags list-import-errors --local`) on a bundle with a broken DAG.
-    from tests.rig.airflow_cluster import AIRFLOW
+    from sandbox.airflow_cluster import AIRFLOW
 
     home = tmp_path / "airflow"
     (home / "dags").mkdir(parents=True)
@@ -338,7 +338,7 @@ def test_after_install_fails_on_a_dag_import_error_with_one_line(make_config, ru
     import os
     import subprocess
 
-    from agent.envfile import parse_env
+    from agent.platform.envfile import parse_env
 
     env = dict(os.environ, **parse_env(env_file.read_bytes()))
     subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, check=True, capture_output=True)

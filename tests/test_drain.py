@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.rig.celery_worker_host import NODE, CeleryWorkerHost
-from tests.rig.proc import wait_for
+from sandbox.celery_worker_host import NODE, REPO, VENV_PY, CeleryWorkerHost
+from sandbox.proc import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -131,8 +131,8 @@ def test_agent_killed_mid_drain_resumes_with_the_same_deadline(rig):
             "drain-run",
             "--collect",
             "--setenv",
-            "PYTHONPATH=/work/main",
-            "/work/main/.venv/bin/python",
+            f"PYTHONPATH={REPO}",
+            VENV_PY,
             "-m",
             "agent",
             "--config",
@@ -241,7 +241,7 @@ def test_missing_env_file_is_a_clear_error(rig, tmp_path):
 def test_stop_consuming_api_pauses_then_drain_and_undrain(rig):
     # The Python API lifecycle watch uses for a rebalance recommendation.
     from agent.config import load_config
-    from agent.drain import drain, stop_consuming
+    from agent.jobs.drain.drainer import drain, stop_consuming
 
     cfg_path = rig.fresh()
     cfg = load_config(str(cfg_path))

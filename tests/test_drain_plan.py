@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent import drain_plan as plan
-from agent.celery_control import ControlError, QueueSpec, broker_settings, redact_url
+from agent.jobs.drain import plan
+from agent.worker.celery_control import ControlError, QueueSpec, broker_settings, redact_url
 
 Q = [
     {"name": "default", "exchange": "default", "exchange_type": "direct", "routing_key": "default"}
@@ -150,7 +150,7 @@ def test_paused_consumers_then_a_drain_gets_its_own_deadline():
 
 
 def test_import_error_output_parsing_ignores_log_lines_with_brackets():
-    from agent.deploy_hook import _parse_import_errors
+    from agent.jobs.deploy_hook import _parse_import_errors
 
     out = (
         "2026 [warning] graphviz [py.warnings] x\n"

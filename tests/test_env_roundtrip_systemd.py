@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(600)]
 
@@ -35,7 +35,7 @@ VALUES = st.builds(lambda a, b, c: a + b + c, _prefix, _core, _suffix).filter(bo
 
 
 def systemd_cannot_carry(value: str) -> bool:
-    """Independent of agent.envfile: what the probe test measured systemd 252 refusing."""
+    """Independent of agent.platform.envfile: what the probe test measured systemd 252 refusing."""
     return any(0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE for c in value)
 
 

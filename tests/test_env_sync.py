@@ -12,7 +12,7 @@ import boto3
 import psutil
 import pytest
 
-from agent.envfile import parse_env
+from agent.platform.envfile import parse_env
 
 SECRET = 'pg-pass-Zq8!v$`"x\\y'
 

@@ -7,7 +7,7 @@ systemd 252's documented rules and prove encode -> parse is exact for any value 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.envfile import encode_env, parse_env, roundtrip_failures, unrepresentable_reason
+from agent.platform.envfile import encode_env, parse_env, roundtrip_failures, unrepresentable_reason
 
 # any unicode except NUL (the issue's alphabet), biased towards the characters that matter
 TRICKY = st.sampled_from(list("\"'\\$`#; \t\n\r=") + ["\\n", "${X}", "$(id)", "é", "😀"])

@@ -1,8 +1,8 @@
 """EnvironmentFile round trip through a real systemd 252: the product's encoder and parser model.
 
-`agent.envfile.encode_env` writes the file; a transient unit with `EnvironmentFile=` dumps the
+`envfile.encode_env` writes the file; a transient unit with `EnvironmentFile=` dumps the
 environment it was given (as bytes, hex-encoded JSON); every value must come back byte-exact.
-`agent.envfile.parse_env` (the model the agent checks before writing) must agree with what
+`agent.platform.envfile.parse_env` (the model the agent checks before writing) must agree with what
 systemd actually did, for the encoder's output and for hand-written files in other syntaxes.
 The values `unrepresentable_reason` refuses are probed too: systemd must indeed fail to carry
 them, so the refusal is neither missing nor over-cautious.
@@ -32,8 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.envfile import encode_env, parse_env, unrepresentable_reason
-from tests.rig.systemd_host import SystemdHost
+from agent.platform.envfile import encode_env, parse_env, unrepresentable_reason
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = pytest.mark.systemd
 
@@ -205,7 +205,7 @@ def test_assignment_longer_than_max_arg_strlen_fails_the_unit(host: SystemdHost)
 
 
 def test_encoder_refuses_assignment_longer_than_max_arg_strlen() -> None:
-    from agent.envfile import roundtrip_failures
+    from agent.platform.envfile import roundtrip_failures
 
     assert roundtrip_failures({"LV": "x" * (131072 - len("LV="))})
 

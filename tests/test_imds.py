@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from agent.aws import AwsClients
 from agent.config import config_from_dict
-from agent.imds import ImdsClient, ImdsUnavailable
-from tests.rig.imds_server import INSTANCE_ID
+from agent.platform.aws import AwsClients
+from agent.platform.imds import ImdsClient, ImdsUnavailable
+from sandbox.imds_server import INSTANCE_ID
 
 
 def gets(imds, path_part):

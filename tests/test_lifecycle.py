@@ -1,6 +1,6 @@
 """`airflow-agent lifecycle watch` end to end: real IMDSv2 server, moto Auto Scaling (real
 group, launch template and lifecycle hook; the rig answers heartbeat/complete), real Redis, a
-real Celery worker, the real drain (agent/drain.py). systemctl is tests/lifecycle_rig's PID
+real Celery worker, the real drain (jobs/drain/drainer.py). systemctl is sandbox/lifecycle's PID
 stand-in (the drain's stop of `airflow-worker` sends the warm-shutdown SIGTERM).
 
 Times are compressed through config: HeartbeatTimeout 6 s -> a heartbeat every 2 s (the
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.lifecycle_rig import (
+from sandbox.lifecycle import (
     FAKE_SYSTEMCTL,
     QUEUE,
     CeleryWorker,
     make_asg,
     wait_until,
 )
-from tests.rig.redis_server import RedisServer
+from sandbox.redis_server import RedisServer
+from tests.conftest import REPO_ROOT
 
 HOOK = "drain-on-terminate"
 GROUP = "airflow-workers"

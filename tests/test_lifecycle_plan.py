@@ -1,4 +1,4 @@
-"""The lifecycle watch's pure core (agent/lifecycle_plan.py) and the boot gate, plus the
+"""The lifecycle watch's pure core (agent/jobs/lifecycle/plan.py) and the boot gate, plus the
 global-timeout path of the real Watcher driven by a virtual clock against the real rig
 (moto Auto Scaling with a real hook, the strict IMDSv2 server): a 50-minute hold runs in
 seconds, which is the only way to see "stops heartbeating before the global timeout".
@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import lifecycle_plan as plan
-from agent.aws import AwsClients
-from agent.boot_gate import boot_gate_holds, boot_gate_reason
 from agent.config import config_from_dict
-from agent.imds import ImdsClient
-from agent.lifecycle import LifecycleAws, Watcher
+from agent.jobs.lifecycle import plan
+from agent.jobs.lifecycle.watch import LifecycleAws, Watcher
+from agent.platform.aws import AwsClients
+from agent.platform.imds import ImdsClient
 from agent.state import StateStore
-from tests.lifecycle_rig import make_asg
+from agent.worker.boot_gate import boot_gate_holds, boot_gate_reason
+from sandbox.lifecycle import make_asg
 
 # -- timing rules ----------------------------------------------------------------------------
 
@@ -280,7 +280,7 @@ def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws
 
 
 def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, imds, tmp_path):
-    from tests.rig.proc import wait_for
+    from sandbox.proc import wait_for
 
     make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
     cfg = config_from_dict(

@@ -1,6 +1,6 @@
 """`lifecycle watch` as the product's unit (systemd/airflow-agent-lifecycle.service, Type=notify,
 its hardening) in the real systemd test host, draining a real Celery worker that runs as
-`airflow-worker.service` (tests/rig/celery_worker_host.py), with IMDS and Auto Scaling bridged
+`airflow-worker.service` (sandbox/celery_worker_host.py), with IMDS and Auto Scaling bridged
 into the host's network namespace. The drain's `systemctl stop airflow-worker` is the real one.
 
 The unit is installed as shipped plus a test drop-in that only changes what must differ in a
@@ -15,9 +15,9 @@ import json
 
 import pytest
 
-from tests.lifecycle_rig import make_asg
-from tests.rig.celery_worker_host import NODE, REPO, VENV_PY, CeleryWorkerHost
-from tests.rig.proc import wait_for
+from sandbox.celery_worker_host import NODE, REPO, VENV_PY, CeleryWorkerHost
+from sandbox.lifecycle import make_asg
+from sandbox.proc import wait_for
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(240)]
 

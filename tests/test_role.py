@@ -11,9 +11,16 @@ import boto3
 import pytest
 
 from agent.config import config_from_dict
-from agent.role import RoleConflict, RoleError, SourceResult, decide_role, match_group, plan_units
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from agent.jobs.role import (
+    RoleConflict,
+    RoleError,
+    SourceResult,
+    decide_role,
+    match_group,
+    plan_units,
+)
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 # -- pure core ----------------------------------------------------------------------------------
 

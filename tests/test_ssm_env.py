@@ -2,9 +2,15 @@
 
 import pytest
 
-from agent.envfile import parse_env
 from agent.errors import RefusedError
-from agent.ssm_env import MappingError, Parameter, map_parameters, plan_env, variable_name
+from agent.jobs.env_sync.plan import (
+    MappingError,
+    Parameter,
+    map_parameters,
+    plan_env,
+    variable_name,
+)
+from agent.platform.envfile import parse_env
 
 PATH = "/airflow/prod/"
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from agent.state import StateStore
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 TOP_KEYS = {
     "role",
@@ -138,7 +138,7 @@ def test_status_on_a_real_host(host, aws_server, imds_server):
 
 
 def test_human_view_shows_the_job_fields_that_matter():
-    from agent.status import render
+    from agent.jobs.status import render
 
     s = {
         "role": "worker",

@@ -19,7 +19,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from tests.rig.systemd_host import SystemdHost, sweep_stale, wait_for
+from sandbox.systemd_host import SystemdHost, sweep_stale, wait_for
 
 pytestmark = pytest.mark.systemd
 
@@ -262,7 +262,7 @@ def test_teardown_leaves_the_machine_as_it_was(tmp_path: Path, http_server: int)
 CRASHER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from tests.rig.systemd_host import SystemdHost
+from sandbox.systemd_host import SystemdHost
 h = SystemdHost({shared!r}, name="aea-crash").start()
 print(h.pid, *h.cgroup_dirs, flush=True)
 time.sleep(600)
@@ -311,6 +311,6 @@ def test_install_project_installs_the_agent_like_cfn_init(host: SystemdHost) -> 
     assert host.run(["id", "-un", "airflow"]).stdout.strip() == "airflow"
     assert host.unit_property("airflow-agent-env.service", "LoadState") == "loaded"
     # The wheelhouse is cached: a second build of an unchanged tree is free.
-    from tests.rig.systemd_host import build_wheelhouse
+    from sandbox.systemd_host import build_wheelhouse
 
     assert build_wheelhouse(repo) == build_wheelhouse(repo)

@@ -21,7 +21,7 @@ from typing import Dict
 
 import pytest
 
-from tests.rig.systemd_host import SystemdHost
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = pytest.mark.systemd
 

@@ -26,9 +26,9 @@ import boto3
 import pytest
 from cryptography.fernet import Fernet
 
+from sandbox import variable_shapes
+from sandbox.proc import wait_for
 from tests.conftest import REPO_ROOT
-from tests.rig import variable_shapes
-from tests.rig.proc import wait_for
 
 AIRFLOW = REPO_ROOT / ".cache" / "airflow-venv" / "bin" / "airflow"
 SECRET_ID = "airflow/test/variables"

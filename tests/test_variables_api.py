@@ -25,10 +25,10 @@ from typing import Dict, List
 
 import pytest
 
-from agent.variables_plan import stored_form, unwrap
+from agent.jobs.variables.plan import stored_form, unwrap
+from sandbox import variable_shapes
+from sandbox.proc import wait_for
 from tests.conftest import REPO_ROOT
-from tests.rig import variable_shapes
-from tests.rig.proc import wait_for
 from tests.test_variables import (  # noqa: F401 - migrated_home is a fixture
     AIRFLOW,
     SECRET_ID,

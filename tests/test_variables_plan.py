@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.variables_plan import (
+from agent.jobs.variables.plan import (
     SecretShapeError,
     entry_digest,
     expected_export,
@@ -148,8 +148,8 @@ def test_name_list_truncates():
 
 
 def test_api_items_and_digest_verification():
-    from agent.airflow_bridge import digest
-    from agent.variables_plan import bridge_item, verify_absent, verify_digests
+    from agent.airflow.bridge_server import digest
+    from agent.jobs.variables.plan import bridge_item, verify_absent, verify_digests
 
     secret = {
         "s": "text",

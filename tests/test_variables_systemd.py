@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from tests.rig import agent_host as ah
-from tests.rig.systemd_host import SystemdHost
+from sandbox import agent_host as ah
+from sandbox.systemd_host import SystemdHost
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
@@ -87,7 +87,7 @@ def test_timer_service_syncs_as_airflow_under_the_units_hardening(host, aws_serv
 
 
 # A stand-in for the Airflow venv's interpreter for `variables.method: api`: the system python
-# with a stand-in `airflow` package (the few names agent/airflow_bridge.py uses) that keeps the
+# with a stand-in `airflow` package (the few names airflow/bridge_server.py uses) that keeps the
 # variables in /airflow/api-variables.json and records, at import, who runs it with which argv.
 API_PYTHON = """#!/bin/sh
 PYTHONPATH=/opt/airflow/standin exec /usr/bin/python3 "$@"

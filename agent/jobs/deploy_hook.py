@@ -1,0 +1,394 @@
+"""`airflow-agent deploy-hook [EVENT]`: one CodeDeploy lifecycle event for this instance's role.
+
+`codedeploy/appspec.yml` runs thin scripts that `exec` this command; EVENT defaults to
+$LIFECYCLE_EVENT, which the CodeDeploy agent sets (with DEPLOYMENT_ID, APPLICATION_NAME,
+DEPLOYMENT_GROUP_NAME). What each event does, per role (`plan_hook` is the table):
+
+| event            | worker                                  | scheduler / webserver           |
+|------------------|-----------------------------------------|---------------------------------|
+| ApplicationStop  | drain (jobs.drain.drainer): no task killed | stop the role's units           |
+| BeforeInstall    | clear `__pycache__` under dags/plugins   | same                            |
+| AfterInstall     | chown the tree; DAG import check         | same                            |
+| ApplicationStart | write the revision marker; undrain/start | marker; start the role's units  |
+| ValidateService  | unit active + answers a Celery ping      | units active + scheduler job /  |
+|                  | and consumes at least one queue         | api-server health URL           |
+
+BeforeInstall clears the `__pycache__` directories Python wrote next to the previous
+revision's DAGs and plugins: they are not CodeDeploy's files, so its cleanup leaves them and
+the directories that hold them behind, and stale bytecode must not shadow the new sources.
+(Files CodeDeploy did not install that the bundle also contains are handled by the appspec's
+`file_exists_behavior: OVERWRITE`.)
+
+Every step is idempotent (a drained worker drains at once, starting a started unit is a no-op),
+so CodeDeploy may run a hook twice. A failing hook exits non-zero with one `ERROR agent: ...`
+line that CodeDeploy shows in the deployment's event log. Nothing this command leaves running
+holds its stdout/stderr: units are started by systemd, not forked from here, and every command
+it runs is waited for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from agent.errors import AgentError, ConfigError, DeadlineError
+from agent.platform.fsutil import atomic_write, resolve_owner
+from agent.platform.systemd import Systemctl, systemctl_from_config
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("ApplicationStop", "BeforeInstall", "AfterInstall", "ApplicationStart", "ValidateService")
+CODEDEPLOY_VARS = ("LIFECYCLE_EVENT", "DEPLOYMENT_ID", "APPLICATION_NAME", "DEPLOYMENT_GROUP_NAME")
+BUNDLE_CODE_DIRS = ("dags", "plugins")
+
+
+def plan_hook(event: str, role: str) -> List[str]:
+    """The steps of one event for one role (pure; the table in the module docstring)."""
+    if event == "ApplicationStop":
+        return ["drain"] if role == "worker" else ["stop-units"]
+    if event == "BeforeInstall":
+        return ["clear-pycache"]
+    if event == "AfterInstall":
+        return ["chown", "check-imports"]
+    if event == "ApplicationStart":
+        return ["write-marker", "undrain" if role == "worker" else "start-units"]
+    if event == "ValidateService":
+        steps = ["units-active"]
+        steps += {"worker": ["worker-ping"], "scheduler": ["scheduler-job"]}.get(role, [])
+        return steps + (["health-url"] if role == "webserver" else [])
+    raise ConfigError(f"unknown lifecycle event {event!r}; events are {', '.join(EVENTS)}")
+
+
+def role_of(cfg) -> str:
+    """The recorded role (agent.jobs.role), else role.override; an error naming both otherwise."""
+    from agent.jobs.role import current_role
+
+    role = current_role(cfg) or cfg.role.override
+    if role not in ("scheduler", "webserver", "worker"):
+        raise AgentError(
+            f"this instance has no role: no role.json in {cfg.state_dir} and no role.override "
+            f"(run `airflow-agent role --apply` first)"
+        )
+    return role
+
+
+class DeployHook:
+    def __init__(
+        self,
+        cfg,
+        role: str,
+        event: str,
+        environ: Optional[Dict[str, str]] = None,
+        systemctl: Optional[Systemctl] = None,
+        clock=time.monotonic,
+        sleep=time.sleep,
+    ):
+        self.cfg = cfg
+        self.role = role
+        self.event = event
+        self.environ = dict(os.environ if environ is None else environ)
+        self.systemctl = systemctl or systemctl_from_config(cfg)
+        self.clock = clock
+        self.sleep = sleep
+        self.home = Path(cfg.airflow_home)
+        self.units = cfg.units_for(role)
+
+    @property
+    def deployment(self) -> str:
+        return self.environ.get("DEPLOYMENT_ID") or "manual"
+
+    def run(self) -> None:
+        steps = plan_hook(self.event, self.role)
+        log.info(
+            "deploy-hook %s role=%s deployment=%s application=%s group=%s: %s",
+            self.event,
+            self.role,
+            self.deployment,
+            self.environ.get("APPLICATION_NAME", "-"),
+            self.environ.get("DEPLOYMENT_GROUP_NAME", "-"),
+            ", ".join(steps),
+        )
+        for step in steps:
+            getattr(self, "step_" + step.replace("-", "_"))()
+        log.info("deploy-hook %s: done", self.event)
+
+    # -- ApplicationStop ---------------------------------------------------------------------
+
+    def step_drain(self) -> None:
+        from agent.jobs.drain.drainer import drain
+
+        result = drain(self.cfg)
+        log.info("drain: %s (%s)", result.outcome, result.method)
+
+    def step_stop_units(self) -> None:
+        for unit in reversed(self.units):
+            self.systemctl.stop(unit, timeout=self.cfg.deploy.validate_timeout)
+            log.info("stopped %s", unit)
+
+    # -- BeforeInstall -----------------------------------------------------------------------
+
+    def step_clear_pycache(self) -> None:
+        removed = 0
+        for sub in BUNDLE_CODE_DIRS:
+            root = self.home / sub
+            if not root.is_dir():
+                continue
+            for dirpath, dirnames, _ in os.walk(root):
+                if "__pycache__" in dirnames:
+                    shutil.rmtree(Path(dirpath) / "__pycache__", ignore_errors=True)
+                    dirnames.remove("__pycache__")
+                    removed += 1
+        log.info(
+            "removed %d __pycache__ director%s under %s",
+            removed,
+            "y" if removed == 1 else "ies",
+            self.home,
+        )
+
+    # -- AfterInstall ------------------------------------------------------------------------
+
+    def step_chown(self) -> None:
+        try:
+            uid, gid = resolve_owner(self.cfg.deploy.owner, self.cfg.deploy.group)
+        except KeyError as exc:
+            raise AgentError(f"deploy.owner/deploy.group: {exc.args[0]}") from None
+        if not self.home.is_dir():
+            raise AgentError(f"{self.home} does not exist: did the install step run?")
+        n = 0
+        for dirpath, dirnames, filenames in os.walk(self.home):
+            for name in [dirpath] + [os.path.join(dirpath, f) for f in dirnames + filenames]:
+                st = os.lstat(name)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.lchown(name, uid, gid)
+                    n += 1
+        log.info(
+            "ownership %s:%s on %s (%d changed)",
+            self.cfg.deploy.owner,
+            self.cfg.deploy.group,
+            self.home,
+            n,
+        )
+
+    def _airflow_env(self) -> Dict[str, str]:
+        from agent.platform.envfile import parse_env
+
+        env: Dict[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        try:
+            env.update(parse_env(Path(self.cfg.env.file).read_bytes()))
+        except FileNotFoundError:
+            log.warning("%s not found; running the Airflow CLI without it", self.cfg.env.file)
+        env.setdefault("AIRFLOW_HOME", str(self.home))
+        return env
+
+    def _airflow(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        argv = list(self.cfg.deploy.airflow_command) + list(args)
+        kwargs = {}
+        if os.geteuid() == 0 and self.cfg.deploy.owner != "root":
+            # parse as the user the units run as: no root-owned bytecode or logs left behind
+            kwargs = {
+                "user": self.cfg.deploy.owner,
+                "group": self.cfg.deploy.group,
+                "extra_groups": [],
+            }
+        try:
+            return subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=self._airflow_env(),
+                stdin=subprocess.DEVNULL,
+                cwd=str(self.home),
+                **kwargs,
+            )
+        except subprocess.TimeoutExpired:
+            raise DeadlineError(f"'{' '.join(argv[-4:])}' did not finish in {timeout:g}s") from None
+        except FileNotFoundError:
+            raise AgentError(f"cannot run {argv[0]}: not found") from None
+
+    def step_check_imports(self) -> None:
+        if not self.cfg.deploy.check_import_errors:
+            log.info("DAG import check disabled (deploy.check_import_errors: false)")
+            return
+        if not Path(self.cfg.deploy.airflow_command[0]).exists():
+            log.warning(
+                "%s not found: DAG import check skipped", self.cfg.deploy.airflow_command[0]
+            )
+            return
+        proc = self._airflow(
+            "dags",
+            "list-import-errors",
+            "--local",
+            "-o",
+            "json",
+            timeout=self.cfg.deploy.check_timeout,
+        )
+        errors = _parse_import_errors(proc.stdout)
+        if proc.returncode != 0 and errors is None:
+            tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])[:300]
+            raise AgentError(
+                f"airflow dags list-import-errors failed (rc {proc.returncode}): {tail}"
+            )
+        if errors:
+            first = errors[0]
+            where = first.get("filepath") or first.get("fileloc") or "?"
+            why = str(first.get("error") or first.get("stacktrace") or "").strip().splitlines()
+            raise AgentError(
+                f"the bundle has {len(errors)} DAG import error(s); first: {where}: "
+                f"{why[-1][:200] if why else 'unknown error'}"
+            )
+        log.info("DAG import check: no import errors")
+
+    # -- ApplicationStart --------------------------------------------------------------------
+
+    def step_write_marker(self) -> None:
+        marker = Path(self.cfg.deploy.first_revision_marker)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, (self.deployment + "\n").encode(), mode=0o644)
+        log.info("revision marker %s = %s", marker, self.deployment)
+
+    def step_undrain(self) -> None:
+        from agent.jobs.drain.drainer import undrain
+
+        done = undrain(self.cfg, timeout=self.cfg.deploy.validate_timeout)
+        log.info("undrain: %s", done)
+
+    def step_start_units(self) -> None:
+        for unit in self.units:
+            self.systemctl.reset_failed(unit)
+            self.systemctl.start(unit)
+            log.info("started %s", unit)
+
+    # -- ValidateService ---------------------------------------------------------------------
+
+    def _until(self) -> float:
+        if not hasattr(self, "_deadline"):
+            self._deadline = self.clock() + self.cfg.deploy.validate_timeout
+        return self._deadline
+
+    def _retry(self, what: str, check) -> None:
+        """Call check() until it returns None (healthy) or the validate deadline; it returns a
+        reason string while unhealthy."""
+        until = self._until()
+        while True:
+            reason = check()
+            if reason is None:
+                return
+            if self.clock() >= until:
+                raise DeadlineError(
+                    f"{what} not healthy after {self.cfg.deploy.validate_timeout:g}s: {reason}"
+                )
+            self.sleep(1.0)
+
+    def step_units_active(self) -> None:
+        for unit in self.units:
+            self.systemctl.wait_active(unit, max(1.0, self._until() - self.clock()))
+        log.info("active: %s", ", ".join(self.units))
+
+    def step_worker_ping(self) -> None:
+        from agent.jobs.drain.drainer import node_name, read_broker
+        from agent.worker.celery_control import ControlError, WorkerControl
+
+        settings = read_broker(self.cfg)
+        if not settings.remote_control:
+            log.warning("broker %s:// has no remote control: worker ping skipped", settings.scheme)
+            return
+        node = node_name(self.cfg)
+        with WorkerControl(settings, node) as control:
+
+            def check() -> Optional[str]:
+                try:
+                    if not control.ping():
+                        return f"{node} does not answer a ping"
+                    queues = [q.name for q in control.active_queues()]
+                except ControlError as exc:
+                    return str(exc)
+                return None if queues else f"{node} consumes no queue"
+
+            self._retry(f"worker {node}", check)
+        log.info("worker %s answers and consumes", node)
+
+    def step_scheduler_job(self) -> None:
+        def check() -> Optional[str]:
+            proc = self._airflow(
+                "jobs", "check", "--job-type", "SchedulerJob", "--local", timeout=60
+            )
+            if proc.returncode == 0:
+                return None
+            return (
+                " ".join((proc.stderr or proc.stdout).strip().splitlines()[-1:])
+                or f"rc {proc.returncode}"
+            )[:200]
+
+        self._retry("scheduler job", check)
+        log.info("scheduler job alive")
+
+    def step_health_url(self) -> None:
+        url = self.cfg.deploy.health_url
+        if not url:
+            return
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def check() -> Optional[str]:
+            try:
+                with opener.open(url, timeout=5) as resp:
+                    return None if resp.status == 200 else f"{url} answered {resp.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                return f"{url}: {exc}"
+
+        self._retry("api-server", check)
+
+
+def _parse_import_errors(stdout: str) -> Optional[List[dict]]:
+    """The JSON list `list-import-errors -o json` prints on one line; Airflow's own log and
+    warning lines (which may contain brackets) come before it. None when there is none."""
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if not line.startswith("["):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, list):
+            return [e for e in data if isinstance(e, dict)]
+    return [] if "No data found" in stdout else None
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run one CodeDeploy lifecycle event for this instance's role (see codedeploy/appspec.yml)."
+    )
+    parser.add_argument(
+        "event",
+        nargs="?",
+        metavar="EVENT",
+        help=f"one of {', '.join(EVENTS)} (default: $LIFECYCLE_EVENT)",
+    )
+
+
+def run(args, cfg) -> int:
+    env_event = os.environ.get("LIFECYCLE_EVENT")
+    event = args.event or env_event
+    if not event:
+        raise ConfigError("no EVENT given and $LIFECYCLE_EVENT is not set")
+    if event not in EVENTS:
+        raise ConfigError(f"unknown lifecycle event {event!r}; events are {', '.join(EVENTS)}")
+    if env_event and args.event and env_event != args.event:
+        log.warning(
+            "EVENT %s differs from $LIFECYCLE_EVENT=%s; running %s",
+            args.event,
+            env_event,
+            args.event,
+        )
+    DeployHook(cfg, role_of(cfg), event).run()
+    return 0

@@ -1,0 +1,1 @@
+"""`airflow-agent drain` / `undrain`: the one drain procedure for every trigger."""

@@ -1,0 +1,1 @@
+"""`airflow-agent env sync`: SSM Parameter Store -> the Airflow env file."""

@@ -1,0 +1,191 @@
+"""`airflow-agent env sync`: SSM Parameter Store -> the EnvironmentFile of every Airflow unit.
+
+The I/O shell around `agent.jobs.env_sync.plan`: fetch every parameter under the configured paths
+(recursive, decrypted, paginated to the end), plan the new file, and write it atomically only
+when its bytes change. Any failure or suspicious result leaves the last good file in place and
+exits non-zero with a one-line reason. Values never reach logs or stdout; `--diff` prints names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+from agent.errors import EXIT_OK, AgentError, ConfigError
+from agent.jobs.env_sync.plan import EnvPlan, Parameter, map_parameters, plan_env
+from agent.logs import register_secrets
+from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
+from agent.platform.fsutil import (
+    atomic_write,
+    read_bytes_or_none,
+    remove_stale_temps,
+    resolve_owner,
+)
+from agent.state import StateStore
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 10  # the API's maximum for GetParametersByPath
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="env_command", metavar="ACTION", required=True)
+    sync = sub.add_parser(
+        "sync",
+        parents=[common],
+        help="fetch SSM parameters and rewrite the env file if its content changed",
+        description=(
+            "Fetch every parameter under env.ssm_paths, map names to variables, merge "
+            "env.static (SSM wins) and write env.file atomically when its bytes change. "
+            "An error, an empty result, a missing required key or too large a drop keeps "
+            "the last good file and exits non-zero."
+        ),
+    )
+    sync.add_argument("--diff", action="store_true", help="print added/removed/changed names")
+    sync.add_argument("--dry-run", action="store_true", help="plan and check, write nothing")
+    sync.add_argument(
+        "--allow-drop",
+        action="store_true",
+        help="accept a sync that removes more variables than env.max_drop_fraction",
+    )
+
+
+def fetch_parameters(ssm: Any, paths: List[str]) -> List[Parameter]:
+    """Every parameter under `paths`, decrypted; raises AgentError naming the failing path."""
+    params: List[Parameter] = []
+    for path in paths:
+        token: Optional[str] = None
+        while True:
+            kwargs = {"Path": path, "Recursive": True, "WithDecryption": True}
+            kwargs["MaxResults"] = PAGE_SIZE
+            if token:
+                kwargs["NextToken"] = token
+            try:
+                page = ssm.get_parameters_by_path(**kwargs)
+            except AWS_ERRORS as exc:
+                raise AgentError(
+                    f"SSM GetParametersByPath {path} failed: {describe_error(exc)}"
+                ) from None
+            for p in page.get("Parameters", []):
+                params.append(Parameter(p["Name"], p.get("Value", ""), p.get("Type", "String")))
+            # a page can be empty and still carry a token: only a missing token ends the path
+            token = page.get("NextToken")
+            if not token:
+                break
+    return params
+
+
+class EnvSync:
+    """One sync run; `ssm` is any client with get_parameters_by_path (a boto3 SSM client)."""
+
+    def __init__(self, cfg, ssm: Any, state: Optional[StateStore] = None):
+        self.cfg = cfg
+        self.ssm = ssm
+        self.state = state or StateStore(cfg.state_dir)
+        self.path = Path(cfg.env.file)
+
+    def _owner(self) -> tuple[int, int]:
+        try:
+            return resolve_owner(self.cfg.env.owner, self.cfg.env.group)
+        except KeyError as exc:
+            raise ConfigError(f"{self.cfg.source}: env.owner/env.group: {exc.args[0]}") from None
+
+    def plan(self, allow_drop: bool = False) -> tuple[EnvPlan, Optional[bytes]]:
+        params = fetch_parameters(self.ssm, self.cfg.env.ssm_paths)
+        register_secrets(p.value for p in params if p.type == "SecureString")
+        mapped = map_parameters(params, self.cfg.env.ssm_paths)
+        current = read_bytes_or_none(self.path)
+        plan = plan_env(
+            mapped,
+            self.cfg.env.static,
+            self.cfg.env.required,
+            self.cfg.env.max_drop_fraction,
+            current,
+            allow_drop=allow_drop,
+        )
+        return plan, current
+
+    def _fix_metadata(self, uid: int, gid: int) -> bool:
+        st = self.path.stat()
+        mode = self.cfg.env.mode_bits
+        fixed = False
+        if (st.st_mode & 0o7777) != mode:
+            os.chmod(self.path, mode)
+            fixed = True
+        if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
+            os.chown(self.path, uid, gid)
+            fixed = True
+        return fixed
+
+    def run(self, dry_run: bool = False, allow_drop: bool = False) -> EnvPlan:
+        uid, gid = self._owner()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(self.path)
+        if stale:
+            log.warning("removed %d temp file(s) a killed sync left beside %s", stale, self.path)
+        plan, current = self.plan(allow_drop=allow_drop)
+        n = len(plan.variables)
+        if current == plan.content:
+            if not dry_run and self._fix_metadata(uid, gid):
+                log.warning("env file %s had the wrong owner or mode; fixed", self.path)
+            log.info("env file %s unchanged: %d variables, sha256 %.12s", self.path, n, plan.sha256)
+        elif dry_run:
+            log.info("dry run: would write %s: %d variables, %s", self.path, n, plan.summary())
+        else:
+            atomic_write(self.path, plan.content, mode=self.cfg.env.mode_bits, uid=uid, gid=gid)
+            log.info(
+                "env file %s written: %d variables, %s, sha256 %.12s",
+                self.path,
+                n,
+                plan.summary(),
+                plan.sha256,
+            )
+        if not dry_run:
+            self.state.update(
+                "env",
+                last_sync=time.time(),
+                last_sync_result="ok",
+                file_sha256=plan.sha256,
+                variables=n,
+            )
+        return plan
+
+
+def _record_failure(cfg, reason: str) -> None:
+    # the state dir may be the very thing that is broken; the log line still goes out
+    with contextlib.suppress(OSError):
+        StateStore(cfg.state_dir).update(
+            "env", last_failure=time.time(), last_sync_result="failed", last_failure_reason=reason
+        )
+
+
+def print_diff(plan: EnvPlan, out=None) -> None:
+    out = out or sys.stdout
+    for name in plan.added:
+        print(f"+ {name}", file=out)
+    for name in plan.removed:
+        print(f"- {name}", file=out)
+    for name in plan.changed:
+        print(f"~ {name}", file=out)
+
+
+def run(args: argparse.Namespace, cfg) -> int:
+    try:
+        ssm = AwsClients(cfg).client("ssm")
+        plan = EnvSync(cfg, ssm).run(dry_run=args.dry_run, allow_drop=args.allow_drop)
+    except AgentError as exc:
+        _record_failure(cfg, str(exc))
+        exc.args = (f"env sync kept the last good file: {exc}",)
+        raise
+    except AWS_ERRORS as exc:
+        _record_failure(cfg, describe_error(exc))
+        raise AgentError(f"env sync kept the last good file: {describe_error(exc)}") from None
+    if args.diff:
+        print_diff(plan)
+    return EXIT_OK

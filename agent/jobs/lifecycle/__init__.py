@@ -1,0 +1,1 @@
+"""`airflow-agent lifecycle watch`: ASG termination and Spot notices -> drain."""

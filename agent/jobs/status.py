@@ -1,0 +1,235 @@
+"""`airflow-agent status [--json]`: what the agent knows and what the units are doing.
+
+Reads only local things: the state dir (role, confapply, env, variables, drain, lifecycle
+documents), the watched files (for the current content hash) and systemd. It never calls AWS
+or IMDS, and when systemd cannot be reached it says so instead of failing, so it works on a
+half-broken instance, which is when an operator runs it. `--json` prints one stable object:
+
+    {"role": str|null, "role_recorded_at": float|null,
+     "env_file": {"path": str, "sha256": str|null (plain sha256 of the file now; null when
+                  missing), "synced_sha256": str|null (what the last env sync wrote)},
+     "config": {"files": [...], "current_hash": str, "applied_hash": str|null,
+                "in_sync": bool, "applied_at": float|null, "last_result": str|null,
+                "last_error": str|null},   (confapply's hash over every watched file)
+     "env": {...env.json...}, "variables": {...}, "drain": {...}, "lifecycle": {...},
+     "systemd": {"reachable": bool, "error": str|null},
+     "units": {unit: {"active": str, "sub": str, "main_pid": int, "enabled": str,
+                      "result": str, "restarts": int}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from agent.config import ROLES
+from agent.errors import EXIT_OK
+from agent.state import StateStore
+
+DOCS = ("env", "variables", "drain", "lifecycle")
+
+
+def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _units_of(cfg, role: Optional[str]) -> List[str]:
+    roles = [role] if role else list(ROLES)
+    out: List[str] = []
+    for r in roles:
+        for u in cfg.agent_units_for(r) + cfg.units_for(r):
+            if u not in out:
+                out.append(u)
+    return out
+
+
+def _int(text: Optional[str]) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
+def unit_states(systemctl, units: List[str]) -> tuple[Dict[str, Any], Optional[str]]:
+    """({unit: state}, error): error says why systemd could not be asked."""
+    unreachable = systemctl.manager_unreachable_reason()
+    if unreachable:
+        return {}, unreachable
+    states = {}
+    for u, s in systemctl.unit_states(units).items():
+        states[u] = {
+            "active": s.get("ActiveState", "unknown"),
+            "sub": s.get("SubState", ""),
+            "main_pid": _int(s.get("MainPID")),
+            "enabled": s.get("UnitFileState", "") or "-",
+            "result": s.get("Result", ""),
+            "restarts": _int(s.get("NRestarts")),
+        }
+    return states, None
+
+
+def _load(store: StateStore, name: str) -> Dict[str, Any]:
+    try:
+        return store.load(name)
+    except OSError as exc:  # e.g. run as a non-root operator: the state dir is root 0700
+        return {"unreadable": f"{exc.strerror}: {exc.filename}"}
+
+
+def collect(cfg, systemctl) -> Dict[str, Any]:
+    from agent.jobs.confapply.daemon import STATE_DOC, _abs_files, current_hash
+
+    store = StateStore(cfg.state_dir)
+    role_doc = _load(store, "role")
+    role = role_doc.get("role") if role_doc.get("role") in ROLES else None
+    conf = _load(store, STATE_DOC)
+    try:
+        now_hash: Optional[str] = current_hash(cfg)
+        hash_error = None
+    except OSError as exc:  # unreadable file (permissions): say so
+        now_hash, hash_error = None, f"{exc.strerror}: {exc.filename}"
+    units, sd_error = unit_states(systemctl, _units_of(cfg, role))
+    out: Dict[str, Any] = {
+        "role": role,
+        "role_recorded_at": role_doc.get("decided_at"),
+        "env_file": _env_file(cfg, _load(store, "env").get("file_sha256")),
+        "config": {
+            "files": _abs_files(cfg),
+            "current_hash": now_hash,
+            "hash_error": hash_error,
+            "applied_hash": conf.get("applied_hash"),
+            "in_sync": now_hash is not None and now_hash == conf.get("applied_hash"),
+            "applied_at": conf.get("applied_at"),
+            "last_result": conf.get("last_result"),
+            "last_error": conf.get("last_error"),
+        },
+        "systemd": {"reachable": sd_error is None, "error": sd_error},
+        "units": units,
+    }
+    for name in DOCS:
+        out[name] = _load(store, name)
+    # the `variables watch` daemon's counters, when it is the one in use
+    out["variables_watch"] = _load(store, "variables-watch")
+    return out
+
+
+def _env_file(cfg, synced: Optional[str]) -> Dict[str, Any]:
+    try:
+        with open(cfg.env.file, "rb") as f:
+            now: Optional[str] = hashlib.sha256(f.read()).hexdigest()
+        error = None
+    except OSError as exc:
+        now, error = None, exc.strerror
+    return {"path": cfg.env.file, "sha256": now, "error": error, "synced_sha256": synced}
+
+
+def _env_file_line(e: Dict[str, Any]) -> str:
+    if e["sha256"] is None:
+        return f"{e['path']}: {e['error']}"
+    line = f"{e['path']} sha256 {e['sha256'][:12]}"
+    if e["synced_sha256"] and e["synced_sha256"] != e["sha256"]:
+        return line + f" (last env sync wrote {e['synced_sha256'][:12]}: changed since)"
+    return line + (" (as the last env sync wrote it)" if e["synced_sha256"] else "")
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "never"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+# the fields the human view shows per job document (all of them are in --json)
+_SHOWN = {
+    "variables": ("last_result", "version_id", "synced_at", "counts", "last_error", "not_pruned"),
+    "lifecycle": ("summary", "phase", "target_lifecycle_state", "last_poll"),
+    "variables_watch": ("status", "last_poll_at", "bridge_pid", "bridge_starts"),
+}
+
+
+def _doc_line(doc: Dict[str, Any], keys: Optional[tuple] = None) -> str:
+    if not doc:
+        return "no record"
+    parts = []
+    if keys and not doc.get("unreadable"):
+        doc = {k: doc[k] for k in keys if doc.get(k) not in (None, "", [], {})}
+        if not doc:
+            return "nothing recorded yet (see --json)"
+    for k in list(doc) if keys else sorted(doc):
+        v = doc[k]
+        is_time = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if is_time and (k in ("last_sync", "last_failure", "last_poll") or k.endswith("_at")):
+            v = _when(v)
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, sort_keys=True)
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def _lifecycle_line(doc: Dict[str, Any]) -> str:
+    line = _doc_line(doc, _SHOWN["lifecycle"])
+    action = doc.get("lifecycle_action") if isinstance(doc, dict) else None
+    if isinstance(action, dict) and action.get("hook"):
+        line += (
+            f" heartbeats={action.get('heartbeats_sent', 0)}"
+            f" completed={bool(action.get('completed'))}"
+        )
+    return line
+
+
+def _hash_line(c: Dict[str, Any]) -> str:
+    if not c["current_hash"]:
+        return f"unreadable: {c['hash_error']}"
+    line = f"{c['current_hash'][:12]} now, {str(c['applied_hash'])[:12]} applied"
+    line += " (in sync" if c["in_sync"] else " (NOT in sync"
+    if c["last_result"] == "failed":
+        line += f", last apply failed: {c['last_error']}"
+    return line + ")"
+
+
+def render(s: Dict[str, Any]) -> str:
+    c = s["config"]
+    rows = [
+        ("role", s["role"] or "not recorded (run `airflow-agent role --apply`)"),
+        ("env file", _env_file_line(s["env_file"])),
+        ("config hash", _hash_line(c)),
+        ("env sync", _doc_line(s["env"])),
+        ("variables", _doc_line(s["variables"], _SHOWN["variables"])),
+        *(
+            [("vars watch", _doc_line(s["variables_watch"], _SHOWN["variables_watch"]))]
+            if s.get("variables_watch")
+            else []
+        ),
+        ("drain", _doc_line(s["drain"])),
+        ("lifecycle", _lifecycle_line(s["lifecycle"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    if not s["systemd"]["reachable"]:
+        lines.append(f"{'units'.ljust(width)}  systemd unreachable: {s['systemd']['error']}")
+        return "\n".join(lines)
+    lines.append("")
+    uw = max([len(u) for u in s["units"]] + [4])
+    lines.append(
+        f"{'UNIT'.ljust(uw)}  {'ACTIVE':<10} {'SUB':<10} {'PID':>7}  {'ENABLED':<10} RESTARTS"
+    )
+    for u, st in s["units"].items():
+        lines.append(
+            f"{u.ljust(uw)}  {st['active']:<10} {st['sub']:<10} {st['main_pid']:>7}  "
+            f"{st['enabled']:<10} {st['restarts']}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, cfg) -> int:
+    from agent.platform.systemd import Systemctl
+
+    s = collect(cfg, Systemctl(cfg.systemctl, timeout=15))
+    if args.json:
+        json.dump(s, sys.stdout, indent=1, sort_keys=True)
+        print()
+    else:
+        print(render(s))
+    return EXIT_OK

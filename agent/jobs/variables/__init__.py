@@ -1,0 +1,1 @@
+"""`airflow-agent variables`: a Secrets Manager secret -> Airflow Variables."""

@@ -1,0 +1,137 @@
+"""The AWS actions each instance role may need, as data: the allow-list for the IAM policies.
+
+`cloudformation/airflow-cluster.yaml` grants each instance role (scheduler, webserver, worker)
+an IAM policy; `tests/test_cloudformation.py` checks every statement of it against this module,
+and checks this module against the agent's code (every AWS operation an `agent/` module calls
+must be listed under some job here). So a new AWS call in the agent fails a test until it is
+listed here *and* granted in the template, and a grant that no code path needs fails too.
+
+- AGENT_ACTIONS: job -> the IAM actions that job of the agent calls (its code paths).
+- OTHER_ACTIONS: the other programs on the instance that use the role's credentials
+  (Airflow itself, the CodeDeploy agent, cfn-init, the SSM agent) -> their actions.
+- ROLE_CONSUMERS: instance role -> the jobs/programs that run on it.
+- UNSCOPED_ACTIONS: actions whose service supports no resource-level permission, so the only
+  honest Resource is "*". Everything else must be granted on this stack's ARNs only.
+
+Plain data, no AWS calls: importing it is cheap and safe anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, Tuple
+
+AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
+    # agent/jobs/env_sync/sync.py: GetParametersByPath over env.ssm_paths (recursive, decrypted)
+    "env sync": ("ssm:GetParametersByPath",),
+    # jobs/variables/sync.py: GetSecretValue of the variables secret (its VersionId is the change
+    # marker, so no DescribeSecret); the secret is encrypted with the stack's KMS key, which
+    # Secrets Manager uses with the caller's kms:Decrypt (granted only via secretsmanager)
+    "variables sync": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
+    # agent/jobs/role.py: the airflow:role tag (and the group name / logical-id tags for the
+    # role.groups map) when IMDS instance tags are unavailable
+    "role": ("ec2:DescribeTags",),
+    # agent/jobs/lifecycle/watch.py: its group (when lifecycle.group_name and the IMDS tag are both
+    # missing), the group's termination hook, heartbeats/completion, scale-in protection
+    "lifecycle watch": (
+        "autoscaling:DescribeAutoScalingInstances",
+        "autoscaling:DescribeLifecycleHooks",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:SetInstanceProtection",
+    ),
+    # agent/jobs/bootstrap.py runs env sync and role detection: nothing of its own
+    "bootstrap": (),
+}
+
+OTHER_ACTIONS: Dict[str, Tuple[str, ...]] = {
+    # Airflow's S3 task handler: write task logs, read them back (the UI), list a task's logs
+    "airflow remote logs": ("s3:PutObject", "s3:GetObject", "s3:ListBucket"),
+    # the API server only reads logs
+    "airflow remote logs (read)": ("s3:GetObject", "s3:ListBucket"),
+    # Airflow's `*_secret` config options through the amazon provider's SecretsManagerBackend
+    # (sql_alchemy_conn, broker_url, fernet_key, jwt_secret, secret_key): GetSecretValue only
+    "airflow config secrets": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
+    # the CodeDeploy agent downloads revisions (S3 revisions may name an object version)
+    "codedeploy agent": ("s3:GetObject", "s3:GetObjectVersion"),
+    # cfn-init's `sources` fetch the agent's package with AWS::CloudFormation::Authentication
+    "cfn-init sources": ("s3:GetObject",),
+    # the SSM agent: Run Command (e.g. `airflow-agent env sync` on demand) and Session Manager,
+    # which replace SSH; the minimum it needs to register and take commands
+    "ssm agent": (
+        "ssm:UpdateInstanceInformation",
+        "ssmmessages:CreateControlChannel",
+        "ssmmessages:CreateDataChannel",
+        "ssmmessages:OpenControlChannel",
+        "ssmmessages:OpenDataChannel",
+        "ec2messages:AcknowledgeMessage",
+        "ec2messages:DeleteMessage",
+        "ec2messages:FailMessage",
+        "ec2messages:GetEndpoint",
+        "ec2messages:GetMessages",
+        "ec2messages:SendReply",
+    ),
+}
+
+ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
+    "scheduler": (
+        "env sync",
+        "role",
+        "bootstrap",
+        "variables sync",
+        "airflow remote logs",
+        "airflow config secrets",
+        "codedeploy agent",
+        "cfn-init sources",
+        "ssm agent",
+    ),
+    "webserver": (
+        "env sync",
+        "role",
+        "bootstrap",
+        "airflow remote logs (read)",
+        "airflow config secrets",
+        "codedeploy agent",
+        "cfn-init sources",
+        "ssm agent",
+    ),
+    "worker": (
+        "env sync",
+        "role",
+        "bootstrap",
+        "lifecycle watch",
+        "airflow remote logs",
+        "airflow config secrets",
+        "codedeploy agent",
+        "cfn-init sources",
+        "ssm agent",
+    ),
+}
+
+# No resource-level permissions in these services' authorization (Service Authorization
+# Reference): the Resource must be "*".
+UNSCOPED_ACTIONS: FrozenSet[str] = frozenset(
+    {
+        "ec2:DescribeTags",
+        "autoscaling:DescribeAutoScalingInstances",
+        "autoscaling:DescribeLifecycleHooks",
+    }
+    # the SSM agent's message channels (its ssm:UpdateInstanceInformation is scoped)
+    | {a for a in OTHER_ACTIONS["ssm agent"] if a.startswith(("ssmmessages:", "ec2messages:"))}
+)
+
+
+def consumer_actions(name: str) -> Tuple[str, ...]:
+    """The actions of one agent job or other program."""
+    if name in AGENT_ACTIONS:
+        return AGENT_ACTIONS[name]
+    return OTHER_ACTIONS[name]
+
+
+def allowed_actions(role: str) -> FrozenSet[str]:
+    """Every action an instance of `role` may be granted."""
+    return frozenset(a for c in ROLE_CONSUMERS[role] for a in consumer_actions(c))
+
+
+def agent_actions() -> FrozenSet[str]:
+    """Every action some job of the agent calls."""
+    return frozenset(a for actions in AGENT_ACTIONS.values() for a in actions)

@@ -1,0 +1,1 @@
+"""How jobs run: the daemon loop and the job runner every command goes through."""

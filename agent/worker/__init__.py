@@ -1,0 +1,1 @@
+"""The local Celery worker: remote control, broker settings, its boot gate."""

@@ -1,0 +1,222 @@
+"""A strict IMDSv2 server for tests, demo and benchmarks (moto's IMDS is v1 and lacks tags).
+
+Rules it enforces: `PUT /latest/api/token` needs `X-aws-ec2-metadata-token-ttl-seconds` in
+1..21600 (else 400); GET of the token path is 405; any other GET without a live token is 401;
+a request carrying `X-Forwarded-For` is 403, as on EC2. Unknown paths are 404.
+Control endpoints under `/_rig/` change answers at run time, expire tokens and return a log of
+requests. Run as `python -m sandbox.imds_server --port-file F`; drive it with `ImdsServer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, List, Optional
+
+from sandbox.proc import ServerProcess, serve_forever
+
+INSTANCE_ID = "i-0123456789abcdef0"
+
+
+def default_metadata(region: str = "us-east-1") -> Dict[str, Optional[str]]:
+    doc = {
+        "instanceId": INSTANCE_ID,
+        "region": region,
+        "availabilityZone": region + "a",
+        "accountId": "123456789012",
+        "instanceType": "m6i.large",
+        "imageId": "ami-0abcdef1234567890",
+    }
+    return {
+        "meta-data/instance-id": INSTANCE_ID,
+        "meta-data/placement/region": region,
+        "meta-data/placement/availability-zone": region + "a",
+        "meta-data/autoscaling/target-lifecycle-state": "InService",
+        "meta-data/iam/security-credentials": "airflow-agent-role",
+        "meta-data/iam/security-credentials/airflow-agent-role": json.dumps(
+            {
+                "Code": "Success",
+                "Type": "AWS-HMAC",
+                "AccessKeyId": "testing",
+                "SecretAccessKey": "testing",
+                "Token": "testing",
+                "Expiration": "2099-01-01T00:00:00Z",
+            }
+        ),
+        "dynamic/instance-identity/document": json.dumps(doc),
+    }
+
+
+class ImdsState:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values: Dict[str, Optional[str]] = default_metadata()
+        self.tags: Dict[str, str] = {}
+        self.tokens: Dict[str, float] = {}
+        self.log: List[Dict[str, Any]] = []
+
+    def lookup(self, path: str) -> Optional[str]:
+        path = path.strip("/")
+        if path == "meta-data/tags/instance":
+            return "\n".join(sorted(self.tags)) if self.tags else None
+        if path.startswith("meta-data/tags/instance/"):
+            return self.tags.get(path[len("meta-data/tags/instance/") :])
+        return self.values.get(path)
+
+
+class Handler(BaseHTTPRequestHandler):
+    state: ImdsState  # set on the class by main()
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output quiet; the request log is in /_rig/log
+        pass
+
+    def _send(self, status: int, body: str = "", ctype: str = "text/plain") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        with self.state.lock:
+            self.state.log.append(
+                {"method": self.command, "path": self.path, "status": status, "time": time.time()}
+            )
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    # -- control ---------------------------------------------------------------------------
+
+    def _control(self) -> None:
+        st = self.state
+        payload = json.loads(self._body() or b"{}")
+        path = self.path
+        with st.lock:
+            if path == "/_rig/health":
+                body: Any = "ok"
+            elif path == "/_rig/set":
+                for k, v in payload.get("values", {}).items():
+                    st.values[k.strip("/")] = v
+                if "tags" in payload:
+                    st.tags = dict(payload["tags"])
+                body = {"ok": True}
+            elif path == "/_rig/expire-tokens":
+                st.tokens.clear()
+                body = {"ok": True}
+            elif path == "/_rig/log":
+                body = list(st.log)
+            elif path == "/_rig/reset":
+                st.values = default_metadata()
+                st.tags = {}
+                st.tokens.clear()
+                st.log.clear()
+                body = {"ok": True}
+            else:
+                body = None
+        if body is None:
+            self._send(404, json.dumps({"error": path}), "application/json")
+        else:
+            data = json.dumps(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data.encode())
+
+    # -- IMDS ------------------------------------------------------------------------------
+
+    def do_PUT(self) -> None:
+        if self.path.startswith("/_rig/"):
+            return self._control()
+        self._body()
+        if self.headers.get("X-Forwarded-For"):
+            return self._send(403, "Forbidden")
+        if self.path.rstrip("/") != "/latest/api/token":
+            return self._send(404, "Not Found")
+        ttl_text = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+        try:
+            ttl = int(ttl_text)
+        except ValueError:
+            return self._send(400, "Missing or invalid TTL header")
+        if not 1 <= ttl <= 21600:
+            return self._send(400, "TTL out of range")
+        token = secrets.token_urlsafe(32)
+        with self.state.lock:
+            self.state.tokens[token] = time.monotonic() + ttl
+        self._send(200, token)
+
+    def do_POST(self) -> None:
+        if self.path.startswith("/_rig/"):
+            return self._control()
+        self._send(405, "Method Not Allowed")
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/_rig/"):
+            return self._control()
+        if self.headers.get("X-Forwarded-For"):
+            return self._send(403, "Forbidden")
+        if self.path.rstrip("/") == "/latest/api/token":
+            return self._send(405, "Method Not Allowed")
+        token = self.headers.get("X-aws-ec2-metadata-token", "")
+        with self.state.lock:
+            expires = self.state.tokens.get(token)
+            valid = expires is not None and expires > time.monotonic()
+        if not valid:
+            return self._send(401, "Unauthorized")
+        if not self.path.startswith("/latest/"):
+            return self._send(404, "Not Found")
+        with self.state.lock:
+            value = self.state.lookup(self.path[len("/latest/") :])
+        if value is None:
+            return self._send(404, "Not Found")
+        self._send(200, value)
+
+
+class ImdsServer(ServerProcess):
+    """The strict IMDSv2 server as a child process, with its control API as methods."""
+
+    def __init__(self):
+        super().__init__("sandbox.imds_server")
+
+    def set(self, **values: Optional[str]) -> None:
+        """Set paths (relative to /latest/, `/` as `__`); None makes a path answer 404."""
+        self.post("/_rig/set", {"values": {k.replace("__", "/"): v for k, v in values.items()}})
+
+    def set_paths(self, values: Dict[str, Optional[str]]) -> None:
+        self.post("/_rig/set", {"values": values})
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        self.post("/_rig/set", {"tags": tags})
+
+    def expire_tokens(self) -> None:
+        self.post("/_rig/expire-tokens")
+
+    def reset(self) -> None:
+        self.post("/_rig/reset")
+
+    def log(self) -> List[Dict[str, Any]]:
+        return self.get("/_rig/log")
+
+    def client_env(self) -> Dict[str, str]:
+        return {"AWS_EC2_METADATA_SERVICE_ENDPOINT": self.url + "/"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port-file", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    Handler.state = ImdsState()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server.daemon_threads = True
+    serve_forever(server, args.port_file)
+
+
+if __name__ == "__main__":
+    main()
