@@ -1,8 +1,8 @@
 """systemctl behind one small object, so every job controls units the same way.
 
 The command is configurable (`systemctl` in agent.yaml) so a test or the sandbox can point it
-elsewhere; the tests that prove jobs work drive a real systemd. Also holds the sd_notify
-wrapper: sdnotify does nothing without NOTIFY_SOCKET, which is what we want outside systemd.
+elsewhere; the tests that prove jobs work drive a real systemd. sd_notify is in
+agent.platform.notify.
 """
 
 from __future__ import annotations
@@ -132,34 +132,6 @@ class Systemctl:
                 break
             sleep(0.2)
         raise DeadlineError(f"{unit} is {state}, not active, after waiting up to {timeout:.0f}s")
-
-
-class Notifier:
-    """sd_notify: READY, STATUS, WATCHDOG, STOPPING. Silent outside a notify unit."""
-
-    def __init__(self):
-        try:
-            import sdnotify
-
-            self._n = sdnotify.SystemdNotifier()
-        except ImportError:  # pragma: no cover - sdnotify is a hard dependency
-            self._n = None
-
-    def _send(self, msg: str) -> None:
-        if self._n is not None:
-            self._n.notify(msg)
-
-    def ready(self, status: str = "") -> None:
-        self._send("READY=1" + (f"\nSTATUS={status}" if status else ""))
-
-    def status(self, text: str) -> None:
-        self._send(f"STATUS={text}")
-
-    def watchdog(self) -> None:
-        self._send("WATCHDOG=1")
-
-    def stopping(self) -> None:
-        self._send("STOPPING=1")
 
 
 def systemctl_from_config(cfg) -> Systemctl:

@@ -384,7 +384,8 @@ def resolve_role(cfg) -> str:
 
 
 def run(args: argparse.Namespace, cfg) -> int:
-    from agent.platform.systemd import Notifier, Systemctl
+    from agent.platform.notify import Notifier
+    from agent.platform.systemd import Systemctl
 
     role = resolve_role(cfg)
     systemctl = Systemctl(cfg.systemctl, timeout=max(120.0, cfg.confapply.unit_timeout + 30))

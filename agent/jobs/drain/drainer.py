@@ -60,7 +60,8 @@ from agent.jobs.drain import plan
 from agent.logs import register_secrets
 from agent.platform.envfile import parse_env
 from agent.platform.fsutil import FileLock
-from agent.platform.systemd import Notifier, Systemctl, SystemctlError, systemctl_from_config
+from agent.platform.notify import Notifier
+from agent.platform.systemd import Systemctl, SystemctlError, systemctl_from_config
 from agent.state import StateStore
 from agent.worker.celery_control import (
     BrokerSettings,

@@ -46,7 +46,7 @@ from agent.jobs.lifecycle.drain import (
 )
 from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
 from agent.platform.imds import ImdsClient
-from agent.platform.systemd import Notifier
+from agent.platform.notify import Notifier
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)

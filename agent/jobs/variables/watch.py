@@ -29,7 +29,7 @@ from agent.airflow.bridge_client import BridgeError
 from agent.errors import EXIT_OK, AgentError, ConfigError
 from agent.jobs.variables.sync import VariablesSync, _record_failure, bridge_provider
 from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
-from agent.platform.systemd import Notifier
+from agent.platform.notify import Notifier
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
