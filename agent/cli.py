@@ -3,22 +3,25 @@
 Each job lives in its own module with `add_arguments(parser)` and `run(args, cfg) -> int`
 (names per the table below). Only the chosen job's module is imported, so `--help` and quick
 commands stay fast and a job's heavy imports (boto3, celery) are paid only where used.
+
+A subcommand may name its own function with `parser.set_defaults(handler="module:function")`
+(imported only when chosen). The job module (or the handler's module) may name the state
+document that records a failed run with `FAILURE_DOCUMENT` (see agent.runtime.runner, which
+runs every command and maps its outcome to the exit code).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import Dict, List, Optional, Tuple
 
 from agent import __version__
 from agent.config import load_config
-from agent.errors import EXIT_FAILURE, EXIT_USAGE, AgentError
+from agent.errors import EXIT_USAGE
 from agent.logs import setup_logging
-
-log = logging.getLogger("agent")
+from agent.runtime.runner import run_job
 
 # command -> (module, add_arguments function, run function, one-line help)
 COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
@@ -41,13 +44,13 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
         "restart Airflow units when the env file's content changes",
     ),
     "drain": (
-        "agent.jobs.drain.drainer",
+        "agent.jobs.drain.cli",
         "add_arguments",
         "run",
         "stop the local Celery worker taking tasks, wait, stop it",
     ),
     "undrain": (
-        "agent.jobs.drain.drainer",
+        "agent.jobs.drain.cli",
         "add_undrain_arguments",
         "run_undrain",
         "let the local Celery worker consume again",
@@ -65,7 +68,7 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
         "react to Auto Scaling termination and Spot notices",
     ),
     "variables": (
-        "agent.jobs.variables.sync",
+        "agent.jobs.variables.cli",
         "add_arguments",
         "run",
         "Secrets Manager secret -> Airflow Variables",
@@ -157,19 +160,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     module, _add_fn, run_fn, _help = COMMANDS[args.command]
-    try:
-        cfg = load_config(getattr(args, "config", None))
-        return int(getattr(importlib.import_module(module), run_fn)(args, cfg) or 0)
-    except AgentError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
-    except Exception as exc:  # the last line of defence: one clear line, not a traceback dump
-        log.error("internal error in %s: %s: %s", args.command, type(exc).__name__, exc)
-        log.debug("traceback", exc_info=True)
-        return EXIT_FAILURE
+    handler = getattr(args, "handler", None) or f"{module}:{run_fn}"
+    job_module, _, function = handler.partition(":")
+
+    def job(a: argparse.Namespace, cfg: object) -> Optional[int]:
+        return getattr(importlib.import_module(job_module), function)(a, cfg)
+
+    def failure_document(a: argparse.Namespace) -> Optional[type]:
+        doc = getattr(importlib.import_module(job_module), "FAILURE_DOCUMENT", None)
+        return doc if doc is None or isinstance(doc, type) else doc(a)
+
+    outcome = run_job(
+        args.command,
+        job,
+        args,
+        lambda: load_config(getattr(args, "config", None)),
+        failure_document,
+    )
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -73,19 +73,18 @@ def run(args: argparse.Namespace, cfg) -> int:
 
     role, results = detect_role_sources(cfg, cli_role=args.role)
     if not args.skip_env_sync:
-        from agent.jobs.env_sync.sync import EnvSync, _record_failure
-        from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
+        from agent.jobs.env_sync.state import EnvDoc
+        from agent.jobs.env_sync.sync import EnvSync
+        from agent.platform.aws import AWS_ERRORS, AwsClients
+        from agent.runtime.runner import classify, record_failure
 
         try:
             EnvSync(cfg, AwsClients(cfg).client("ssm")).run()
-        except AgentError as exc:
-            _record_failure(cfg, str(exc))
-            raise AgentError(f"bootstrap stopped at env sync (no unit touched): {exc}") from None
-        except AWS_ERRORS as exc:
-            _record_failure(cfg, describe_error(exc))
-            raise AgentError(
-                f"bootstrap stopped at env sync (no unit touched): {describe_error(exc)}"
-            ) from None
+        except (AgentError, *AWS_ERRORS) as exc:
+            # recorded as env sync's failure (status shows it there); bootstrap goes no further
+            _code, result, reason = classify(exc)
+            record_failure(cfg.state_dir, EnvDoc, result, reason)
+            raise AgentError(f"bootstrap stopped at env sync (no unit touched): {reason}") from None
     elif not os.path.exists(cfg.env.file):
         raise AgentError(f"--skip-env-sync given but {cfg.env.file} does not exist")
     hold = held_units(cfg, role, _target_lifecycle_state(cfg, role))

@@ -40,6 +40,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from agent.config import ROLES
 from agent.errors import EXIT_OK, AgentError, RefusedError
+from agent.jobs.role_state import RoleDoc
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 ENV_VAR = "AIRFLOW_AGENT_ROLE"
 ASG_TAG = "aws:autoscaling:groupName"
 LOGICAL_ID_TAG = "aws:cloudformation:logical-id"
-STATE_DOC = "role"
 
 
 class RoleError(AgentError):
@@ -284,20 +284,17 @@ def detect_role(cfg, cli_role: Optional[str] = None, **kwargs) -> str:
 
 def current_role(cfg) -> Optional[str]:
     """The role recorded by `role --apply` / bootstrap, or None. Never touches the network."""
-    role = StateStore(cfg.state_dir).load(STATE_DOC).get("role")
-    return role if role in ROLES else None
+    doc = StateStore(cfg.state_dir).load_doc(RoleDoc)
+    return doc.role if doc is not None else None
 
 
 def record_role(cfg, role: str, results: Iterable[SourceResult]) -> bool:
     """Write role.json; False (nothing written) when it already holds this role."""
     store = StateStore(cfg.state_dir)
-    if store.load(STATE_DOC).get("role") == role:
+    if current_role(cfg) == role:
         return False
-    log.info("recording role %s in %s", role, store.path(STATE_DOC))
-    store.save(
-        STATE_DOC,
-        {"role": role, "decided_at": time.time(), "sources": [asdict(r) for r in results]},
-    )
+    log.info("recording role %s in %s", role, store.path(RoleDoc))
+    store.save_doc(RoleDoc(role, time.time(), [asdict(r) for r in results]))
     return True
 
 

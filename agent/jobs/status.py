@@ -1,9 +1,10 @@
 """`airflow-agent status [--json]`: what the agent knows and what the units are doing.
 
-Reads only local things: the state dir (role, confapply, env, variables, drain, lifecycle
-documents), the watched files (for the current content hash) and systemd. It never calls AWS
-or IMDS, and when systemd cannot be reached it says so instead of failing, so it works on a
-half-broken instance, which is when an operator runs it. `--json` prints one stable object:
+Reads only local things: the state dir (every document in agent.state's registry, shown as
+it is on disk, so a field this agent does not know still shows), the watched files (for the
+current content hash) and systemd. It never calls AWS or IMDS, and when systemd cannot be
+reached it says so instead of failing, so it works on a half-broken instance, which is when
+an operator runs it. `--json` prints one stable object:
 
     {"role": str|null, "role_recorded_at": float|null,
      "env_file": {"path": str, "sha256": str|null (plain sha256 of the file now; null when
@@ -11,7 +12,8 @@ half-broken instance, which is when an operator runs it. `--json` prints one sta
      "config": {"files": [...], "current_hash": str, "applied_hash": str|null,
                 "in_sync": bool, "applied_at": float|null, "last_result": str|null,
                 "last_error": str|null},   (confapply's hash over every watched file)
-     "env": {...env.json...}, "variables": {...}, "drain": {...}, "lifecycle": {...},
+     "<status_key>": {...the document...}   for every registered document with a status key
+                  (env, variables, variables_watch, drain, lifecycle),
      "systemd": {"reachable": bool, "error": str|null},
      "units": {unit: {"active": str, "sub": str, "main_pid": int, "enabled": str,
                       "result": str, "restarts": int}}}
@@ -24,13 +26,14 @@ import hashlib
 import json
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from agent.config import ROLES
 from agent.errors import EXIT_OK
-from agent.state import StateStore
-
-DOCS = ("env", "variables", "drain", "lifecycle")
+from agent.jobs.confapply.state import ConfapplyDoc, current_hash, watched_paths
+from agent.jobs.env_sync.state import EnvDoc
+from agent.jobs.role_state import RoleDoc
+from agent.state import VERSION_KEY, Registered, StateStore, registered, registration
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -74,18 +77,20 @@ def unit_states(systemctl, units: List[str]) -> tuple[Dict[str, Any], Optional[s
 
 def _load(store: StateStore, name: str) -> Dict[str, Any]:
     try:
-        return store.load(name)
+        return store.load_raw(name)
     except OSError as exc:  # e.g. run as a non-root operator: the state dir is root 0700
         return {"unreadable": f"{exc.strerror}: {exc.filename}"}
 
 
-def collect(cfg, systemctl) -> Dict[str, Any]:
-    from agent.jobs.confapply.daemon import STATE_DOC, _abs_files, current_hash
+def _shown_documents() -> List[Registered]:
+    return [r for r in registered() if r.status_key]
 
+
+def collect(cfg, systemctl) -> Dict[str, Any]:
     store = StateStore(cfg.state_dir)
-    role_doc = _load(store, "role")
+    role_doc = _load(store, registration(RoleDoc).name)
     role = role_doc.get("role") if role_doc.get("role") in ROLES else None
-    conf = _load(store, STATE_DOC)
+    conf = _load(store, registration(ConfapplyDoc).name)
     try:
         now_hash: Optional[str] = current_hash(cfg)
         hash_error = None
@@ -95,9 +100,9 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "role": role,
         "role_recorded_at": role_doc.get("decided_at"),
-        "env_file": _env_file(cfg, _load(store, "env").get("file_sha256")),
+        "env_file": _env_file(cfg, _load(store, registration(EnvDoc).name).get("file_sha256")),
         "config": {
-            "files": _abs_files(cfg),
+            "files": watched_paths(cfg),
             "current_hash": now_hash,
             "hash_error": hash_error,
             "applied_hash": conf.get("applied_hash"),
@@ -109,10 +114,8 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
         "systemd": {"reachable": sd_error is None, "error": sd_error},
         "units": units,
     }
-    for name in DOCS:
-        out[name] = _load(store, name)
-    # the `variables watch` daemon's counters, when it is the one in use
-    out["variables_watch"] = _load(store, "variables-watch")
+    for doc in _shown_documents():
+        out[doc.status_key] = _load(store, doc.name)  # type: ignore[index]
     return out
 
 
@@ -141,15 +144,9 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-# the fields the human view shows per job document (all of them are in --json)
-_SHOWN = {
-    "variables": ("last_result", "version_id", "synced_at", "counts", "last_error", "not_pruned"),
-    "lifecycle": ("summary", "phase", "target_lifecycle_state", "last_poll"),
-    "variables_watch": ("status", "last_poll_at", "bridge_pid", "bridge_starts"),
-}
-
-
-def _doc_line(doc: Dict[str, Any], keys: Optional[tuple] = None) -> str:
+def _doc_line(doc: Dict[str, Any], keys: Tuple[str, ...] = ()) -> str:
+    # a field never set (null) says nothing in the human view; --json has it
+    doc = {k: v for k, v in doc.items() if k != VERSION_KEY and v is not None}
     if not doc:
         return "no record"
     parts = []
@@ -168,14 +165,10 @@ def _doc_line(doc: Dict[str, Any], keys: Optional[tuple] = None) -> str:
     return " ".join(parts)
 
 
-def _lifecycle_line(doc: Dict[str, Any]) -> str:
-    line = _doc_line(doc, _SHOWN["lifecycle"])
-    action = doc.get("lifecycle_action") if isinstance(doc, dict) else None
-    if isinstance(action, dict) and action.get("hook"):
-        line += (
-            f" heartbeats={action.get('heartbeats_sent', 0)}"
-            f" completed={bool(action.get('completed'))}"
-        )
+def _document_line(entry: Registered, doc: Dict[str, Any]) -> str:
+    line = _doc_line(doc, entry.shown)
+    if entry.detail is not None and isinstance(doc, dict) and not doc.get("unreadable"):
+        line += entry.detail(doc)
     return line
 
 
@@ -195,16 +188,12 @@ def render(s: Dict[str, Any]) -> str:
         ("role", s["role"] or "not recorded (run `airflow-agent role --apply`)"),
         ("env file", _env_file_line(s["env_file"])),
         ("config hash", _hash_line(c)),
-        ("env sync", _doc_line(s["env"])),
-        ("variables", _doc_line(s["variables"], _SHOWN["variables"])),
-        *(
-            [("vars watch", _doc_line(s["variables_watch"], _SHOWN["variables_watch"]))]
-            if s.get("variables_watch")
-            else []
-        ),
-        ("drain", _doc_line(s["drain"])),
-        ("lifecycle", _lifecycle_line(s["lifecycle"])),
     ]
+    for entry in _shown_documents():
+        doc = s.get(entry.status_key, {})  # type: ignore[arg-type]
+        if entry.optional and not doc:
+            continue
+        rows.append((entry.title, _document_line(entry, doc)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     if not s["systemd"]["reachable"]:

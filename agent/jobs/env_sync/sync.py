@@ -3,13 +3,13 @@
 The I/O shell around `agent.jobs.env_sync.plan`: fetch every parameter under the configured paths
 (recursive, decrypted, paginated to the end), plan the new file, and write it atomically only
 when its bytes change. Any failure or suspicious result leaves the last good file in place and
-exits non-zero with a one-line reason. Values never reach logs or stdout; `--diff` prints names.
+exits non-zero with a one-line reason, which the job runner records in `env.json`
+(agent.jobs.env_sync.state.EnvDoc). Values never reach logs or stdout; `--diff` prints names.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 
 from agent.errors import EXIT_OK, AgentError, ConfigError
 from agent.jobs.env_sync.plan import EnvPlan, Parameter, map_parameters, plan_env
+from agent.jobs.env_sync.state import EnvDoc
 from agent.logs import register_secrets
 from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
 from agent.platform.fsutil import (
@@ -32,6 +33,8 @@ from agent.state import StateStore
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 10  # the API's maximum for GetParametersByPath
+# the job runner records a failed run here
+FAILURE_DOCUMENT = EnvDoc
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -147,22 +150,14 @@ class EnvSync:
                 plan.sha256,
             )
         if not dry_run:
-            self.state.update(
-                "env",
+            self.state.update_doc(
+                EnvDoc,
                 last_sync=time.time(),
                 last_sync_result="ok",
                 file_sha256=plan.sha256,
                 variables=n,
             )
         return plan
-
-
-def _record_failure(cfg, reason: str) -> None:
-    # the state dir may be the very thing that is broken; the log line still goes out
-    with contextlib.suppress(OSError):
-        StateStore(cfg.state_dir).update(
-            "env", last_failure=time.time(), last_sync_result="failed", last_failure_reason=reason
-        )
 
 
 def print_diff(plan: EnvPlan, out=None) -> None:
@@ -180,11 +175,9 @@ def run(args: argparse.Namespace, cfg) -> int:
         ssm = AwsClients(cfg).client("ssm")
         plan = EnvSync(cfg, ssm).run(dry_run=args.dry_run, allow_drop=args.allow_drop)
     except AgentError as exc:
-        _record_failure(cfg, str(exc))
         exc.args = (f"env sync kept the last good file: {exc}",)
         raise
     except AWS_ERRORS as exc:
-        _record_failure(cfg, describe_error(exc))
         raise AgentError(f"env sync kept the last good file: {describe_error(exc)}") from None
     if args.diff:
         print_diff(plan)

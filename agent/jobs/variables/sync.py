@@ -8,48 +8,33 @@ The I/O shell around `agent.jobs.variables.plan`. One run:
    call at all;
 3. refuses a secret that is not a JSON object of usable keys (nothing imported, state kept);
 4. writes only new and changed keys, deletes keys that left the secret only with `--prune`,
-   reads back and fails naming every key that did not land, by one of two methods
-   (`variables.method`):
-   - api (default): through one co-process in the Airflow venv's interpreter
-     (airflow/bridge_client.py + airflow/bridge_server.py): `Variable.set/delete` per key, then
-     an HMAC of what each key holds, read in a new session; values only on a pipe;
-   - cli: `airflow variables import -a overwrite` of a 0600 temp file, `airflow variables
-     delete`, then `airflow variables export` (a 0600 temp file too): the CLI reports per-key
-     failures with exit status 0, so only the export tells;
+   reads back and fails naming every key that did not land, by the method `variables.method`
+   names (api through the Airflow bridge, or cli; agent.jobs.variables.apply);
 5. records per-key keyed hashes (never values) of what landed, so the next run retries the rest.
 
-State (StateStore, root 0600): `variables.json` is the summary `status` shows (`version_id` and
-`synced_at` of the last complete sync, `counts`, `last_run_at`, `last_result`, `last_error`,
-`last_counts`, `not_pruned`, `secret_id`); `variables-hashes.json` holds the per-key hashes;
+State (agent.jobs.variables.state, root 0600): `variables.json` (VariablesDoc) is the summary
+`status` shows; `variables-hashes.json` (VariablesHashesDoc) holds the per-key hashes;
 `variables.key` the HMAC key.
 
-`variables watch` (agent/jobs/variables/watch.py) runs the same sync in a loop with a warm bridge.
+The command line is agent.jobs.variables.cli; `variables watch` (agent/jobs/variables/watch.py)
+runs the same sync in a loop with a warm bridge.
 
 The Airflow CLI (or the bridge) runs with the environment of the units' EnvironmentFile
 (`variables.env_file`, default `env.file`), never with values on its argv, as `variables.user`
-(default `airflow`).
-The switch uses Popen's own user/group/extra_groups (setgroups+setregid+setreuid in the child
-before exec; no setpriv/runuser binary, nothing added to argv). Because the state dir is root
-0700, the child is started with its working directory already inside the temp dir (chdir
-happens before the uid switch) and names its files relatively; the temp files are chowned to
-that user, and we read the export through a descriptor opened before the chown. That needs
+(default `airflow`). agent.platform.process switches with Popen's own
+user/group/extra_groups (setgroups+setregid+setreuid in the child before exec; no
+setpriv/runuser binary, nothing added to argv). Because the state dir is root 0700, the child
+is started with its working directory already inside the temp dir (chdir happens before the
+uid switch) and names its files relatively; the temp files are chowned to that user, and we
+read the export through a descriptor opened before the chown. That needs
 CAP_CHOWN besides CAP_SETUID/CAP_SETGID, and nothing else (no CAP_DAC_OVERRIDE).
-
-Airflow's own output is never logged: its error lines can quote values. Only counts and
-exception class names are picked out of it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import logging
-import os
-import pwd
 import secrets as pysecrets
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,98 +42,32 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from agent.airflow.bridge_client import BridgeProvider, default_python
 from agent.airflow.execution import (
-    IMPORT_COUNTS,
     AirflowCli,
-    RunAs,
     TempDir,
-    exception_names,
-    pdeathsig_preexec,
-    read_fd,
     resolve_run_as,
 )
-from agent.errors import EXIT_OK, AgentError, ConfigError, RefusedError
+from agent.errors import AgentError, RefusedError
+from agent.jobs.variables.airflow_env import airflow_env, warn_shadowed
+from agent.jobs.variables.apply import Applied, apply_api, apply_cli
 from agent.jobs.variables.plan import (
     SecretShapeError,
     VariablesPlan,
-    bridge_item,
-    import_document,
     name_list,
     parse_secret,
     plan_variables,
-    secrets_backend,
-    shadowed_by_env,
     unwrap,
-    verify_absent,
-    verify_deleted,
-    verify_digests,
-    verify_import,
 )
+from agent.jobs.variables.state import VariablesDoc, VariablesHashesDoc
 from agent.logs import register_secrets
-from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
-from agent.platform.envfile import parse_env
+from agent.platform.aws import AWS_ERRORS, describe_error
 from agent.platform.fsutil import FileLock, atomic_write
+from agent.platform.process import RunAs
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "variables"
-# the per-key hashes live in their own document so `status` shows a small summary
-HASHES_NAME = "variables-hashes"
 LOCK_NAME = "variables.lock"
 DIGEST_KEY_NAME = "variables.key"
-# what systemd gives a service; the env file comes on top
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="variables_command", metavar="ACTION", required=True)
-    sync = sub.add_parser(
-        "sync",
-        parents=[common],
-        help="import new and changed variables from the secret into Airflow, verified",
-        description=(
-            "Read variables.secret_id from Secrets Manager. When its VersionId was synced "
-            "already, do nothing. Otherwise import only new and changed keys into Airflow, "
-            "read them back, and fail naming any key that did not land. Keys removed from "
-            "the secret are deleted only with --prune. Values never reach logs or argv."
-        ),
-    )
-    sync.add_argument(
-        "--diff", action="store_true", help="print new (+), changed (~), removed (-) names"
-    )
-    sync.add_argument(
-        "--dry-run", action="store_true", help="plan only: no Airflow call, no state change"
-    )
-    sync.add_argument(
-        "--prune", action="store_true", help="delete variables removed from the secret"
-    )
-    sync.add_argument(
-        "--all",
-        action="store_true",
-        help="import every key even if recorded as synced (e.g. after Airflow's database was "
-        "restored or edited by hand)",
-    )
-    watch = sub.add_parser(
-        "watch",
-        parents=[common],
-        help="daemon: poll the secret and sync each new version through a warm Airflow bridge",
-        description=(
-            "Keep one Airflow interpreter (the bridge) running, poll GetSecretValue every "
-            "interval, and sync when the VersionId changes (an unchanged secret costs no "
-            "Airflow work). Restarts the bridge if it dies or the env file changes. Reports "
-            "READY/STATUS/WATCHDOG to systemd; exits cleanly on SIGTERM."
-        ),
-    )
-    watch.add_argument(
-        "--interval",
-        type=float,
-        default=None,
-        metavar="S",
-        help="seconds between polls (default: variables.watch_interval)",
-    )
-    watch.add_argument(
-        "--prune", action="store_true", help="delete variables removed from the secret"
-    )
 
 
 class _Lock(FileLock):
@@ -165,16 +84,6 @@ class _Lock(FileLock):
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-class _Terminated(AgentError):
-    pass
-
-
-def _raise_terminated(signum: int, _frame: Any) -> None:
-    # a oneshot blocked waiting for the CLI: raising unwinds through the finally blocks that
-    # remove the temp files (subprocess.run kills the child on the way out)
-    raise _Terminated(f"terminated by signal {signum}; nothing more imported")
 
 
 # ---------------------------------------------------------------- the sync
@@ -247,27 +156,7 @@ class VariablesSync:
         return resp.get("VersionId", ""), resp.get("SecretString")
 
     def _airflow_env(self, run_as: Optional[RunAs]) -> Dict[str, str]:
-        try:
-            file_env = parse_env(self.env_file.read_bytes())
-        except FileNotFoundError:
-            # without it the CLI would fall back to a default (SQLite) database: refuse
-            raise AgentError(
-                f"the Airflow environment file {self.env_file} does not exist (run `env sync` "
-                "first, or set variables.env_file)"
-            ) from None
-        except OSError as exc:
-            raise AgentError(
-                f"cannot read the Airflow environment file {self.env_file}: {exc.strerror}"
-            ) from None
-        # its values (database URL, fernet key) go to the CLI's environment only, never to a log
-        if run_as is not None:
-            home, user = run_as.home, run_as.name
-        else:
-            pw = pwd.getpwuid(os.geteuid())
-            home, user = pw.pw_dir, pw.pw_name
-        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": home, "USER": user, "LOGNAME": user}
-        env.update(file_env)
-        return env
+        return airflow_env(self.env_file, run_as)
 
     # -- the run
 
@@ -294,32 +183,30 @@ class VariablesSync:
         diff_out,
         full: bool = False,
     ) -> SyncResult:
-        doc = self.state.load(STATE_NAME)
+        doc = self.state.load_doc(VariablesDoc) or VariablesDoc()
         version_id, text = self._fetch()
         sid = self.vcfg.secret_id
         digest_key = self._digest_key(create=False)
         same_version = (
-            doc.get("secret_id") == sid
-            and doc.get("version_id") == version_id
-            and digest_key is not None
+            doc.secret_id == sid and doc.version_id == version_id and digest_key is not None
         )
-        if same_version and not (prune and doc.get("not_pruned")) and not full:
-            if doc.get("not_pruned"):
+        if same_version and not (prune and doc.not_pruned) and not full:
+            if doc.not_pruned:
                 log.warning(
                     "%d variable(s) left the secret but stay in Airflow (--prune deletes them): %s",
-                    len(doc["not_pruned"]),
-                    name_list(doc["not_pruned"]),
+                    len(doc.not_pruned),
+                    name_list(doc.not_pruned),
                 )
             log.log(
                 self.unchanged_level,
                 "secret %s version %s already synced at %s; no Airflow call",
                 sid,
                 version_id,
-                _iso(doc.get("synced_at")),
+                _iso(doc.synced_at),
             )
             if not dry_run:
-                self.state.update(
-                    STATE_NAME, last_run_at=time.time(), last_result="unchanged", last_error=None
+                self.state.update_doc(
+                    VariablesDoc, last_run_at=time.time(), last_result="unchanged", last_error=None
                 )
             return SyncResult(None, version_id, skipped=True)
 
@@ -332,7 +219,8 @@ class VariablesSync:
         register_secrets(_secret_strings(secret))
 
         # the hashes stand for what is in Airflow, whichever secret put it there
-        hashes = dict(self.state.load(HASHES_NAME).get("hashes") or {})
+        recorded = self.state.load_doc(VariablesHashesDoc)
+        hashes = dict(recorded.hashes) if recorded is not None else {}
         if full:
             # every key in the secret counts as changed; removed keys stay known for --prune
             hashes = {k: "" for k in hashes}
@@ -354,9 +242,9 @@ class VariablesSync:
             "secret %s version %s: %d variables: %s", sid, version_id, len(secret), plan.summary()
         )
         if diff_out is not None:
-            _print_diff(plan, diff_out)
+            print_diff(plan, diff_out)
         env = self._airflow_env(run_as)
-        self._warn_shadowed(secret, env)
+        warn_shadowed(secret, env, self.env_file)
         if plan.removed and not prune:
             log.warning(
                 "%d variable(s) left the secret but stay in Airflow (--prune deletes them): %s",
@@ -372,14 +260,14 @@ class VariablesSync:
             return SyncResult(plan, version_id)
 
         to_delete = plan.removed if prune else []
-        if self.vcfg.method == "api":
-            landed, failed, gone, kept, calls = self._apply_api(
-                env, run_as, tmp, secret, plan, to_delete
-            )
-        else:
-            cli = AirflowCli(self.vcfg.airflow_command, env, run_as, tmp.path, self.vcfg.timeout)
-            landed, failed, gone, kept = self._apply(cli, tmp, secret, plan, to_delete)
-            calls = cli.calls
+        applied = self._apply(env, run_as, tmp, secret, plan, to_delete)
+        landed, failed, gone, kept, calls = (
+            applied.landed,
+            applied.failed,
+            applied.gone,
+            applied.kept,
+            applied.calls,
+        )
 
         # hashes of what is known to be in Airflow now; a failed key has none, so it is retried
         new_hashes = {k: hashes[k] for k in plan.unchanged}
@@ -397,7 +285,7 @@ class VariablesSync:
         now = time.time()
         # hashes first: a crash before the summary only makes the next run re-plan (and find
         # the keys unchanged), never skip a key
-        self.state.save(HASHES_NAME, {"hashes": new_hashes})
+        self.state.save_doc(VariablesHashesDoc(new_hashes))
         update: Dict[str, Any] = dict(
             secret_id=sid,
             not_pruned=not_pruned,
@@ -417,12 +305,12 @@ class VariablesSync:
             reason = "; ".join(problems) + " (the next run retries them)"
             # version_id stays the last complete one, so the next run does not stop early
             update.update(last_result="failed", last_error=reason)
-            self.state.update(STATE_NAME, **update)
+            self.state.update_doc(VariablesDoc, **update)
             raise AgentError(f"variables sync of {sid} version {version_id}: {reason}")
         update.update(
             version_id=version_id, synced_at=now, counts=counts, last_result="ok", last_error=None
         )
-        self.state.update(STATE_NAME, **update)
+        self.state.update_doc(VariablesDoc, **update)
         log.info(
             "secret %s version %s synced: %d imported, %d deleted, %d unchanged, verified "
             "(%d Airflow call(s))",
@@ -437,7 +325,7 @@ class VariablesSync:
             plan, version_id, imported=len(landed), deleted=len(gone), airflow_calls=calls
         )
 
-    def _apply_api(
+    def _apply(
         self,
         env: Dict[str, str],
         run_as: Optional[RunAs],
@@ -445,125 +333,11 @@ class VariablesSync:
         secret: Dict[str, Any],
         plan: VariablesPlan,
         to_delete: List[str],
-    ) -> Tuple[List[str], List[str], List[str], List[str], int]:
-        """Through the Airflow bridge: set, delete, then digests read back in new sessions.
-        (landed, failed, deleted, still there, requests)."""
-        to_import = plan.to_import
-        if not to_import and not to_delete:
-            return [], [], [], [], 0
-        bridge = self.bridges.acquire(env, run_as, tmp.path)
-        before = bridge.requests
-        broken = True
-        try:
-            if to_import:
-                refused = bridge.set({k: bridge_item(secret[k]) for k in to_import}, self.tick)
-                log.log(
-                    logging.WARNING if refused else logging.INFO,
-                    "airflow bridge set %d key(s): %d refused by Airflow%s",
-                    len(to_import),
-                    len(refused),
-                    _refused_suffix(refused),
-                )
-            if to_delete:
-                refused = bridge.delete(to_delete, self.tick)
-                if refused:
-                    log.warning(
-                        "airflow bridge delete of %d key(s): %d refused%s",
-                        len(to_delete),
-                        len(refused),
-                        _refused_suffix(refused),
-                    )
-            digests = bridge.digests(sorted(set(to_import) | set(to_delete)), self.tick)
-            broken = False
-        finally:
-            self.bridges.release(bridge, broken)
-        landed, failed = verify_digests(secret, to_import, digests, bridge.hmac_key)
-        gone, kept = verify_absent(to_delete, digests)
-        return landed, failed, gone, kept, bridge.requests - before
-
-    def _apply(
-        self,
-        cli: AirflowCli,
-        tmp: TempDir,
-        secret: Dict[str, Any],
-        plan: VariablesPlan,
-        to_delete: List[str],
-    ) -> Tuple[List[str], List[str], List[str], List[str]]:
-        """Import, delete, read back. (landed, failed, deleted, still there)."""
-        to_import = plan.to_import
-        if not to_import and not to_delete:
-            return [], [], [], []
-        if to_import:
-            name, fd = tmp.create("import", import_document(secret, to_import))
-            os.close(fd)
-            try:
-                rc, out = cli.run("variables", "import", name, "-a", "overwrite")
-            finally:
-                tmp.remove(name)
-            m = IMPORT_COUNTS.search(out)
-            clean = rc == 0 and m is not None and m.group(1) == m.group(2) == str(len(to_import))
-            log.log(
-                logging.INFO if clean else logging.WARNING,
-                "airflow variables import of %d key(s): exit %d, %s%s",
-                len(to_import),
-                rc,
-                f"{m.group(1)} of {m.group(2)} reported updated" if m else "no summary",
-                _exc_suffix(out),
-            )
-        for key in to_delete:
-            # "--": a key may start with "-"; keys are names, not secrets, so argv is fine
-            rc, out = cli.run("variables", "delete", "--", key)
-            if rc != 0:
-                log.warning("airflow variables delete %s: exit %d%s", key, rc, _exc_suffix(out))
-        exported = self._export(cli, tmp)
-        landed, failed = verify_import(secret, to_import, exported)
-        gone, kept = verify_deleted(to_delete, exported)
-        return landed, failed, gone, kept
-
-    def _export(self, cli: AirflowCli, tmp: TempDir) -> Dict[str, Any]:
-        name, fd = tmp.create("export")
-        try:
-            rc, out = cli.run("variables", "export", name)
-            body = read_fd(fd)
-        finally:
-            os.close(fd)
-            tmp.remove(name)
-        if rc != 0:
-            raise AgentError(
-                f"cannot verify: airflow variables export exited {rc}"
-                f"{_exc_suffix(out)}; nothing recorded as synced"
-            )
-        try:
-            exported = json.loads(body)
-        except ValueError:
-            exported = None
-        if not isinstance(exported, dict):
-            raise AgentError(
-                "cannot verify: airflow variables export wrote no JSON object; "
-                "nothing recorded as synced"
-            )
-        return exported
-
-    def _warn_shadowed(self, secret: Dict[str, Any], env: Dict[str, str]) -> None:
-        shadowed = shadowed_by_env(secret, env)
-        if shadowed:
-            log.warning(
-                "%d variable(s) are shadowed by AIRFLOW_VAR_* in %s (Airflow reads those "
-                "first; the imported value is not what DAGs see): %s",
-                len(shadowed),
-                self.env_file,
-                name_list(shadowed),
-            )
-        backend = secrets_backend(env)
-        if backend and secret:
-            log.warning(
-                "%s is set in %s: Airflow reads that secrets backend before its database, so "
-                "any of these %d variable(s) it defines shadows the imported one: %s",
-                backend,
-                self.env_file,
-                len(secret),
-                name_list(sorted(secret)),
-            )
+    ) -> Applied:
+        if self.vcfg.method == "api":
+            return apply_api(self.bridges, env, run_as, tmp, secret, plan, to_delete, self.tick)
+        cli = AirflowCli(self.vcfg.airflow_command, env, run_as, tmp.path, self.vcfg.timeout)
+        return apply_cli(cli, tmp, secret, plan, to_delete)
 
 
 def _secret_strings(secret: Dict[str, Any]) -> List[str]:
@@ -578,26 +352,13 @@ def _secret_strings(secret: Dict[str, Any]) -> List[str]:
     return out
 
 
-def _refused_suffix(refused: Dict[str, str]) -> str:
-    # key names and exception class names only; never the exception's message
-    if not refused:
-        return ""
-    shown = [f"{k} ({refused[k]})" for k in sorted(refused)]
-    return ": " + name_list(shown)
-
-
 def bridge_provider(cfg, warm: bool) -> BridgeProvider:
     from agent.airflow.bridge_client import WarmBridgeProvider
 
     vcfg = cfg.variables
     python = vcfg.airflow_python or default_python(vcfg.airflow_command)
     cls = WarmBridgeProvider if warm else BridgeProvider
-    return cls(python, vcfg.timeout, pdeathsig_preexec())
-
-
-def _exc_suffix(output: str) -> str:
-    names = exception_names(output)
-    return f" ({', '.join(names)})" if names else ""
+    return cls(python, vcfg.timeout)
 
 
 def _iso(ts: Any) -> str:
@@ -606,57 +367,10 @@ def _iso(ts: Any) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _print_diff(plan: VariablesPlan, out) -> None:
+def print_diff(plan: VariablesPlan, out) -> None:
     for key in plan.new:
         print(f"+ {key}", file=out)
     for key in plan.changed:
         print(f"~ {key}", file=out)
     for key in plan.removed:
         print(f"- {key}", file=out)
-
-
-def _record_failure(cfg, result: str, reason: str) -> None:
-    # the state dir may be what is broken; the error line still goes out
-    with contextlib.suppress(OSError):
-        StateStore(cfg.state_dir).update(
-            STATE_NAME, last_run_at=time.time(), last_result=result, last_error=reason
-        )
-
-
-def run(args: argparse.Namespace, cfg) -> int:
-    if not cfg.variables.secret_id:
-        if args.variables_command == "sync":
-            # the scheduler's timer is enabled by default: a cluster without variables must not
-            # see it fail every run
-            log.warning("variables.secret_id is not set in %s: nothing to import", cfg.source)
-            return EXIT_OK
-        raise ConfigError(f"{cfg.source}: key 'variables.secret_id' is not set")
-    if args.variables_command == "watch":
-        from agent.jobs.variables.watch import watch
-
-        return watch(args, cfg)
-    # a oneshot blocked on Airflow: SIGTERM unwinds through the finally blocks that remove the
-    # temp file (cli) or end the co-process (api), and is recorded as a failed run
-    old_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        sm = AwsClients(cfg).client("secretsmanager")
-        VariablesSync(cfg, sm).run(
-            full=args.all,
-            dry_run=args.dry_run,
-            prune=args.prune,
-            diff_out=sys.stdout if args.diff else None,
-        )
-    except RefusedError as exc:
-        if not args.dry_run:
-            _record_failure(cfg, "refused", str(exc))
-        raise
-    except AgentError as exc:
-        if not args.dry_run and not isinstance(exc, ConfigError):
-            _record_failure(cfg, "failed", str(exc))
-        raise
-    except AWS_ERRORS as exc:
-        _record_failure(cfg, "failed", describe_error(exc))
-        raise AgentError(f"variables sync: {describe_error(exc)}") from None
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
-    return EXIT_OK

@@ -1,0 +1,82 @@
+"""`undrain`: let the local Celery worker consume again after a drain (or a stop-consuming).
+
+What to do comes from `plan.undrain_action`: start a stopped worker unit (waiting first for
+one that is still stopping), or re-add on a running worker the consumers the drain cancelled
+(recorded in drain.json), checked with `active_queues`. The drain document is removed after.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from agent.errors import AgentError, DeadlineError
+from agent.jobs.drain import plan
+from agent.jobs.drain.broker import read_broker
+from agent.jobs.drain.shell import DrainShell
+from agent.jobs.drain.state import DrainLock
+from agent.worker.celery_control import QueueSpec
+
+log = logging.getLogger(__name__)
+
+
+class Undrainer(DrainShell):
+    def undrain(self, timeout: Optional[float] = None) -> str:
+        """Let the worker consume again; returns started / consumers-added / nothing."""
+        timeout = float(timeout if timeout is not None else max(self.cfg.drain.reply_timeout, 60.0))
+        until = self.clock() + timeout
+        lock = DrainLock(self.store)
+        lock.acquire(until, self.clock, self.sleep)
+        try:
+            state = self.store.load_doc(plan.DrainState)
+            action = plan.undrain_action(state, self.condition())
+            if action == plan.WAIT_STOPPED_THEN_START:
+                if not self.wait_unit_stopped(until):
+                    raise DeadlineError(f"{self.unit} is still stopping; not started")
+                action = plan.START_UNIT
+            if action == plan.START_UNIT:
+                self.systemctl.reset_failed(self.unit)
+                self.systemctl.start(self.unit)
+                log.info("undrain: started %s", self.unit)
+                done = "started"
+            elif action == plan.ADD_CONSUMERS:
+                assert state is not None
+                self._add_consumers(state, until)
+                done = "consumers-added"
+            else:
+                log.info(
+                    "undrain: %s is running and no drain is recorded; nothing to do", self.unit
+                )
+                done = "nothing"
+            self.store.delete(plan.DrainState)
+            self.notifier.status(f"undrained {self.node}: {done}")
+            return done
+        finally:
+            lock.release()
+
+    def _add_consumers(self, state: plan.DrainState, until: float) -> None:
+        settings = read_broker(self.cfg)
+        if not settings.remote_control:
+            raise AgentError(
+                f"broker {settings.scheme}:// has no remote control: "
+                f"restart {self.unit} to consume again"
+            )
+        with self.control_factory(settings, state.node) as control:
+            while not control.ping():
+                if self.clock() >= until:
+                    raise DeadlineError(
+                        f"{state.node} did not answer remote control; consumers not restored"
+                    )
+            consuming = [q.name for q in control.active_queues()]
+            for q in plan.missing_queues(state.queues, consuming):
+                control.add_consumer(QueueSpec.from_dict(q))
+                log.info("undrain %s: consuming queue %s again", state.node, q["name"])
+            left = self.settle(
+                control,
+                lambda names: [q["name"] for q in plan.missing_queues(state.queues, names)],
+                "add_consumer",
+            )
+            if left:
+                raise AgentError(
+                    f"{state.node} still does not consume {', '.join(left)} after add_consumer"
+                )

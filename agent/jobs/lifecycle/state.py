@@ -1,0 +1,50 @@
+"""The lifecycle document (`lifecycle.json`): everything `lifecycle watch` knows between polls.
+
+Fields (see agent/jobs/lifecycle/watch.py for how they change): `phase` (idle | draining |
+done), `event` (the current or last event), `handled` (event keys already acted on),
+`target_lifecycle_state` and `last_poll`/`last_poll_error` (IMDS), `drain`,
+`lifecycle_action`, `protection`, and `summary` (the same line as systemd's STATUS=).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
+
+from agent.state import StateDoc, register
+
+
+@dataclass
+class LifecycleDoc(StateDoc):
+    name: ClassVar[str] = "lifecycle"
+    version: ClassVar[int] = 1
+
+    phase: str = "idle"
+    event: Optional[Dict[str, Any]] = None
+    handled: List[str] = field(default_factory=list)
+    target_lifecycle_state: Optional[str] = None
+    last_poll: Optional[float] = None
+    last_poll_error: Optional[str] = None
+    drain: Optional[Dict[str, Any]] = None
+    lifecycle_action: Optional[Dict[str, Any]] = None
+    protection: Optional[Dict[str, Any]] = None
+    summary: Optional[str] = None
+
+
+def status_detail(doc: Dict[str, Any]) -> str:
+    """What the human `status` line adds: the lifecycle hook's heartbeats, when there is one."""
+    action = doc.get("lifecycle_action")
+    if isinstance(action, dict) and action.get("hook"):
+        return (
+            f" heartbeats={action.get('heartbeats_sent', 0)}"
+            f" completed={bool(action.get('completed'))}"
+        )
+    return ""
+
+
+register(
+    LifecycleDoc,
+    status_key="lifecycle",
+    shown=("summary", "phase", "target_lifecycle_state", "last_poll"),
+    detail=status_detail,
+)
