@@ -55,7 +55,9 @@ class RoleConfig:
 class EnvConfig:
     file: str = "/etc/sysconfig/airflow.env"
     ssm_paths: List[str] = field(default_factory=lambda: ["/airflow/prod/"])
-    static: Dict[str, str] = field(default_factory=lambda: {"AIRFLOW_HOME": "/airflow"})
+    static: Dict[str, str] = field(
+        default_factory=lambda: {"AIRFLOW_HOME": "/airflow"}, repr=False  # values may be secret
+    )
     required: List[str] = field(default_factory=list)
     max_drop_fraction: float = 0.2
     owner: str = "root"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.config import DEFAULT_UNITS, config_as_dict, config_from_dict, load_config
+from agent.config import DEFAULT_UNITS, config_from_dict, load_config
 from agent.errors import ConfigError
 
 
@@ -55,9 +55,10 @@ def test_load_config_errors(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-def test_printing_redacts_static_values():
+def test_config_repr_never_shows_static_values():
     cfg = config_from_dict({"env": {"static": {"TOKEN": "s3cr3t-value"}}})
-    assert "s3cr3t-value" not in repr(config_as_dict(cfg))
+    assert cfg.env.static["TOKEN"] == "s3cr3t-value"
+    assert "s3cr3t-value" not in repr(cfg) and "s3cr3t-value" not in str(cfg)
 
 
 def test_cli_exit_code_2_names_key_and_file(tmp_path, run_agent):
