@@ -56,7 +56,8 @@ class EnvConfig:
     file: str = "/etc/sysconfig/airflow.env"
     ssm_paths: List[str] = field(default_factory=lambda: ["/airflow/prod/"])
     static: Dict[str, str] = field(
-        default_factory=lambda: {"AIRFLOW_HOME": "/airflow"}, repr=False  # values may be secret
+        default_factory=lambda: {"AIRFLOW_HOME": "/airflow"},
+        repr=False,  # values may be secret
     )
     required: List[str] = field(default_factory=list)
     max_drop_fraction: float = 0.2
@@ -366,11 +367,3 @@ def load_config(path: Optional[str] = None) -> AgentConfig:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{resolved}: not valid YAML{where}") from None
     return config_from_dict(data, source=resolved)
-
-
-def config_as_dict(cfg: AgentConfig) -> Dict[str, Any]:
-    """The config as plain data for printing; static env values are redacted (may be secret)."""
-    data = dataclasses.asdict(cfg)
-    data.pop("source", None)
-    data["env"]["static"] = {k: "<redacted>" for k in data["env"]["static"]}
-    return data

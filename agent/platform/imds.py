@@ -185,12 +185,6 @@ class ImdsClient:
     def rebalance_recommendation(self) -> Optional[dict]:
         return self._json("meta-data/events/recommendations/rebalance")
 
-    def identity_document(self) -> dict:
-        doc = self._json("dynamic/instance-identity/document")
-        if doc is None:
-            raise ImdsUnavailable("IMDS has no instance identity document")
-        return doc
-
     def _json(self, path: str) -> Optional[dict]:
         text = self.get(path)
         if text is None:
