@@ -8,6 +8,7 @@ EXIT_FAILURE = 1  # an operation failed (AWS, IMDS, systemd, file I/O); last goo
 EXIT_USAGE = 2  # bad command line or bad agent.yaml
 EXIT_REFUSED = 3  # input was read but refused as bad or suspicious; last good state kept
 EXIT_TIMEOUT = 4  # a deadline passed (drain, validation)
+EXIT_INTERRUPTED = 130  # Ctrl-C (KeyboardInterrupt), as a shell reports SIGINT
 
 
 class AgentError(Exception):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -203,6 +204,8 @@ class Registered:
     detail: Optional[Callable[[Dict[str, Any]], str]] = None
     # the human view shows the line only when the document exists
     optional: bool = False
+    # the module that registered it (orders `registered()` as DOCUMENT_MODULES does)
+    module: str = ""
 
 
 _REGISTRY: Dict[str, Registered] = {}
@@ -239,6 +242,8 @@ def register(
     old = _REGISTRY.get(name)
     if old is not None and old.doc_type.__qualname__ != doc_type.__qualname__:
         raise TypeError(f"state document {name!r} registered twice: {old.doc_type.__qualname__}")
+    caller = inspect.currentframe()
+    module = caller.f_back.f_globals.get("__name__", "") if caller and caller.f_back else ""
     entry = Registered(
         doc_type,
         name,
@@ -248,6 +253,7 @@ def register(
         tuple(shown),
         detail,
         optional,
+        module,
     )
     if old is not None:  # the same class again (a module reloaded): replace it
         _BY_TYPE.pop(old.doc_type, None)
@@ -257,10 +263,13 @@ def register(
 
 
 def registered() -> List[Registered]:
-    """Every registered document, in DOCUMENT_MODULES order (importing those modules)."""
+    """Every registered document, in DOCUMENT_MODULES order (importing those modules), then
+    any other (a test's), in registration order."""
     for module in DOCUMENT_MODULES:
         importlib.import_module(module)
-    return list(_REGISTRY.values())
+    order = {m: i for i, m in enumerate(DOCUMENT_MODULES)}
+    entries = list(_REGISTRY.values())
+    return sorted(entries, key=lambda e: order.get(e.module, len(order)))
 
 
 def registration(doc_type: type) -> Registered:
@@ -292,9 +301,9 @@ DocKey = Union[str, type]
 
 
 class StateStore:
-    """The state dir. Typed: read/load/save/update/delete take a registered document type
-    (or, for save, an instance). `load_raw`/`save_raw` and the str forms are for code not
-    ported yet and for `status`, which shows documents as they are on disk."""
+    """The state dir. read/load_doc/update_doc/delete take a registered document type,
+    save_doc an instance. `load_raw`/`save_raw` are for `status`, which shows documents as they
+    are on disk, and for tests that write one as it could be found there."""
 
     def __init__(self, state_dir: Union[str, Path]):
         self.dir = Path(state_dir)
@@ -370,24 +379,3 @@ class StateStore:
     def delete(self, key: DocKey) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(key).unlink()
-
-    # -- the str forms (not ported code): name -> dict
-
-    def load(self, key: DocKey) -> Any:
-        if isinstance(key, str):
-            return self.load_raw(key)
-        return self.load_doc(key)
-
-    def save(self, key: Any, data: Optional[Mapping[str, Any]] = None) -> None:
-        if isinstance(key, str):
-            self.save_raw(key, data or {})
-        else:
-            self.save_doc(key)
-
-    def update(self, key: DocKey, **changes: Any) -> Any:
-        if not isinstance(key, str):
-            return self.update_doc(key, **changes)
-        data = self.load_raw(key)
-        data.update(changes)
-        self.save_raw(key, data)
-        return data

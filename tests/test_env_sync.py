@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import boto3
 import psutil
@@ -146,6 +149,11 @@ def assert_kept(cfg_path, good, proc, rc, reason):
     assert env_file(cfg_path).read_bytes() == good
     assert "kept the last good file" in proc.stderr and reason in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 3
+    # the job runner recorded the failure in env.json; what the last good sync wrote stays
+    doc = json.loads((Path(json.loads(cfg_path.read_text())["state_dir"]) / "env.json").read_text())
+    assert doc["last_sync_result"] == {1: "failed", 3: "refused"}[rc]
+    assert reason in doc["last_failure_reason"] and doc["last_failure"] > 0
+    assert doc["file_sha256"] == hashlib.sha256(good).hexdigest()
 
 
 def test_access_denied_keeps_last_good(aws, synced, cfg_path, run_agent):

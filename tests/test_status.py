@@ -30,8 +30,8 @@ TOP_KEYS = {
 def seeded_config(make_config, tmp_path, systemctl):
     cfg = make_config({"systemctl": systemctl})
     store = StateStore(str(tmp_path / "state"))
-    store.save("role", {"role": "worker", "decided_at": 1795000000.0})
-    store.save(
+    store.save_raw("role", {"role": "worker", "decided_at": 1795000000.0})
+    store.save_raw(
         "env",
         {
             "last_sync": 1795000000.0,
@@ -41,8 +41,8 @@ def seeded_config(make_config, tmp_path, systemctl):
             "variables": 7,
         },
     )
-    store.save("variables", {"some_future_key": [1, 2], "last_sync": 1795000100.0})
-    store.save("drain", {"state": "draining", "started_at": 1795000200.0})
+    store.save_raw("variables", {"some_future_key": [1, 2], "last_sync": 1795000100.0})
+    store.save_raw("drain", {"state": "draining", "started_at": 1795000200.0})
     env = tmp_path / "sysconfig" / "airflow.env"
     env.parent.mkdir(parents=True)
     env.write_bytes(b'A="1"\n')

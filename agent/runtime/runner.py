@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 from agent.errors import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     AgentError,
     ConfigError,
     DeadlineError,
@@ -35,8 +36,6 @@ from agent.errors import (
 from agent.state import StateStore, registration
 
 log = logging.getLogger("agent")
-
-EXIT_INTERRUPTED = 130
 
 FAILED = "failed"
 REFUSED = "refused"
