@@ -1,0 +1,231 @@
+"""The drain shell (agent/jobs/drain/{drainer,undrain,shell}.py) in process, on virtual time:
+a fake systemctl and a fake Celery remote control stand in for the worker, so every path
+(drain, deadline, resume, warm stop, undrain) runs in milliseconds. tests/test_drain.py proves
+the same against a real Celery worker under real systemd."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+from agent.config import config_from_dict
+from agent.errors import DeadlineError
+from agent.jobs.drain.drainer import Drainer
+from agent.jobs.drain.plan import DrainState
+from agent.jobs.drain.undrain import Undrainer
+from agent.state import StateStore
+from agent.worker.celery_control import QueueSpec
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += max(seconds, 0.001)  # a zero sleep still lets virtual time move
+
+
+class FakeSystemctl:
+    def __init__(self, state: str = "active"):
+        self.state = state
+        self.calls: List[str] = []
+
+    def active_state(self, unit: str) -> str:
+        return self.state
+
+    def stop(self, unit: str, timeout: float = 0) -> None:
+        self.calls.append(f"stop {unit}")
+        self.state = "inactive"
+
+    def start(self, unit: str) -> None:
+        self.calls.append(f"start {unit}")
+        self.state = "active"
+
+    def reset_failed(self, unit: str) -> None:
+        self.calls.append(f"reset-failed {unit}")
+
+
+class FakeWorker:
+    """A worker's remote control: its queues, and what `busy` answers poll by poll."""
+
+    def __init__(self, queues=("default", "high"), busy: Optional[List[Tuple[int, int]]] = None):
+        self.consuming = [QueueSpec(q, exchange=q, routing_key=q) for q in queues]
+        self.busy_answers = list(busy or [(0, 0)])
+        self.calls: List[str] = []
+
+    def __call__(self, settings, node):  # the control factory
+        self.calls.append(f"connect {node} {settings.scheme}")
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def ping(self, timeout=None) -> bool:
+        return True
+
+    def active_queues(self) -> List[QueueSpec]:
+        return list(self.consuming)
+
+    def cancel_consumer(self, name: str) -> None:
+        self.calls.append(f"cancel {name}")
+        self.consuming = [q for q in self.consuming if q.name != name]
+
+    def add_consumer(self, spec: QueueSpec) -> None:
+        self.calls.append(f"add {spec.name}")
+        self.consuming.append(spec)
+
+    def busy(self) -> Tuple[int, int]:
+        # the last answer repeats
+        return self.busy_answers.pop(0) if len(self.busy_answers) > 1 else self.busy_answers[0]
+
+
+class Notes:
+    def __init__(self):
+        self.lines: List[str] = []
+
+    def status(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def make_cfg(tmp_path, broker="redis://:pw@127.0.0.1:1/0", **drain):
+    env = tmp_path / "airflow.env"
+    env.write_text(f'AIRFLOW__CELERY__BROKER_URL="{broker}"\n')
+    return config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "env": {"file": str(env)},
+            "drain": {"node_name": "celery@w1", "timeout": 600, "poll_interval": 5, **drain},
+        }
+    )
+
+
+def rig(tmp_path, systemctl=None, worker=None, broker="redis://:pw@127.0.0.1:1/0", **drain) -> Dict:
+    cfg = make_cfg(tmp_path, broker, **drain)
+    clock = Clock()
+    parts = dict(
+        systemctl=systemctl or FakeSystemctl(),
+        notifier=Notes(),
+        control_factory=worker or FakeWorker(),
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return {"cfg": cfg, "clock": clock, **parts}
+
+
+def drainer(r, cls=Drainer, **kw):
+    parts = {k: r[k] for k in ("systemctl", "notifier", "control_factory", "clock", "sleep")}
+    return cls(r["cfg"], **parts, **kw)
+
+
+def drain_doc(r) -> Optional[DrainState]:
+    return StateStore(r["cfg"].state_dir).read(DrainState)
+
+
+def test_a_drain_cancels_every_queue_waits_for_idle_then_stops(tmp_path):
+    worker = FakeWorker(busy=[(2, 1), (1, 0), (0, 0)])
+    r = rig(tmp_path, worker=worker)
+    seen = []
+    result = drainer(r, on_progress=lambda p: seen.append((p.phase, p.active))).drain()
+    assert (result.outcome, result.method, result.queues) == (
+        "drained",
+        "remote-control",
+        ["default", "high"],
+    )
+    assert worker.calls[1:] == ["cancel default", "cancel high"]
+    assert r["systemctl"].calls == ["stop airflow-worker"]
+    # two polls 5 s apart (poll_interval) before idle, on virtual time
+    assert result.idle_at - result.started == pytest.approx(10.0, abs=0.01)
+    doc = drain_doc(r)
+    assert doc.phase == "stopped" and doc.queue_names == ["default", "high"]
+    assert doc.stopped_at == result.stopped_at and doc.idle_at == result.idle_at
+    assert ("waiting", 2) in seen and ("waiting", 1) in seen and seen[-1][0] == "stopped"
+    assert any("2 task(s) running, 1 reserved" in line for line in r["notifier"].lines)
+
+
+def test_at_the_deadline_the_worker_stays_up_without_consumers_and_undrain_restores(tmp_path):
+    worker = FakeWorker(busy=[(1, 0)])
+    r = rig(tmp_path, worker=worker)
+    with pytest.raises(DeadlineError, match="1 task\\(s\\) running"):
+        drainer(r).drain(timeout=30)
+    doc = drain_doc(r)
+    assert doc.phase == "deadline" and doc.queue_names == ["default", "high"]
+    assert r["clock"].now - doc.started == pytest.approx(30.0, abs=0.01)
+    assert r["systemctl"].calls == [] and worker.consuming == []
+
+    assert drainer(r, Undrainer).undrain() == "consumers-added"
+    assert sorted(q.name for q in worker.consuming) == ["default", "high"]
+    assert drain_doc(r) is None  # the document is gone after an undrain
+
+
+def test_on_deadline_stop_stops_the_worker_anyway(tmp_path):
+    r = rig(tmp_path, worker=FakeWorker(busy=[(1, 0)]), on_deadline="stop")
+    result = drainer(r).drain(timeout=20)
+    assert result.outcome == "stopped-at-deadline" and result.idle_at is None
+    assert r["systemctl"].calls == ["stop airflow-worker"]
+
+
+def test_an_interrupted_drain_resumes_with_its_original_deadline(tmp_path):
+    r = rig(tmp_path, worker=FakeWorker(queues=(), busy=[(1, 0)]))
+    now = r["clock"].now
+    store = StateStore(r["cfg"].state_dir)
+    started, deadline = now - 100, now + 15
+    queues = [{"name": "default", "exchange": "default"}]
+    store.save_doc(DrainState("waiting", "celery@w1", started, deadline, queues=queues))
+    with pytest.raises(DeadlineError):
+        drainer(r).drain(timeout=600)  # a new timeout does not extend the recorded deadline
+    doc = drain_doc(r)
+    assert (doc.started, doc.deadline, doc.resumed) == (started, deadline, 1)
+    assert doc.queue_names == ["default"]  # what the first run cancelled is still known
+    assert r["clock"].now == pytest.approx(deadline, abs=0.01)
+
+
+def test_a_drain_document_that_makes_no_sense_is_a_fresh_drain(tmp_path, caplog):
+    r = rig(tmp_path)
+    store = StateStore(r["cfg"].state_dir)
+    store.save_raw("drain", {"phase": "waiting", "node": "celery@w1", "started": "yesterday"})
+    assert drainer(r).drain().outcome == "drained"
+    assert "not a drain document this agent wrote" in caplog.text
+    assert drain_doc(r).resumed == 0
+
+
+def test_a_stopped_worker_is_already_drained(tmp_path):
+    r = rig(tmp_path, systemctl=FakeSystemctl("inactive"))
+    assert drainer(r).drain().outcome == "already-stopped"
+    assert r["control_factory"].calls == []  # the broker was not even asked
+    assert drain_doc(r).phase == "stopped"
+
+
+def test_without_remote_control_it_is_a_warm_stop(tmp_path):
+    r = rig(tmp_path, broker="sqs://")
+    result = drainer(r).drain()
+    assert (result.outcome, result.method) == ("warm-stopped", "warm-stop")
+    assert "no Celery remote control" in result.message
+    assert r["control_factory"].calls == [] and r["systemctl"].calls == ["stop airflow-worker"]
+
+
+def test_stop_consuming_pauses_and_undrain_of_a_stopped_worker_starts_it(tmp_path):
+    worker = FakeWorker()
+    r = rig(tmp_path, worker=worker)
+    assert drainer(r).stop_consuming() == ["default", "high"]
+    assert drain_doc(r).phase == "paused" and worker.consuming == []
+    r["systemctl"].state = "failed"
+    assert drainer(r, Undrainer).undrain() == "started"
+    assert r["systemctl"].calls == ["reset-failed airflow-worker", "start airflow-worker"]
+    assert drain_doc(r) is None
+
+
+def test_the_drain_document_on_disk(tmp_path):
+    r = rig(tmp_path)
+    drainer(r).drain()
+    on_disk = json.loads((tmp_path / "state" / "drain.json").read_text())
+    assert on_disk["version"] == 1 and on_disk["phase"] == "stopped"
+    assert on_disk["node"] == "celery@w1"
