@@ -4,9 +4,10 @@ The co-process is the Airflow venv's interpreter (`variables.airflow_python`, de
 `python` beside `variables.airflow_command[0]`), run exactly like the Airflow CLI: as
 `variables.user`, with the units' EnvironmentFile as its whole environment, umask 077, its
 working directory the agent's private temp dir, and a parent-death signal so it never outlives
-the agent (SIGKILL included). Its argv is a fixed one-line loader; the bridge's source arrives
-as the first stdin line, so nothing of ours is installed in the Airflow venv and no value is
-ever on an argv. Its stderr (Airflow's logs, which can quote values) goes to /dev/null.
+the agent (SIGKILL included): agent.platform.process prepares both the same way. Its argv is
+a fixed one-line loader; the bridge's source arrives as the first stdin line, so nothing of
+ours is installed in the Airflow venv and no value is ever on an argv. Its stderr (Airflow's
+logs, which can quote values) goes to /dev/null.
 
 Every request has a deadline (`variables.timeout`); a co-process that misses it, answers
 garbage or exits is killed and reported, and the caller (`variables watch`) starts a new one.
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from agent.airflow import bridge_server as airflow_bridge
-from agent.errors import AgentError, ConfigError
+from agent.airflow.execution import config_error
+from agent.errors import AgentError
+from agent.platform import process
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,14 @@ class AirflowBridge:
         run_as: Any,
         cwd: Path,
         timeout: float,
-        preexec: Optional[Callable[[], None]] = None,
+        die_with_parent: bool = True,
     ):
         self.python = python
         self.env = dict(env)
         self.run_as = run_as
         self.cwd = cwd
         self.timeout = timeout
-        self.preexec = preexec
+        self.die_with_parent = die_with_parent
         self.proc: Optional[subprocess.Popen] = None
         self.requests = 0
         self.airflow_version = "?"
@@ -79,30 +82,20 @@ class AirflowBridge:
     # -- life cycle
 
     def start(self) -> AirflowBridge:
-        kwargs: Dict[str, Any] = {}
-        if self.run_as is not None:
-            kwargs.update(
-                user=self.run_as.uid, group=self.run_as.gid, extra_groups=self.run_as.groups
-            )
         started = time.monotonic()
         try:
-            self.proc = subprocess.Popen(
+            self.proc = process.spawn(
                 [self.python, "-c", LOADER],
                 env=self.env,
-                cwd=str(self.cwd),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
+                user=self.run_as,
                 umask=0o077,
-                preexec_fn=self.preexec,
-                **kwargs,
+                cwd=self.cwd,
+                stdin=process.PIPE,
+                stdout=process.PIPE,
+                die_with_parent=self.die_with_parent,
             )
-        except FileNotFoundError:
-            raise ConfigError(f"variables.airflow_python: {self.python} not found") from None
-        except PermissionError:
-            raise ConfigError(
-                f"variables.airflow_python: {self.python} is not executable"
-            ) from None
+        except process.ProcessError as exc:
+            raise config_error("variables.airflow_python", exc) from None
         try:
             self._write(json.dumps(bridge_source()))
             hello = self._read(time.monotonic() + self.timeout, "start")
@@ -257,15 +250,15 @@ class AirflowBridge:
 class BridgeProvider:
     """One co-process per sync run (`variables sync`): started on demand, closed after."""
 
-    def __init__(self, python: str, timeout: float, preexec: Optional[Callable[[], None]]):
+    def __init__(self, python: str, timeout: float, die_with_parent: bool = True):
         self.python = python
         self.timeout = timeout
-        self.preexec = preexec
+        self.die_with_parent = bool(die_with_parent)
         self.started = 0
 
     def _start(self, env: Dict[str, str], run_as: Any, cwd: Path) -> AirflowBridge:
         self.started += 1
-        bridge = AirflowBridge(self.python, env, run_as, cwd, self.timeout, self.preexec)
+        bridge = AirflowBridge(self.python, env, run_as, cwd, self.timeout, self.die_with_parent)
         return bridge.start()
 
     def acquire(self, env: Dict[str, str], run_as: Any, cwd: Path) -> AirflowBridge:
@@ -283,8 +276,8 @@ class WarmBridgeProvider(BridgeProvider):
     one died or failed, or when the environment it was started with (the env file: database
     URL, fernet key) or its user no longer match."""
 
-    def __init__(self, python: str, timeout: float, preexec: Optional[Callable[[], None]]):
-        super().__init__(python, timeout, preexec)
+    def __init__(self, python: str, timeout: float, die_with_parent: bool = True):
+        super().__init__(python, timeout, die_with_parent)
         self.bridge: Optional[AirflowBridge] = None
 
     def current(self, env: Dict[str, str], run_as: Any) -> Optional[AirflowBridge]:

@@ -1,9 +1,10 @@
 """How `variables sync` runs Airflow: as `variables.user`, dying with the agent, files private.
 
-- `RunAs` / `resolve_run_as`: the user switch (none when the agent already is that user);
-- `AirflowCli`: the Airflow CLI with the units' environment, umask 077, a timeout, and a
-  parent-death signal so a killed sync leaves no import still writing; its output is parsed
-  (`exception_names`), never logged, because Airflow may quote values;
+- `resolve_run_as`: the user switch (none when the agent already is that user);
+- `AirflowCli`: the Airflow CLI through agent.platform.process with the units' environment,
+  umask 077, a timeout, and a parent-death signal so a killed sync leaves no import still
+  writing; its output is parsed (`exception_names`), never logged, because Airflow may quote
+  values;
 - `TempDir`: the 0600 import/export files of the cli method, in a private directory under the
   state dir that every run empties first (which cleans up after a SIGKILL).
 """
@@ -11,36 +12,21 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import pwd
 import re
 import secrets as pysecrets
-import signal
-import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from agent.errors import AgentError, ConfigError
+from agent.platform import process
+from agent.platform.process import RunAs
 
 log = logging.getLogger(__name__)
 
 TMP_DIR_NAME = "variables-tmp"
-PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class RunAs:
-    """The user the Airflow CLI runs as; None fields mean: no switch."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: List[int]
-    home: str
 
 
 def resolve_run_as(user: Optional[str], source: str) -> Optional[RunAs]:
@@ -48,31 +34,32 @@ def resolve_run_as(user: Optional[str], source: str) -> Optional[RunAs]:
     if user is None:
         return None
     try:
-        pw = pwd.getpwnam(user)
+        run_as = RunAs.lookup(user)
     except KeyError:
         raise ConfigError(f"{source}: key 'variables.user': user {user!r} does not exist") from None
-    if pw.pw_uid == os.geteuid():
+    if run_as.uid == os.geteuid():
         return None
     if os.geteuid() != 0:
         raise ConfigError(
             f"{source}: key 'variables.user' is {user!r} but the agent runs as uid "
             f"{os.geteuid()} and cannot switch; run it as root or set variables.user: null"
         )
-    return RunAs(user, pw.pw_uid, pw.pw_gid, os.getgrouplist(user, pw.pw_gid), pw.pw_dir)
+    return run_as
 
 
-def pdeathsig_preexec():
-    """A preexec_fn: the CLI dies with us, so a killed run leaves no import still writing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+def pdeathsig_preexec() -> bool:
+    """Transitional: agent/jobs/variables/sync.py still hands this to BridgeProvider, whose
+    argument now means die_with_parent (agent.platform.process sets the signal). Remove with
+    that call."""
+    return True
 
-    def preexec() -> None:
-        # runs after the uid switch (which would clear it), just before exec
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
-    return preexec
+def config_error(key: str, exc: process.ProcessError) -> AgentError:
+    """A configured program that cannot be started is a configuration error naming its key;
+    anything else stays the process error it is."""
+    if exc.reason in (process.NOT_FOUND, process.NOT_EXECUTABLE):
+        return ConfigError(f"{key}: {exc.program} {exc.reason}")
+    return exc
 
 
 IMPORT_COUNTS = re.compile(r"^(\d+) of (\d+) variables successfully updated", re.M)
@@ -110,46 +97,29 @@ class AirflowCli:
 
     def run(self, *args: str) -> Tuple[int, str]:
         """(exit status, stdout+stderr). The output is for parsing, never for logging."""
-        argv = self.command + list(args)
-        kwargs: Dict[str, Any] = {}
-        if self.run_as is not None:
-            kwargs.update(
-                user=self.run_as.uid, group=self.run_as.gid, extra_groups=self.run_as.groups
-            )
+        what = "airflow " + " ".join(args[:2])
         self.calls += 1
         started = time.monotonic()
         try:
-            proc = subprocess.run(
-                argv,
-                env=self.env,
-                cwd=str(self.cwd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+            result = process.run(
+                self.command + list(args),
                 timeout=self.timeout,
+                env=self.env,
+                user=self.run_as,
                 umask=0o077,
-                preexec_fn=pdeathsig_preexec(),
-                **kwargs,
+                cwd=self.cwd,
+                merge_stderr=True,
+                die_with_parent=True,
+                label=what,
             )
-        except FileNotFoundError:
-            raise ConfigError(f"variables.airflow_command: {self.command[0]} not found") from None
-        except PermissionError:
-            raise ConfigError(
-                f"variables.airflow_command: {self.command[0]} is not executable"
-            ) from None
-        except subprocess.TimeoutExpired:
-            raise AgentError(
-                f"airflow {' '.join(args[:2])} did not finish within {self.timeout:g} s "
-                "(variables.timeout); killed"
-            ) from None
-        out = proc.stdout.decode("utf-8", errors="replace")
-        log.debug(
-            "airflow %s: exit %d in %.1f s",
-            " ".join(args[:2]),
-            proc.returncode,
-            time.monotonic() - started,
-        )
-        return proc.returncode, out
+        except process.ProcessError as exc:
+            if exc.reason == process.TIMEOUT:
+                raise process.ProcessError(
+                    f"{exc} (variables.timeout)", program=exc.program, reason=exc.reason
+                ) from None
+            raise config_error("variables.airflow_command", exc) from None
+        log.debug("%s: exit %d in %.1f s", what, result.returncode, time.monotonic() - started)
+        return result.returncode, result.stdout
 
 
 # ---------------------------------------------------------------- private temp files

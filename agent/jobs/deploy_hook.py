@@ -22,8 +22,9 @@ the directories that hold them behind, and stale bytecode must not shadow the ne
 Every step is idempotent (a drained worker drains at once, starting a started unit is a no-op),
 so CodeDeploy may run a hook twice. A failing hook exits non-zero with one `ERROR agent: ...`
 line that CodeDeploy shows in the deployment's event log. Nothing this command leaves running
-holds its stdout/stderr: units are started by systemd, not forked from here, and every command
-it runs is waited for.
+holds its stdout/stderr: units are started by systemd, not forked from here, every command it
+runs goes through agent.platform.process (output to our pipes or /dev/null, never CodeDeploy's)
+and is waited for, and the Airflow CLI dies with the hook.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from agent.errors import AgentError, ConfigError, DeadlineError
+from agent.platform import process
 from agent.platform.fsutil import atomic_write, resolve_owner
 from agent.platform.systemd import Systemctl, systemctl_from_config
 
@@ -189,31 +190,26 @@ class DeployHook:
         env.setdefault("AIRFLOW_HOME", str(self.home))
         return env
 
-    def _airflow(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        argv = list(self.cfg.deploy.airflow_command) + list(args)
-        kwargs = {}
+    def _airflow(self, *args: str, timeout: float) -> process.Result:
+        user = None
         if os.geteuid() == 0 and self.cfg.deploy.owner != "root":
             # parse as the user the units run as: no root-owned bytecode or logs left behind
-            kwargs = {
-                "user": self.cfg.deploy.owner,
-                "group": self.cfg.deploy.group,
-                "extra_groups": [],
-            }
-        try:
-            return subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=self._airflow_env(),
-                stdin=subprocess.DEVNULL,
-                cwd=str(self.home),
-                **kwargs,
-            )
-        except subprocess.TimeoutExpired:
-            raise DeadlineError(f"'{' '.join(argv[-4:])}' did not finish in {timeout:g}s") from None
-        except FileNotFoundError:
-            raise AgentError(f"cannot run {argv[0]}: not found") from None
+            try:
+                user = process.RunAs.lookup(
+                    self.cfg.deploy.owner, self.cfg.deploy.group, supplementary=False
+                )
+            except KeyError as exc:
+                raise AgentError(f"deploy.owner/deploy.group: {exc.args[0]}") from None
+        # a timeout is a ProcessError with exit code 4, as DeadlineError
+        return process.run(
+            list(self.cfg.deploy.airflow_command) + list(args),
+            timeout=timeout,
+            env=self._airflow_env(),
+            user=user,
+            cwd=self.home,
+            die_with_parent=True,
+            label="airflow " + " ".join(args[:2]),
+        )
 
     def step_check_imports(self) -> None:
         if not self.cfg.deploy.check_import_errors:

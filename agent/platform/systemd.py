@@ -1,23 +1,23 @@
 """systemctl behind one small object, so every job controls units the same way.
 
 The command is configurable (`systemctl` in agent.yaml) so a test or the sandbox can point it
-elsewhere; the tests that prove jobs work drive a real systemd. sd_notify is in
-agent.platform.notify.
+elsewhere; the tests that prove jobs work drive a real systemd. It runs through
+agent.platform.process; sd_notify is in agent.platform.notify.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from agent.errors import AgentError, DeadlineError
+from agent.platform import process
 
 log = logging.getLogger(__name__)
 
 
-class SystemctlError(AgentError):
+class SystemctlError(process.ProcessError):
     """A systemctl call failed; the message carries its stderr."""
 
 
@@ -26,28 +26,18 @@ class Systemctl:
         self.command = list(command)
         self.timeout = timeout
 
-    def _run(self, *args: str, check: bool = True, timeout: Optional[float] = None):
-        argv = self.command + list(args)
-        try:
-            proc = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=timeout or self.timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise SystemctlError(
-                f"'{' '.join(argv)}' did not finish in {timeout or self.timeout}s"
-            ) from None
-        except FileNotFoundError:
-            raise SystemctlError(f"cannot run {argv[0]!r}: not found") from None
-        if check and proc.returncode != 0:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise SystemctlError(
-                f"'{' '.join(argv)}' failed (rc {proc.returncode}): {' '.join(msg)[:400]}"
-            )
-        return proc
+    def _run(
+        self, *args: str, check: bool = True, timeout: Optional[float] = None
+    ) -> process.Result:
+        # unit names and verbs only: systemctl's argv and stderr hold nothing secret
+        return process.run(
+            self.command + list(args),
+            timeout=timeout or self.timeout,
+            check=check,
+            quote_stderr=True,
+            label=" ".join(["systemctl", *args]),
+            error=SystemctlError,
+        )
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -62,9 +52,6 @@ class Systemctl:
 
     def active_state(self, unit: str) -> str:
         return self.show(unit, "ActiveState").get("ActiveState", "unknown")
-
-    def is_active(self, unit: str) -> bool:
-        return self.active_state(unit) == "active"
 
     def main_pid(self, unit: str) -> int:
         return int(self.show(unit, "MainPID").get("MainPID") or 0)
@@ -111,9 +98,6 @@ class Systemctl:
     def reset_failed(self, unit: str) -> None:
         self._run("reset-failed", unit, check=False)
 
-    def daemon_reload(self) -> None:
-        self._run("daemon-reload")
-
     def wait_active(
         self,
         unit: str,
@@ -136,7 +120,3 @@ class Systemctl:
 
 def systemctl_from_config(cfg) -> Systemctl:
     return Systemctl(cfg.systemctl)
-
-
-def units_summary(states: Dict[str, Dict[str, str]]) -> List[str]:
-    return [f"{u}={s.get('ActiveState', '?')}" for u, s in states.items()]
