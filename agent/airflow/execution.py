@@ -47,13 +47,6 @@ def resolve_run_as(user: Optional[str], source: str) -> Optional[RunAs]:
     return run_as
 
 
-def pdeathsig_preexec() -> bool:
-    """Transitional: agent/jobs/variables/sync.py still hands this to BridgeProvider, whose
-    argument now means die_with_parent (agent.platform.process sets the signal). Remove with
-    that call."""
-    return True
-
-
 def config_error(key: str, exc: process.ProcessError) -> AgentError:
     """A configured program that cannot be started is a configuration error naming its key;
     anything else stays the process error it is."""
