@@ -2,10 +2,12 @@
 
 - Linters: cfn-lint clean (no errors, no warnings); every checkov failure is listed with a
   reason in cloudformation/README.md, and every listed one still fails (no stale excuses).
-- Contract: the agent.yaml each launch template's cfn-init metadata writes loads with the
-  agent's own config loader and names that role's units (whose unit files exist in systemd/);
-  its SSM path, secret id, group and lifecycle hook are the template's resources; the cfn-hup
-  hook watches that launch template's metadata and its script runs cfn-init, then env sync.
+- Contract: one resource (InstanceConfig) carries the cfn-init metadata of all three roles; the
+  agent.yaml each role's configSet leaves at /etc/airflow-agent/agent.yaml (a link to that
+  role's file, which the `update` configSet rewrites) loads with the agent's own config loader
+  and names that role's units (whose unit files exist in systemd/); its SSM path, secret id,
+  group and lifecycle hook are the template's resources; the cfn-hup hook watches
+  InstanceConfig's metadata and its script runs cfn-init's `update`, then env sync.
 - Airflow: every `<option>_secret` parameter names an option Airflow resolves through the
   secrets backend (checked with the real Airflow config code), under the prefix whose secrets
   the template creates.
@@ -36,11 +38,18 @@ import botocore.session
 import pytest
 import yaml
 
-from agent.config import DEFAULT_UNITS, ROLES, config_from_dict
+from agent.config import DEFAULT_UNITS, ROLES, config_from_dict, load_config
 from agent.jobs.env_sync.plan import Parameter, map_parameters
 from agent.jobs.role import match_group
 from agent.platform import iam_actions
 from agent.platform.envfile import parse_env
+from sandbox.cfn_init import (
+    configset_commands,
+    configset_configs,
+    configset_files,
+    is_symlink,
+    write_files,
+)
 from sandbox.cfn_template import (
     Resolver,
     as_list,
@@ -60,6 +69,9 @@ AIRFLOW_PYTHON = REPO / ".cache" / "airflow-venv" / "bin" / "python"
 
 STACK = "airflow-test"
 LOGICAL = {"scheduler": "Scheduler", "webserver": "Webserver", "worker": "Worker"}
+# the one resource whose metadata holds AWS::CloudFormation::Init, for every role
+INIT_RESOURCE = "InstanceConfig"
+AGENT_YAML = "/etc/airflow-agent/agent.yaml"
 TEST_PARAMS: Dict[str, Any] = {
     "VpcId": "vpc-0123456789abcdef0",
     "SubnetIds": ["subnet-0a", "subnet-0b"],
@@ -72,6 +84,8 @@ TEST_PARAMS: Dict[str, Any] = {
 # silently skip some): the moto test drops these from the template and says so.
 EXPECTED_MOTO_SKIPPED_TYPES = {
     "AWS::AutoScaling::LifecycleHook",
+    # InstanceConfig: moto accepts it as a no-op and records neither it nor its metadata
+    "AWS::CloudFormation::WaitConditionHandle",
     "AWS::CodeDeploy::Application",
     "AWS::CodeDeploy::DeploymentGroup",
     "AWS::EC2::SecurityGroupEgress",
@@ -98,24 +112,30 @@ def resources_of_type(template, rtype: str) -> Dict[str, Any]:
     return {k: v for k, v in template["Resources"].items() if v["Type"] == rtype}
 
 
-def init_of(template, role: str) -> Dict[str, Any]:
-    lt = template["Resources"][f"{LOGICAL[role]}LaunchTemplate"]
-    return lt["Metadata"]["AWS::CloudFormation::Init"]
+def init_of(template) -> Dict[str, Any]:
+    return template["Resources"][INIT_RESOURCE]["Metadata"]["AWS::CloudFormation::Init"]
 
 
-def init_file(template, resolver, role: str, path: str) -> str:
-    """Content of a file the role's cfn-init writes (any config), resolved."""
-    found = [
-        cfg["files"][path]
-        for name, cfg in init_of(template, role).items()
-        if name != "configSets" and path in cfg.get("files", {})
-    ]
-    assert len(found) == 1, f"{role}: {path} is written by {len(found)} cfn-init configs"
-    return resolver.resolve(found[0]["content"])
+def init_file(template, resolver, configset: str, path: str) -> str:
+    """Content of a regular file the configSet writes, resolved (exactly one config writes it)."""
+    init = init_of(template)
+    writers = [c for c in configset_configs(init, configset) if path in init[c].get("files", {})]
+    assert len(writers) == 1, f"{configset}: {path} is written by configs {writers}"
+    attribs = init[writers[0]]["files"][path]
+    assert not is_symlink(attribs), f"{configset}: {path} is a link"
+    return resolver.resolve(attribs["content"])
+
+
+def agent_yaml_target(template, role: str) -> str:
+    """The file the role's /etc/airflow-agent/agent.yaml links to."""
+    _config, link = configset_files(init_of(template), role)[AGENT_YAML]
+    assert is_symlink(link), f"{role}: {AGENT_YAML} is not a link to the role's file"
+    return link["content"]
 
 
 def agent_yaml(template, resolver, role: str) -> Dict[str, Any]:
-    return yaml.safe_load(init_file(template, resolver, role, "/etc/airflow-agent/agent.yaml"))
+    text = init_file(template, resolver, role, agent_yaml_target(template, role))
+    return yaml.safe_load(text)
 
 
 def ssm_parameter_names(template, resolver) -> List[str]:
@@ -305,17 +325,31 @@ def test_worker_termination_hook(template, resolver):
     assert 300 <= hook["HeartbeatTimeout"] <= 7200
 
 
+def user_data_cfn_init(template, resolver, role: str) -> Dict[str, str]:
+    """The options of the cfn-init call in the role's launch template's UserData."""
+    lt = template["Resources"][f"{LOGICAL[role]}LaunchTemplate"]["Properties"]
+    (line,) = [
+        ln
+        for ln in resolver.resolve(lt["LaunchTemplateData"]["UserData"]).splitlines()
+        if ln.startswith("/opt/aws/bin/cfn-init ")
+    ]
+    words = line.split()
+    return {w[2:]: words[i + 1] for i, w in enumerate(words) if w.startswith("--")}
+
+
 @pytest.mark.parametrize("role", ROLES)
-def test_cfn_hup_hook_watches_the_launch_template_and_runs_cfn_init_then_env_sync(
+def test_cfn_hup_hook_watches_the_init_metadata_and_runs_cfn_init_then_env_sync(
     template, resolver, role, tmp_path
 ):
-    lt = f"{LOGICAL[role]}LaunchTemplate"
-    init = init_of(template, role)
+    init = init_of(template)
+    # the hook watches exactly the metadata the instance was built from
+    built_from = user_data_cfn_init(template, resolver, role)["resource"]
+    assert built_from == INIT_RESOURCE
     hooks = configparser.ConfigParser(interpolation=None)
     hooks.read_string(init_file(template, resolver, role, "/etc/cfn/hooks.d/airflow-agent.conf"))
     (section,) = hooks.sections()
     hook = hooks[section]
-    assert hook["path"] == f"Resources.{lt}.Metadata.AWS::CloudFormation::Init"
+    assert hook["path"] == f"Resources.{built_from}.Metadata.AWS::CloudFormation::Init"
     assert "post.update" in hook["triggers"].split(",")
     action = hook["action"]
     script = init_file(template, resolver, role, action)
@@ -323,10 +357,16 @@ def test_cfn_hup_hook_watches_the_launch_template_and_runs_cfn_init_then_env_syn
     main.read_string(init_file(template, resolver, role, "/etc/cfn/cfn-hup.conf"))
     assert main["main"]["stack"] == resolver.ref("AWS::StackId")
 
-    # the update configSet rewrites agent.yaml, and only configuration (no reinstall)
+    # the update configSet rewrites the file this role's agent.yaml links to, and only
+    # configuration: no reinstall, no command, and it leaves the link alone
     assert init["configSets"]["update"] == ["configure"]
-    assert "/etc/airflow-agent/agent.yaml" in init["configure"]["files"]
-    assert "commands" not in init["configure"] and "packages" not in init["configure"]
+    update = configset_files(init, "update")
+    assert agent_yaml_target(template, role) in update
+    assert AGENT_YAML not in update and not any(is_symlink(a) for _c, a in update.values())
+    for config in configset_configs(init, "update"):
+        assert not {"commands", "packages", "sources", "services"} & set(init[config]), config
+    # and first boot writes everything an update rewrites
+    assert set(configset_configs(init, "update")) <= set(configset_configs(init, role))
 
     # run the hook script with stand-ins for cfn-init and the agent: order and failure
     log = tmp_path / "calls.log"
@@ -351,7 +391,8 @@ def test_cfn_hup_hook_watches_the_launch_template_and_runs_cfn_init_then_env_syn
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
     assert calls == [
-        f"cfn-init -v --stack {STACK} --resource {lt} --configsets update --region us-east-1",
+        f"cfn-init -v --stack {STACK} --resource {INIT_RESOURCE} --configsets update "
+        "--region us-east-1",
         "airflow-agent env sync",
     ]
     log.unlink()
@@ -375,34 +416,65 @@ def test_cfn_hup_hook_watches_the_launch_template_and_runs_cfn_init_then_env_syn
     assert proc.returncode == 3
 
 
+BOOTSTRAP = "/usr/local/bin/airflow-agent bootstrap"
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_first_boot_installs_configures_and_bootstraps(template, resolver, role):
-    init = init_of(template, role)
-    assert init["configSets"]["default"] == ["install", "configure", "start"]
-    commands = {k: resolver.resolve(v["command"]) for k, v in init["install"]["commands"].items()}
-    joined = "\n".join(commands[k] for k in sorted(commands))
+    init = init_of(template)
+    # the role's configSet: the shared install, what an update re-applies, the role's own
+    # config, then start
+    assert init["configSets"][role] == ["install", {"ConfigSet": "update"}, role, "start"]
+    assert configset_configs(init, role) == ["install", "configure", role, "start"]
+    assert user_data_cfn_init(template, resolver, role)["configsets"] == role
+    run = [(c, resolver.resolve(cmd)) for c, _key, cmd in configset_commands(init, role)]
+    joined = "\n".join(cmd for c, cmd in run if c == "install")
+    # the agent's package, fetched with the instance's own role, unpacked where pip reads it
+    package = "s3://{}/{}".format(
+        TEST_PARAMS["ArtifactBucket"], template["Parameters"]["AgentPackageKey"]["Default"]
+    )
+    assert f'aws s3 cp --only-show-errors --region us-east-1 "{package}" ' in joined
+    assert "tar -xzf /opt/airflow-agent/package.tar.gz -C /opt/airflow-agent/src" in joined
+    assert "awscli-2" in init["install"]["packages"]["yum"]
+    assert (
+        "AWS::CloudFormation::Authentication"
+        not in template["Resources"][INIT_RESOURCE]["Metadata"]
+    ), "cfn-init's S3 authentication names one IAM role; three roles share this install"
     assert "python3.11 -m venv /opt/airflow-agent/venv" in joined
+    assert (
+        "/opt/airflow-agent/venv/bin/pip install --no-cache-dir -q /opt/airflow-agent/src" in joined
+    )
     assert "python3.11 -m venv /opt/airflow/venv" in joined
     assert "sh /opt/airflow-agent/src/systemd/install-units.sh" in joined
     assert (SYSTEMD_DIR / "install-units.sh").is_file()
     version = template["Parameters"]["AirflowVersion"]["Default"]
     assert f'"apache-airflow[celery,amazon,postgres]=={version}"' in joined
     assert f"constraints-{version}/constraints-3.11.txt" in joined
-    # the agent venv goes in before the units that run it, Airflow after
+    # the package first, the agent venv before the units that run it, Airflow after
+    assert joined.index(package) < joined.index("/opt/airflow-agent/venv")
     assert joined.index("/opt/airflow-agent/venv") < joined.index("install-units.sh")
-    start = init["start"]
-    commands = [start["commands"][k]["command"] for k in sorted(start["commands"])]
-    assert commands[-1] == "/usr/local/bin/airflow-agent bootstrap"
+    # after install: the role's own commands, then bootstrap; nothing else
+    after = [cmd for c, cmd in run if c != "install"]
+    own = [cmd for c, cmd in run if c == role]
+    assert after == own + [BOOTSTRAP]
+    # agent.yaml links to the role's file before any of them runs (the role's config writes
+    # the link; cfn-init writes a config's files before its commands)
+    config, link = configset_files(init, role)[AGENT_YAML]
+    assert config == role and is_symlink(link)
     if role == "scheduler":
         # the schema is migrated before bootstrap starts the scheduler, with the env file
         # (env sync first) read by systemd itself, as the airflow user
-        (migrate,) = commands[:-1]
+        (migrate,) = own
         assert migrate.startswith("/usr/local/bin/airflow-agent env sync && systemd-run ")
         assert "-p EnvironmentFile=/etc/sysconfig/airflow.env -p User=airflow" in migrate
         assert migrate.endswith("/opt/airflow/venv/bin/airflow db migrate")
+    elif role == "worker":
+        # the worker extra: Celery, for the drain's remote control
+        pip = "/opt/airflow-agent/venv/bin/pip install --no-cache-dir -q"
+        assert own == [f'{pip} "/opt/airflow-agent/src[worker]"']
     else:
-        assert len(commands) == 1
-    cfn_hup = start["services"]["systemd"]["cfn-hup"]
+        assert own == []
+    cfn_hup = init["start"]["services"]["systemd"]["cfn-hup"]
     assert cfn_hup["enabled"] is True and cfn_hup["ensureRunning"] is True
 
 
@@ -432,7 +504,7 @@ def test_scheduler_db_migrate_command_runs_on_systemd(template, resolver, tmp_pa
     from sandbox.systemd_host import SystemdHost
 
     command = resolver.resolve(
-        init_of(template, "scheduler")["start"]["commands"]["05-db-migrate"]["command"]
+        init_of(template)["scheduler"]["commands"]["10-db-migrate"]["command"]
     )
     with SystemdHost(tmp_path, name="aea-cfn-migrate") as host:
         host.write_file(
@@ -480,7 +552,7 @@ def test_launch_template_and_group(template, resolver, role):
         for t in spec["Tags"]
     }
     assert tags["airflow:role"] == role
-    # UserData: cfn-init of this launch template, then cfn-signal of this group; nothing else
+    # UserData: cfn-init of the role's configSet, then cfn-signal of this group; nothing else
     lines = [
         ln
         for ln in resolver.resolve(lt["UserData"]).splitlines()
@@ -489,8 +561,8 @@ def test_launch_template_and_group(template, resolver, role):
     run = [ln for ln in lines if not ln.startswith("[ -x /opt/aws/bin/cfn-init ]")]
     group = f"{LOGICAL[role]}Group"
     assert run == [
-        f"/opt/aws/bin/cfn-init -v --stack {STACK} --resource {LOGICAL[role]}LaunchTemplate "
-        "--configsets default --region us-east-1",
+        f"/opt/aws/bin/cfn-init -v --stack {STACK} --resource {INIT_RESOURCE} "
+        f"--configsets {role} --region us-east-1",
         f"/opt/aws/bin/cfn-signal -e $? --stack {STACK} --resource {group} --region us-east-1",
     ]
     asg = res[group]
@@ -498,34 +570,128 @@ def test_launch_template_and_group(template, resolver, role):
     desired = asg["Properties"]["DesiredCapacity"]
     assert signal["Count"] == desired
     assert asg["UpdatePolicy"]["AutoScalingRollingUpdate"]["WaitOnResourceSignals"] is True
-    # the group waits for every SSM parameter its instances read at boot
+    # the group waits for every SSM parameter its instances read at boot, and for the
+    # metadata their cfn-init reads (nothing else makes the group depend on it)
     params = set(resources_of_type(template, "AWS::SSM::Parameter"))
-    assert params <= set(asg["DependsOn"])
+    assert params | {INIT_RESOURCE} <= set(asg["DependsOn"])
 
 
-def _normalized_launch_template(template, role: str) -> Dict[str, Any]:
-    """The role's launch template with what may differ between roles taken out."""
-    lt = json.loads(json.dumps(template["Resources"][f"{LOGICAL[role]}LaunchTemplate"]))
-    lt["Metadata"]["AWS::CloudFormation::Init"]["configure"]["files"].pop(
-        "/etc/airflow-agent/agent.yaml"
-    )
-    lt["Properties"]["LaunchTemplateData"]["BlockDeviceMappings"][0]["Ebs"].pop("VolumeSize")
-    if role == "scheduler":
-        lt["Metadata"]["AWS::CloudFormation::Init"]["start"]["commands"].pop("05-db-migrate")
-    text = json.dumps(lt)
-    text = text.replace('\\"/opt/airflow-agent/src[worker]\\"', "/opt/airflow-agent/src")
+def _normalized(value: Any, role: str) -> Any:
+    """`value` with the role's names (Worker, worker) replaced by <ROLE>."""
+    text = json.dumps(value)
     for name in (LOGICAL[role], role):
         text = text.replace(name, "<ROLE>")
     return json.loads(text)
 
 
 def test_launch_templates_differ_only_in_role_specific_parts(template):
-    scheduler = _normalized_launch_template(template, "scheduler")
+    def normalized(role: str) -> Dict[str, Any]:
+        lt = json.loads(json.dumps(template["Resources"][f"{LOGICAL[role]}LaunchTemplate"]))
+        lt["Properties"]["LaunchTemplateData"]["BlockDeviceMappings"][0]["Ebs"].pop("VolumeSize")
+        return _normalized(lt, role)
+
+    scheduler = normalized("scheduler")
+    assert "Metadata" not in scheduler, "cfn-init's metadata lives on InstanceConfig only"
     for role in ("webserver", "worker"):
-        assert _normalized_launch_template(template, role) == scheduler, role
-    # and the worker installs the agent's worker extra (Celery, for the drain)
-    cmd = init_of(template, "worker")["install"]["commands"]["10-agent-venv"]["command"]
-    assert '"/opt/airflow-agent/src[worker]"' in cmd
+        assert normalized(role) == scheduler, role
+
+
+def test_cfn_init_metadata_is_in_one_place_and_roles_differ_only_in_their_own_parts(
+    template, resolver
+):
+    res = template["Resources"]
+    carriers = [r for r, v in res.items() if "AWS::CloudFormation::Init" in v.get("Metadata", {})]
+    assert carriers == [INIT_RESOURCE]
+    assert not [r for r, v in res.items() if "AWS::CloudFormation::Authentication" in str(v)]
+    init = init_of(template)
+    assert set(init["configSets"]) == set(ROLES) | {"update"}
+    assert set(init) - {"configSets"} == {"install", "configure", "start"} | set(ROLES)
+
+    # one shape: each role's configSet and config are the scheduler's with the role renamed,
+    # apart from the commands only that role runs (tested with the first boot)
+    def shape(role: str) -> Tuple[Any, Any]:
+        config = {k: v for k, v in init[role].items() if k != "commands"}
+        return _normalized(init["configSets"][role], role), _normalized(config, role)
+
+    for role in ROLES:
+        assert shape(role) == shape("scheduler"), role
+        assert set(init[role]) <= {"files", "commands"}
+        assert list(init[role]["files"]) == [AGENT_YAML]
+    # every role's file is written by the shared configure, side by side
+    role_files = {p for p in init["configure"]["files"] if p.startswith("/etc/airflow-agent/")}
+    assert role_files == {agent_yaml_target(template, r) for r in ROLES}
+    assert {agent_yaml_target(template, r) for r in ROLES} == {
+        f"/etc/airflow-agent/roles/{r}.yaml" for r in ROLES
+    }
+    # the roles' agent.yaml files: the same comments (the config revision) and the same
+    # settings, but for the role-specific keys
+    texts = {
+        r: init_file(template, resolver, "update", agent_yaml_target(template, r)) for r in ROLES
+    }
+    comments = {
+        r: [ln for ln in text.splitlines() if ln.startswith("#")] for r, text in texts.items()
+    }
+    revision = template["Parameters"]["ConfigRevision"]["Default"]
+    assert f"# config revision: {revision}" in comments["scheduler"]
+    assert comments["webserver"] == comments["worker"] == comments["scheduler"]
+    role_specific = {
+        "scheduler": {"variables"},
+        "webserver": set(),
+        "worker": {"drain", "lifecycle"},
+    }
+    common = None
+    for role, text in texts.items():
+        data = yaml.safe_load(text)
+        assert set(data) - {"cluster", "role", "units", "env"} == role_specific[role], role
+        assert data["role"].pop("override") == role
+        assert data.pop("units") == {role: DEFAULT_UNITS[role]}
+        required = data["env"].pop("required")
+        # workers consume from the broker: its URL must be there before they start
+        broker = "AIRFLOW__CELERY__BROKER_URL_SECRET"
+        assert (broker in required) == (role == "worker"), role
+        for key in role_specific[role]:
+            data.pop(key)
+        rest = (data, [v for v in required if v != broker])
+        common = common or rest
+        assert rest == common, role
+
+
+def test_agent_yaml_on_disk_follows_updates_of_the_metadata(template, resolver, tmp_path):
+    """cfn-init's files of each role's first boot, then of `update` after stack updates."""
+    init = init_of(template)
+    revised = Resolver(
+        template, dict(TEST_PARAMS, ConfigRevision="2"), pseudo={"AWS::StackName": STACK}
+    )
+    drained = Resolver(
+        template,
+        dict(TEST_PARAMS, ConfigRevision="2", DrainTimeout=600),
+        pseudo={"AWS::StackName": STACK},
+    )
+    # what cfn-hup compares: any of these changes is a change of the watched metadata
+    watched = [r.resolve(init) for r in (resolver, revised, drained)]
+    assert watched[0] != watched[1] != watched[2]
+    for role in ROLES:
+        root = tmp_path / role
+        write_files(configset_files(init, role), root, resolver.resolve)
+        path = Path(str(root) + AGENT_YAML)
+        assert path.is_symlink()
+        before = path.read_bytes()
+        cfg = load_config(str(path))
+        assert cfg.role.override == role and cfg.units_for(role) == DEFAULT_UNITS[role]
+        # a ConfigRevision bump: cfn-hup runs `update`, which rewrites the link's target
+        write_files(configset_files(init, "update"), root, revised.resolve)
+        assert path.is_symlink()
+        text = path.read_text(encoding="utf-8")
+        assert "# config revision: 2" in text and text != before.decode()
+        assert load_config(str(path)).role.override == role
+        # a worker-only change reaches every instance's hook, but leaves the other roles'
+        # agent.yaml byte for byte as it was: env sync then changes nothing for them
+        write_files(configset_files(init, "update"), root, drained.resolve)
+        after = load_config(str(path))
+        if role == "worker":
+            assert after.drain.timeout == 600
+        else:
+            assert path.read_text(encoding="utf-8") == text
 
 
 def test_codedeploy_deploys_to_the_three_groups(template):
@@ -746,12 +912,21 @@ def _boto_operations() -> Dict[str, Dict[str, str]]:
 
 
 def agent_aws_calls() -> Dict[str, Set[str]]:
-    """IAM action -> the agent modules whose code calls it (method calls and paginator names)."""
+    """IAM action -> the agent modules whose code calls it (method calls and paginator names).
+
+    A module's calls are matched against the services it makes clients for; a module that
+    makes none is handed its clients by its package (`client("secretsmanager")` in
+    jobs/variables/cli.py, the call in jobs/variables/sync.py), so it is matched against the
+    clients its package's modules make.
+    """
     ops = _boto_operations()
-    found: Dict[str, Set[str]] = {}
-    for path in sorted((REPO / "agent").glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        services = {
+    trees = {
+        str(path.relative_to(REPO)): ast.parse(path.read_text(encoding="utf-8"))
+        for path in sorted((REPO / "agent").rglob("*.py"))
+    }
+    made: Dict[str, Set[str]] = {}
+    for where, tree in trees.items():
+        made[where] = {
             n.args[0].value
             for n in ast.walk(tree)
             if isinstance(n, ast.Call)
@@ -759,6 +934,14 @@ def agent_aws_calls() -> Dict[str, Set[str]]:
             and n.func.attr == "client"
             and n.args
             and isinstance(n.args[0], ast.Constant)
+        }
+        for service in made[where]:
+            assert service in ops, f"{where}: client({service!r}) is not modelled here"
+    found: Dict[str, Set[str]] = {}
+    for where, tree in trees.items():
+        package = os.path.dirname(where)
+        services = made[where] or {
+            s for other, ss in made.items() if os.path.dirname(other) == package for s in ss
         }
         names = {
             n.func.attr
@@ -771,9 +954,8 @@ def agent_aws_calls() -> Dict[str, Set[str]]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str)
         }
         for service in services:
-            assert service in ops, f"{path.name}: client({service!r}) is not modelled here"
             for name in names & set(ops[service]):
-                found.setdefault(ops[service][name], set()).add(path.name)
+                found.setdefault(ops[service][name], set()).add(where)
     return found
 
 

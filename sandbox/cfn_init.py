@@ -1,0 +1,92 @@
+"""What cfn-init does with an `AWS::CloudFormation::Init` configSet, for tests.
+
+The template keeps one Init (on `InstanceConfig`) for the three roles; each role's instance
+runs the configSet named after it, cfn-hup runs `update`. These helpers follow aws-cfn-bootstrap's
+rules so a test can ask what an instance of a role ends up with:
+
+- `configset_configs(init, name)`: the config keys a configSet runs, in order, with
+  `{"ConfigSet": name}` references expanded (cfn-init refuses unknown names and cycles).
+- `configset_files(init, name)`: every file the configSet writes, path -> (config, attributes);
+  a later config writing the same path wins, as on disk.
+- `configset_commands(init, name)`: every command in run order (configs in order; within a
+  config, commands sorted by key, after its files).
+- `write_files(files, root, resolve)`: the files written under `root` as cfn-init writes them;
+  a mode of 120xxx makes a symbolic link whose target is the content (re-rooted here).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+CONFIGSETS = "configSets"
+
+
+def configset_configs(
+    init: Dict[str, Any], name: str, _seen: Optional[Tuple[str, ...]] = None
+) -> List[str]:
+    """The config keys configSet `name` runs, in order."""
+    seen = _seen or ()
+    if name in seen:
+        raise ValueError(f"configSet cycle: {' -> '.join(seen + (name,))}")
+    sets = init.get(CONFIGSETS, {})
+    if name not in sets:
+        raise KeyError(f"no configSet named {name}")
+    items = sets[name]
+    out: List[str] = []
+    for item in [items] if isinstance(items, (str, dict)) else items:
+        if isinstance(item, dict):
+            if set(item) != {"ConfigSet"}:
+                raise ValueError(f"configSet {name}: {item} is neither a config nor a reference")
+            out += configset_configs(init, item["ConfigSet"], seen + (name,))
+        elif item not in init or item == CONFIGSETS:
+            raise KeyError(f"configSet {name} names no config {item!r}")
+        else:
+            out.append(item)
+    return out
+
+
+def is_symlink(attribs: Dict[str, Any]) -> bool:
+    return "mode" in attribs and stat.S_ISLNK(int(str(attribs["mode"]), 8))
+
+
+def configset_files(init: Dict[str, Any], name: str) -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    files: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+    for config in configset_configs(init, name):
+        for path, attribs in sorted(init[config].get("files", {}).items()):
+            files[path] = (config, attribs)
+    return files
+
+
+def configset_commands(init: Dict[str, Any], name: str) -> List[Tuple[str, str, Any]]:
+    """(config, command key, command) in the order cfn-init runs them."""
+    return [
+        (config, key, spec["command"])
+        for config in configset_configs(init, name)
+        for key, spec in sorted(init[config].get("commands", {}).items())
+    ]
+
+
+def write_files(
+    files: Dict[str, Tuple[str, Dict[str, Any]]], root: Path, resolve: Callable[[Any], Any]
+) -> None:
+    """Write `files` (from `configset_files`) under `root`; ownership is left alone."""
+    for path, (_config, attribs) in sorted(files.items()):
+        dest = Path(str(root) + path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        content = resolve(attribs.get("content", ""))
+        if is_symlink(attribs):
+            target = str(root) + content
+            if dest.is_symlink() and os.readlink(dest) == target:
+                continue  # cfn-init leaves a link that already points there
+            if dest.is_symlink() or dest.exists():
+                dest.unlink()
+            os.symlink(target, dest)
+            continue
+        if dest.is_symlink():
+            dest.unlink()
+        dest.write_text(content, encoding="utf-8")
+        if "mode" in attribs:
+            dest.chmod(stat.S_IMODE(int(str(attribs["mode"]), 8)))
