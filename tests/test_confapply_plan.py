@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.jobs.confapply.plan import (
@@ -26,6 +26,7 @@ def test_hash_depends_on_content_not_on_anything_else():
     assert content_hash([("/e", None)]) != content_hash([("/e", b"")])
 
 
+@settings(deadline=None)
 @given(
     st.lists(st.tuples(st.text(min_size=1), st.one_of(st.none(), st.binary())), max_size=3),
     st.lists(st.tuples(st.text(min_size=1), st.one_of(st.none(), st.binary())), max_size=3),
@@ -112,3 +113,63 @@ def test_outcome_ok_only_without_failure_or_interruption():
     o.failed["b"] = "timeout"
     assert not o.ok and "failed b (timeout)" in o.summary()
     assert not ApplyOutcome(hash="h", interrupted=True).ok
+
+
+# -- pinned details (each kills a mutant `make mutate` found surviving; see docs/mutation.md) --
+
+
+def test_hash_value_is_pinned_because_it_is_persisted():
+    # confapply.json keeps the applied hash across agent upgrades: if this function's output
+    # changed, every unit would be restarted once after the upgrade for nothing
+    files = [("/etc/sysconfig/airflow.env", b"A=1\n"), ("/etc/airflow/extra.cfg", None)]
+    assert content_hash(files) == (
+        "a6e42b5ad2d58917f30f78263362e40d8dc81b287d7343769298f8e773597999"
+    )
+    assert content_hash([]) == "87b76f6aca0a0d573f194692c46c4f3b8451ce63ee020f3a88facb70d07863a0"
+
+
+def test_hash_accepts_paths_that_are_not_valid_utf8():
+    # os.fsdecode gives undecodable path bytes as lone surrogates; they must hash, not raise
+    a = content_hash([("/etc/\udcff.env", b"x")])
+    assert a != content_hash([("/etc/\udcfe.env", b"x")])
+
+
+def test_coalescer_counts_each_burst_from_zero():
+    c = Coalescer(debounce=0.5, max_wait=2.0)
+    c.note(1.0)
+    c.note(1.1)
+    assert c.take() == 2
+    c.note(5.0)
+    assert c.take() == 1
+    assert c.take() == 0
+
+
+def test_coalescer_with_only_one_time_set_is_not_due():
+    assert Coalescer(1.0, 3.0, first=None, last=5.0).due_at() is None
+    assert Coalescer(1.0, 3.0, first=5.0, last=None).due_at() is None
+    assert not Coalescer(1.0, 3.0, first=None, last=5.0).due(100.0)
+
+
+def test_watchdog_interval_edges():
+    assert watchdog_interval(10.0, "1") == 5e-7  # any positive WATCHDOG_USEC counts
+    assert watchdog_interval(10.0, "0") == 10.0
+    assert watchdog_interval(10.0, "-4") == 10.0
+    assert watchdog_interval(1.0, None) == 1.0
+    assert watchdog_interval(0.5, "") == 0.5
+    assert watchdog_interval(-1.0, None) is None
+
+
+def test_outcome_summary_is_exact():
+    assert ApplyOutcome(hash="h").summary() == "restarted none"
+    full = ApplyOutcome(
+        hash="h",
+        restarted=["a", "b"],
+        skipped=["c", "d"],
+        failed={"e": "timeout", "f": "exit-code"},
+        interrupted=True,
+    )
+    assert full.summary() == (
+        "restarted a,b; skipped (not running) c,d; failed e (timeout), f (exit-code); "
+        "interrupted by stop"
+    )
+    assert not full.ok

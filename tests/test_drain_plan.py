@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.jobs.drain import plan
 from agent.worker.celery_control import ControlError, QueueSpec, broker_settings, redact_url
@@ -161,3 +165,101 @@ def test_import_error_output_parsing_ignores_log_lines_with_brackets():
     ]
     assert _parse_import_errors("noise [1\n[]\n") == []
     assert _parse_import_errors("only logs [here]\n") is None
+
+
+# -- the persisted state, exactly (each kills a mutant `make mutate` found surviving) ---------
+
+_FINITE = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    phase=st.sampled_from(plan.PHASES),
+    node=st.text(max_size=20),
+    started=_FINITE,
+    deadline=_FINITE,
+    method=st.sampled_from(["remote-control", "warm-stop"]),
+    queues=st.lists(st.fixed_dictionaries({"name": st.text(min_size=1, max_size=8)}), max_size=3),
+    resumed=st.integers(min_value=0, max_value=10**6),
+    note=st.text(max_size=20),
+    idle_at=st.none() | _FINITE,
+    stopped_at=st.none() | _FINITE,
+)
+def test_every_state_survives_drain_json(**fields):
+    s = plan.DrainState(**fields)
+    assert plan.DrainState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_state_document_names_every_field():
+    s = _state("stopped", idle_at=150.0, stopped_at=160.0, note="n", resumed=1)
+    assert s.to_dict() == {
+        "phase": "stopped",
+        "node": "celery@a",
+        "started": 100.0,
+        "deadline": 400.0,
+        "method": "remote-control",
+        "queues": Q,
+        "resumed": 1,
+        "note": "n",
+        "idle_at": 150.0,
+        "stopped_at": 160.0,
+    }
+    assert s.remaining(300.0) == 100.0
+    assert s.remaining(450.0) == -50.0
+
+
+def test_state_defaults_for_fields_an_older_agent_did_not_write():
+    minimal = {"phase": "waiting", "node": "n", "started": 1, "deadline": "2"}
+    s = plan.DrainState.from_dict(minimal)
+    assert s == plan.DrainState(phase="waiting", node="n", started=1.0, deadline=2.0)
+    assert (s.method, s.queues, s.resumed, s.note, s.idle_at, s.stopped_at) == (
+        "remote-control",
+        [],
+        0,
+        "",
+        None,
+        None,
+    )
+    nulls = dict(minimal, method=None, queues=None, resumed=None, note=None, idle_at=None)
+    assert plan.DrainState.from_dict(nulls) == s
+    assert plan.DrainState.from_dict(dict(minimal, idle_at="7", stopped_at=8)).idle_at == 7.0
+    assert plan.DrainState.from_dict(dict(minimal, stopped_at="8.5")).stopped_at == 8.5
+    # a value that is not a number makes the whole document unusable, not half-read
+    assert plan.DrainState.from_dict(dict(minimal, idle_at="soon")) is None
+    assert plan.DrainState.from_dict(dict(minimal, resumed="x")) is None
+
+
+def test_only_named_queue_specs_are_kept():
+    data = {
+        "phase": "deadline",
+        "node": "n",
+        "started": 1,
+        "deadline": 2,
+        "queues": ["default", {"exchange": "x"}, {"name": ""}, {"name": "q", "exchange": "q"}],
+    }
+    assert plan.DrainState.from_dict(data).queues == [{"name": "q", "exchange": "q"}]
+
+
+def test_begin_keeps_node_and_method_on_every_path():
+    warm = _state("waiting", method="warm-stop")
+    resumed = plan.begin(warm, "celery@a", 300.0, 60)
+    assert (resumed.node, resumed.method) == ("celery@a", "warm-stop")
+    retried = plan.begin(_state("deadline", method="warm-stop"), "celery@a", 500.0, 60)
+    assert (retried.node, retried.method) == ("celery@a", "warm-stop")
+    fresh = plan.begin(None, "celery@b", 500.0, 60)
+    assert (fresh.node, fresh.method) == ("celery@b", "remote-control")
+
+
+def test_status_lines_are_exact():
+    assert plan.status_line("waiting", "celery@a", 2, 1, 59.9) == (
+        "draining celery@a: 2 task(s) running, 1 reserved, 59s to deadline"
+    )
+    assert plan.status_line("waiting", "n") == (
+        "draining n: 0 task(s) running, 0 reserved, 0s to deadline"
+    )
+    assert plan.status_line("waiting", "n", 1, 0, -30.0).endswith(", 0s to deadline")
+    assert plan.status_line("stopping", "n", 3, 3, 10.0) == "draining n: stopping"
+
+
+def test_a_reloading_worker_is_running():
+    assert plan.unit_condition("reloading") == plan.UNIT_RUNNING

@@ -1,13 +1,12 @@
-"""The lifecycle watch's pure core (agent/jobs/lifecycle/plan.py) and the boot gate, plus the
-global-timeout path of the real Watcher driven by a virtual clock against the real rig
-(moto Auto Scaling with a real hook, the strict IMDSv2 server): a 50-minute hold runs in
-seconds, which is the only way to see "stops heartbeating before the global timeout".
+"""The lifecycle watch's pure core (agent/jobs/lifecycle/plan.py) and the boot gate.
+
+Pure and fast (no rig servers): `make mutate` measures how well these prove the plan. The real
+Watcher on a virtual clock against the rig lives in tests/test_lifecycle_watcher.py.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 from hypothesis import given, settings
@@ -15,12 +14,7 @@ from hypothesis import strategies as st
 
 from agent.config import config_from_dict
 from agent.jobs.lifecycle import plan
-from agent.jobs.lifecycle.watch import LifecycleAws, Watcher
-from agent.platform.aws import AwsClients
-from agent.platform.imds import ImdsClient
-from agent.state import StateStore
 from agent.worker.boot_gate import boot_gate_holds, boot_gate_reason
-from sandbox.lifecycle import make_asg
 
 # -- timing rules ----------------------------------------------------------------------------
 
@@ -190,146 +184,108 @@ def test_boot_gate_holds_in_a_warm_pool_even_with_a_revision(tmp_path):
     assert not boot_gate_holds(cfg, "worker", "InService")
 
 
-# -- the real Watcher through a 50-minute hold, on a virtual clock ----------------------------
+# -- exact events, state documents and timing edges (each kills a mutant `make mutate` found
+# surviving; see docs/mutation.md) ------------------------------------------------------------
 
 
-class _Clock:
-    def __init__(self, start: float):
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class _RecordingAws(LifecycleAws):
-    def __init__(self, *a, clock, **kw):
-        super().__init__(*a, **kw)
-        self.clock = clock
-        self.heartbeat_times = []
-        self.complete_times = []
-
-    def heartbeat(self, hook):
-        super().heartbeat(hook)
-        self.heartbeat_times.append(self.clock())
-
-    def complete(self, hook):
-        super().complete(hook)
-        self.complete_times.append(self.clock())
+def test_classify_builds_each_event_exactly():
+    spot = {"action": "stop", "time": "2026-11-21T10:00:00Z"}
+    evs = plan.classify("Terminated", spot, {"noticeTime": "N"}, "stop-consuming")
+    assert evs == [
+        plan.Event(
+            "spot", "spot:stop:2026-11-21T10:00:00Z", {"action": "stop", "time": spot["time"]}
+        ),
+        plan.Event("terminate", "target:Terminated", {"target_state": "Terminated"}),
+        plan.Event("rebalance", "rebalance:N", {"notice_time": "N"}),
+    ]
+    assert plan.classify(" Warmed:Hibernated\n", None, None) == [
+        plan.Event("warmed", "target:Warmed:Hibernated", {"target_state": "Warmed:Hibernated"})
+    ]
+    # missing times still make one well-formed event each
+    assert plan.classify(None, {"action": "terminate"}, {"x": 1}, "drain") == [
+        plan.Event("spot", "spot:terminate:", {"action": "terminate", "time": ""}),
+        plan.Event("rebalance", "rebalance:", {"notice_time": ""}),
+    ]
+    # a Spot notice without an action is no reclaim; rebalance is ignored by default
+    assert plan.classify("InService", {"time": "T"}, {"noticeTime": "N"}) == []
 
 
-def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws, imds, tmp_path):
-    make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
-    # hook_name unset: the group's only termination hook is found through DescribeLifecycleHooks
-    cfg = config_from_dict(
-        {
-            "state_dir": str(tmp_path / "state"),
-            "lifecycle": {"poll_interval": 5.0, "complete_margin": 60.0},
-        }
-    )
-    clock = _Clock(1_800_000_000.0)
-    imds_client = ImdsClient.from_config(cfg)
-    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
-    release = threading.Event()
-    deadlines = []
+def test_events_survive_lifecycle_json():
+    ev = plan.classify(None, {"action": "terminate", "time": "T"}, None)[0]
+    doc = json.loads(json.dumps(ev.to_dict()))
+    assert doc == {
+        "kind": "spot",
+        "key": "spot:terminate:T",
+        "detail": {"action": "terminate", "time": "T"},
+    }
+    assert plan.Event.from_dict(doc) == ev
+    assert plan.Event.from_dict({"kind": "terminate", "key": "k"}) == plan.Event("terminate", "k")
+    assert plan.Event.from_dict({"kind": "terminate", "key": "k", "detail": None}).detail == {}
 
-    def endless_drain(cfg, deadline, on_progress):  # tasks that never finish
-        deadlines.append(deadline)
-        on_progress({"phase": "waiting", "active": 1, "message": "1 running"})
-        release.wait(60)
 
-    watcher = Watcher(
-        cfg,
-        imds_client,
-        lc_aws,
-        StateStore(cfg.state_dir),
-        drain_fn=endless_drain,
-        active_tasks_fn=lambda: [],
-        clock=clock,
-    )
-    start = clock.t
-    watcher.tick()  # InService
-    imds.set_paths({"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
+def test_only_a_termination_during_a_spot_drain_attaches():
+    spot = plan.Event("spot", "s")
+    term = plan.Event("terminate", "t")
+    assert plan.attaches_lifecycle_action(spot, term)
+    assert not plan.attaches_lifecycle_action(spot, spot)
+    assert not plan.attaches_lifecycle_action(term, term)
+    assert not plan.attaches_lifecycle_action(plan.Event("rebalance", "r"), term)
+
+
+def test_termination_plan_document():
+    p = plan.plan_termination(1000.0, 30, 60, 5, interval_override=4)
+    assert p.to_dict() == {
+        "heartbeat_timeout": 30,
+        "heartbeat_interval": 4.0,
+        "wait_started": 1000.0,
+        "global_deadline": 3995.0,
+        "heartbeat_stop_at": 3935.0,
+        "drain_deadline": 3935.0,
+    }
+
+
+def test_a_success_resets_the_retry_pause():
+    # after a success the next heartbeat is due one interval later, however long the retry
+    # pause is (the successful attempt is not a failure to back off from)
+    kw = {"interval": 10.0, "retry_delay": 20.0, "stop_at": 100.0, "started": 0.0}
+    assert plan.heartbeat_due(13.0, 3.0, 3.0, **kw)
+    assert not plan.heartbeat_due(14.0, 3.0, 13.0, **kw)  # that one failed: pause
+    assert plan.heartbeat_due(33.0, 3.0, 13.0, **kw)
+
+
+@pytest.mark.parametrize(
+    "now, poll, heartbeat_at, sleep",
+    [
+        (0.0, 5.0, None, 5.0),
+        (0.0, 5.0, 2.0, 2.0),
+        (0.0, 5.0, 10.0, 5.0),
+        (10.0, 5.0, 12.5, 2.5),
+        (10.0, 5.0, 9.0, 0.05),  # overdue: a short sleep, never a busy loop or a negative one
+        (0.0, 0.01, None, 0.05),
+    ],
+)
+def test_next_wake(now, poll, heartbeat_at, sleep):
+    assert plan.next_wake(now, poll, heartbeat_at) == sleep
+
+
+@pytest.mark.parametrize("interval, delay", [(2.0, 1.0), (6.0, 1.5), (40.0, 10.0), (100.0, 15.0)])
+def test_retry_delay_is_a_quarter_interval_within_1_and_15_s(interval, delay):
+    assert plan.retry_delay(interval) == delay
+
+
+def test_times_without_a_zone_are_utc_whatever_the_machines_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "EST5")  # POSIX form: needs no tzdata
+    time.tzset()
     try:
-        while clock.t < start + 3200:
-            watcher.tick()
-            clock.t += 5.0
-        for _ in range(10):  # the drain keeps running; nothing more is sent
-            watcher.tick()
-            clock.t += 5.0
+        assert plan.parse_time("2026-11-21T10:00:00") == 1795255200.0
+        assert plan.parse_time(" 2026-11-21T10:00:00Z\n") == 1795255200.0
+        assert plan.parse_time("2026-11-21T12:00:00+02:00") == 1795255200.0
+        # IMDS writes an upper-case Z; anything else is garbled on every Python alike
+        # (spot_deadline then assumes AWS's two minutes)
+        with pytest.raises(ValueError):
+            plan.parse_time("2026-11-21T10:00:00z")
     finally:
-        release.set()
-
-    action = watcher.state["lifecycle_action"]
-    p = action["plan"]
-    seen = start + 5  # the next poll after InService
-    assert p["global_deadline"] == seen - 5 + 3000
-    assert p["heartbeat_stop_at"] == p["global_deadline"] - 60
-    assert deadlines == [p["heartbeat_stop_at"]]
-    hb = lc_aws.heartbeat_times
-    assert hb[0] == seen
-    assert all(b - a == 10.0 for a, b in zip(hb, hb[1:]))
-    assert hb[-1] < p["heartbeat_stop_at"] <= hb[-1] + 10
-    assert len(hb) == len(aws.calls("RecordLifecycleActionHeartbeat")) == action["heartbeats_sent"]
-    # completed once, after heartbeats stopped and before Auto Scaling's global timeout
-    assert len(lc_aws.complete_times) == 1
-    assert p["heartbeat_stop_at"] <= lc_aws.complete_times[0] < p["global_deadline"]
-    done = [a for a in aws.lifecycle_actions() if a["action"] == "CompleteLifecycleAction"]
-    assert len(done) == 1 and done[0]["params"]["LifecycleActionResult"] == "CONTINUE"
-    assert done[0]["params"]["LifecycleHookName"] == "drain"
-    assert action["completed"] is True
-
-
-def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, imds, tmp_path):
-    from sandbox.proc import wait_for
-
-    make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
-    cfg = config_from_dict(
-        {
-            "state_dir": str(tmp_path / "state"),
-            "lifecycle": {"hook_name": "drain", "poll_interval": 5.0, "spot_margin": 20.0},
-        }
-    )
-    clock = _Clock(1_800_000_000.0)
-    imds_client = ImdsClient.from_config(cfg)
-    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
-    finish = threading.Event()
-    deadlines = []
-
-    def drain(cfg, deadline, on_progress):
-        deadlines.append(deadline)
-        finish.wait(30)
-        return {"outcome": "drained"}
-
-    watcher = Watcher(
-        cfg,
-        imds_client,
-        lc_aws,
-        StateStore(cfg.state_dir),
-        drain_fn=drain,
-        active_tasks_fn=lambda: [],
-        clock=clock,
-    )
-    notice = "2027-01-15T08:01:00Z"  # 60 s after the virtual start
-    clock.t = plan.parse_time("2027-01-15T08:00:00Z")
-    imds.set_paths(
-        {"meta-data/spot/instance-action": json.dumps({"action": "terminate", "time": notice})}
-    )
-    watcher.tick()
-    assert watcher.state["event"]["kind"] == "spot"
-    assert deadlines == [plan.parse_time(notice) - 20]
-    imds.set_paths({"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
-    for _ in range(5):
-        clock.t += 5.0
-        watcher.tick()
-    assert watcher.state["event"]["kind"] == "spot"  # still the one event
-    assert len(lc_aws.heartbeat_times) == 3  # at once, +10 s, +20 s
-    assert lc_aws.complete_times == []
-    finish.set()
-    wait_for(lambda: watcher.runner.snapshot()[1], 10, "the drain thread to return")
-    for _ in range(3):
-        clock.t += 5.0
-        watcher.tick()
-    assert len(lc_aws.complete_times) == 1
-    assert watcher.state["phase"] == "done"
-    assert watcher.state["lifecycle_action"]["result"] == "CONTINUE"
-    assert deadlines == [plan.parse_time(notice) - 20]  # no second drain
+        monkeypatch.undo()
+        time.tzset()

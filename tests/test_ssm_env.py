@@ -136,3 +136,97 @@ def test_diff_names_changes_without_values():
         ["AIRFLOW__S__B"],
         ["AIRFLOW__S__A"],
     )
+
+
+# -- exact messages and edges (each kills a mutant `make mutate` found surviving) -------------
+
+
+def test_variable_name_messages_and_dots_in_sections():
+    assert variable_name("/p/celery.broker/visibility.timeout", "/p/") == (
+        "AIRFLOW__CELERY_BROKER__VISIBILITY_TIMEOUT",
+        None,
+    )
+    assert variable_name("/p/a/b/c", "/p/") == (
+        None,
+        "is not <path>/<section>/<key> or <path>/env/<NAME>",
+    )
+    assert variable_name("/p/env/1X", "/p/") == (
+        None,
+        "is not a valid environment variable name after env/",
+    )
+    assert variable_name("/p/core/a b", "/p/") == (
+        None,
+        "has characters other than letters, digits, '_', '-', '.'",
+    )
+
+
+def test_every_bad_parameter_is_named_in_one_message_in_name_order():
+    params = [
+        P("/airflow/prod/core/x"),
+        P("/airflow/prod/a"),  # sorts first: not <section>/<key>
+        P("/aaa/core/y"),  # under no path, sorts before everything
+        P("/airflow/prod/core/y-1"),
+        P("/airflow/prod/core/y_1"),
+        P("/airflow/prod/env/9"),
+    ]
+    with pytest.raises(MappingError) as err:
+        map_parameters(params, [PATH])
+    assert str(err.value) == (
+        "parameters refused: /aaa/core/y is under none of the configured paths; "
+        "/airflow/prod/a is not <path>/<section>/<key> or <path>/env/<NAME>; "
+        "/airflow/prod/env/9 is not a valid environment variable name after env/; "
+        "/airflow/prod/core/y-1 and /airflow/prod/core/y_1 all map to AIRFLOW__CORE__Y_1"
+    )
+
+
+def test_refusal_messages_are_exact():
+    with pytest.raises(RefusedError) as err:
+        plan_env({}, {}, [], 0.2, None)
+    assert str(err.value) == "SSM returned no parameters under the configured paths"
+    mapped = map_parameters([P("/airflow/prod/core/x")], [PATH])
+    with pytest.raises(RefusedError) as err:
+        plan_env(mapped, {}, ["Z_VAR", "A_VAR", "AIRFLOW__CORE__X"], 0.2, None)
+    assert str(err.value) == "required variables missing: A_VAR, Z_VAR"
+
+
+def test_unencodable_values_name_their_origin_ssm_or_static():
+    mapped = map_parameters(
+        [P("/airflow/prod/core/bad", "a\x00"), P("/airflow/prod/env/OK", "fine")], [PATH]
+    )
+    with pytest.raises(RefusedError) as err:
+        plan_env(mapped, {"TZ": "x\ufffe"}, [], 0.2, None)
+    assert str(err.value) == (
+        "values systemd cannot carry: "
+        "/airflow/prod/core/bad (AIRFLOW__CORE__BAD) contains a NUL character; "
+        "env.static TZ (TZ) contains the Unicode noncharacter U+FFFE, which systemd rejects"
+    )
+
+
+def test_written_file_carries_the_header():
+    mapped = map_parameters([P("/airflow/prod/core/x", "1")], [PATH])
+    content = plan_env(mapped, {}, [], 0.2, None).content
+    assert content == (
+        b"# Written by airflow-agent env sync from SSM Parameter Store. Do not edit:\n"
+        b"# the next sync replaces this file.\n"
+        b'AIRFLOW__CORE__X="1"\n'
+    )
+
+
+def _params(n):
+    return map_parameters([P(f"/airflow/prod/s/k{i:02}") for i in range(n)], [PATH])
+
+
+def test_drop_refusal_message_is_exact_and_lists_at_most_ten():
+    old = plan_env(_params(12), {}, [], 1.0, None).content
+    with pytest.raises(RefusedError) as err:
+        plan_env(_params(1), {}, [], 0.5, old)
+    names = ", ".join(f"AIRFLOW__S__K{i:02}" for i in range(1, 11))
+    assert str(err.value) == (
+        f"sync would drop 11 of 12 variables (92% > env.max_drop_fraction 50%): {names} ..."
+        "; rerun with --allow-drop if this is intended"
+    )
+    # exactly ten dropped: all named, no ellipsis
+    old = plan_env(_params(11), {}, [], 1.0, None).content
+    with pytest.raises(RefusedError) as err:
+        plan_env(_params(1), {}, [], 0.5, old)
+    assert str(err.value).endswith(f"50%): {names}; rerun with --allow-drop if this is intended")

@@ -8,6 +8,7 @@ import pytest
 
 from agent.jobs.variables.plan import (
     SecretShapeError,
+    check_key,
     entry_digest,
     expected_export,
     import_document,
@@ -181,12 +182,82 @@ def test_api_items_and_digest_verification():
     assert verify_absent(["n", "obj", "s"], digests) == (["n"], ["obj", "s"])
 
 
-def test_sync_without_a_secret_configured_is_a_warning_not_a_failure(make_config, run_agent):
-    """The scheduler's timer is on by default; a cluster without variables must stay green."""
-    cfg = make_config()
-    proc = run_agent(cfg, "variables", "sync")
-    assert proc.returncode == 0, proc.stderr
-    assert "WARNING" in proc.stderr and "variables.secret_id is not set" in proc.stderr
-    # the daemon, which an operator enables on purpose, still refuses to start without one
-    proc = run_agent(cfg, "variables", "watch")
-    assert proc.returncode == 2 and "variables.secret_id" in proc.stderr
+# -- exact messages, limits and persisted forms (each kills a mutant `make mutate` found
+# surviving; see docs/mutation.md) ------------------------------------------------------------
+
+
+def _refusal(text):
+    with pytest.raises(SecretShapeError) as err:
+        parse_secret(text)
+    return str(err.value)
+
+
+def test_refusal_messages_are_exact():
+    assert _refusal(None) == "the secret has no SecretString (a binary secret is not supported)"
+    assert _refusal("true") == "must be a JSON object of variable names to values, got a boolean"
+    assert _refusal("[" * 100_000) == "not valid JSON: nested too deeply"
+    assert _refusal('{"": 1}') == "has an empty key"
+    assert _refusal('{" ": 1}') == "has a blank key"
+    assert _refusal('{"\\udc80": 1}') == "a key is not valid Unicode (lone surrogate escape)"
+    assert _refusal('{"a": {"value": 1, "zz": 2, "aa": 3}}') == (
+        'key "a": an object with "value" may only also have "description", found "aa", "zz"'
+    )
+    assert _refusal('{"a": {"value": 1, "description": false}}') == (
+        'key "a": "description" must be a string or null, got a boolean'
+    )
+    assert _refusal('{"a": {"value": 1, "description": {}}}') == (
+        'key "a": "description" must be a string or null, got dict'
+    )
+    with pytest.raises(SecretShapeError) as err:
+        check_key(7)
+    assert str(err.value) == "key 7 is not a string"
+
+
+def test_keys_are_shown_whole_up_to_60_characters():
+    k60, k61 = "k" * 60, "k" * 61
+    assert _refusal('{"' + k60 + '\\u007f": 1}') == (
+        'key "' + "k" * 57 + '..." contains a control character'
+    )
+    assert _refusal('{"' + k60 + '": {"value": 1, "x": 2}}').startswith('key "' + k60 + '":')
+    assert _refusal('{"' + k61 + '": {"value": 1, "x": 2}}').startswith(
+        'key "' + "k" * 57 + '...":'
+    )
+
+
+def test_key_limits():
+    assert parse_secret('{"' + "k" * 250 + '": 1}')  # Airflow's column holds 250
+    assert "251 characters" in _refusal('{"' + "k" * 251 + '": 1}')
+    assert parse_secret('{"a b~": 1}')  # space and ~ are printable
+    for control in ("\\u0000", "\\u001f", "\\u007f"):
+        # the message shows the key JSON-escaped, so the control character is visible
+        assert _refusal('{"a' + control + '": 1}') == (
+            'key "a' + control + '" contains a control character'
+        )
+
+
+def test_digests_are_pinned_because_they_are_persisted():
+    # variables.json keeps these: a change would re-import every variable after an upgrade
+    assert entry_digest(KEY, {"value": "\u00e9", "description": "\u00fc"}) == (
+        "ff2635fc97a044977916b600b2328d13e00a2fb035c0b6594bd7acafa94b47e0"
+    )
+    plan = plan_variables({"a": "1", "b": {"value": "\u00e9"}}, {}, KEY)
+    assert plan.digests == {"a": entry_digest(KEY, "1"), "b": entry_digest(KEY, "\u00e9")}
+
+
+def test_documents_are_ascii_json():
+    assert import_document({"\u00e9": "\u00fc", "x": 1}, ["\u00e9"]) == (b'{"\\u00e9": "\\u00fc"}')
+    assert expected_export({"value": {"b": 1, "a": "\u00e9"}, "description": "d"}) == (
+        '{"description": "d", "value": {"a": "\\u00e9", "b": 1}}'
+    )
+
+
+def test_verification_ignores_key_order():
+    secret = {"o": {"b": 1, "a": 2}}
+    assert verify_import(secret, ["o"], {"o": {"a": 2, "b": 1}}) == (["o"], [])
+
+
+def test_name_list_limit_is_inclusive():
+    twenty = [str(i) for i in range(20)]
+    assert name_list(twenty) == ", ".join(twenty)
+    assert name_list(twenty + ["x"]) == ", ".join(twenty) + " and 1 more"
+    assert name_list(["a", "b", "c"], limit=3) == "a, b, c"

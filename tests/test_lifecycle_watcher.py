@@ -1,0 +1,163 @@
+"""The global-timeout path of the real lifecycle Watcher, driven by a virtual clock against the
+real rig (moto Auto Scaling with a real hook, the strict IMDSv2 server): a 50-minute hold runs in
+seconds, which is the only way to see "stops heartbeating before the global timeout".
+
+(Moved from tests/test_lifecycle_plan.py, which keeps only the pure core's tests.)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from agent.config import config_from_dict
+from agent.jobs.lifecycle import plan
+from agent.jobs.lifecycle.watch import LifecycleAws, Watcher
+from agent.platform.aws import AwsClients
+from agent.platform.imds import ImdsClient
+from agent.state import StateStore
+from sandbox.lifecycle import make_asg
+
+# -- the real Watcher through a 50-minute hold, on a virtual clock ----------------------------
+
+
+class _Clock:
+    def __init__(self, start: float):
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _RecordingAws(LifecycleAws):
+    def __init__(self, *a, clock, **kw):
+        super().__init__(*a, **kw)
+        self.clock = clock
+        self.heartbeat_times = []
+        self.complete_times = []
+
+    def heartbeat(self, hook):
+        super().heartbeat(hook)
+        self.heartbeat_times.append(self.clock())
+
+    def complete(self, hook):
+        super().complete(hook)
+        self.complete_times.append(self.clock())
+
+
+def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws, imds, tmp_path):
+    make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
+    # hook_name unset: the group's only termination hook is found through DescribeLifecycleHooks
+    cfg = config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "lifecycle": {"poll_interval": 5.0, "complete_margin": 60.0},
+        }
+    )
+    clock = _Clock(1_800_000_000.0)
+    imds_client = ImdsClient.from_config(cfg)
+    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
+    release = threading.Event()
+    deadlines = []
+
+    def endless_drain(cfg, deadline, on_progress):  # tasks that never finish
+        deadlines.append(deadline)
+        on_progress({"phase": "waiting", "active": 1, "message": "1 running"})
+        release.wait(60)
+
+    watcher = Watcher(
+        cfg,
+        imds_client,
+        lc_aws,
+        StateStore(cfg.state_dir),
+        drain_fn=endless_drain,
+        active_tasks_fn=lambda: [],
+        clock=clock,
+    )
+    start = clock.t
+    watcher.tick()  # InService
+    imds.set_paths({"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
+    try:
+        while clock.t < start + 3200:
+            watcher.tick()
+            clock.t += 5.0
+        for _ in range(10):  # the drain keeps running; nothing more is sent
+            watcher.tick()
+            clock.t += 5.0
+    finally:
+        release.set()
+
+    action = watcher.state["lifecycle_action"]
+    p = action["plan"]
+    seen = start + 5  # the next poll after InService
+    assert p["global_deadline"] == seen - 5 + 3000
+    assert p["heartbeat_stop_at"] == p["global_deadline"] - 60
+    assert deadlines == [p["heartbeat_stop_at"]]
+    hb = lc_aws.heartbeat_times
+    assert hb[0] == seen
+    assert all(b - a == 10.0 for a, b in zip(hb, hb[1:]))
+    assert hb[-1] < p["heartbeat_stop_at"] <= hb[-1] + 10
+    assert len(hb) == len(aws.calls("RecordLifecycleActionHeartbeat")) == action["heartbeats_sent"]
+    # completed once, after heartbeats stopped and before Auto Scaling's global timeout
+    assert len(lc_aws.complete_times) == 1
+    assert p["heartbeat_stop_at"] <= lc_aws.complete_times[0] < p["global_deadline"]
+    done = [a for a in aws.lifecycle_actions() if a["action"] == "CompleteLifecycleAction"]
+    assert len(done) == 1 and done[0]["params"]["LifecycleActionResult"] == "CONTINUE"
+    assert done[0]["params"]["LifecycleHookName"] == "drain"
+    assert action["completed"] is True
+
+
+def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, imds, tmp_path):
+    from sandbox.proc import wait_for
+
+    make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
+    cfg = config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "lifecycle": {"hook_name": "drain", "poll_interval": 5.0, "spot_margin": 20.0},
+        }
+    )
+    clock = _Clock(1_800_000_000.0)
+    imds_client = ImdsClient.from_config(cfg)
+    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
+    finish = threading.Event()
+    deadlines = []
+
+    def drain(cfg, deadline, on_progress):
+        deadlines.append(deadline)
+        finish.wait(30)
+        return {"outcome": "drained"}
+
+    watcher = Watcher(
+        cfg,
+        imds_client,
+        lc_aws,
+        StateStore(cfg.state_dir),
+        drain_fn=drain,
+        active_tasks_fn=lambda: [],
+        clock=clock,
+    )
+    notice = "2027-01-15T08:01:00Z"  # 60 s after the virtual start
+    clock.t = plan.parse_time("2027-01-15T08:00:00Z")
+    imds.set_paths(
+        {"meta-data/spot/instance-action": json.dumps({"action": "terminate", "time": notice})}
+    )
+    watcher.tick()
+    assert watcher.state["event"]["kind"] == "spot"
+    assert deadlines == [plan.parse_time(notice) - 20]
+    imds.set_paths({"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
+    for _ in range(5):
+        clock.t += 5.0
+        watcher.tick()
+    assert watcher.state["event"]["kind"] == "spot"  # still the one event
+    assert len(lc_aws.heartbeat_times) == 3  # at once, +10 s, +20 s
+    assert lc_aws.complete_times == []
+    finish.set()
+    wait_for(lambda: watcher.runner.snapshot()[1], 10, "the drain thread to return")
+    for _ in range(3):
+        clock.t += 5.0
+        watcher.tick()
+    assert len(lc_aws.complete_times) == 1
+    assert watcher.state["phase"] == "done"
+    assert watcher.state["lifecycle_action"]["result"] == "CONTINUE"
+    assert deadlines == [plan.parse_time(notice) - 20]  # no second drain
