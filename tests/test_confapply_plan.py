@@ -13,7 +13,6 @@ from agent.jobs.confapply.plan import (
     needs_apply,
     should_reset_and_retry,
     units_to_restart,
-    watchdog_interval,
     watched_files,
 )
 
@@ -100,13 +99,6 @@ def test_start_limit_retry_only_once_and_only_for_start_limit():
     assert not should_reset_and_retry("exit-code", retried=False)
 
 
-def test_watchdog_interval_prefers_half_of_watchdog_usec():
-    assert watchdog_interval(10.0, "60000000") == 30.0
-    assert watchdog_interval(10.0, None) == 10.0
-    assert watchdog_interval(10.0, "garbage") == 10.0
-    assert watchdog_interval(0.0, None) is None
-
-
 def test_outcome_ok_only_without_failure_or_interruption():
     o = ApplyOutcome(hash="h", restarted=["a"])
     assert o.ok
@@ -148,15 +140,6 @@ def test_coalescer_with_only_one_time_set_is_not_due():
     assert Coalescer(1.0, 3.0, first=None, last=5.0).due_at() is None
     assert Coalescer(1.0, 3.0, first=5.0, last=None).due_at() is None
     assert not Coalescer(1.0, 3.0, first=None, last=5.0).due(100.0)
-
-
-def test_watchdog_interval_edges():
-    assert watchdog_interval(10.0, "1") == 5e-7  # any positive WATCHDOG_USEC counts
-    assert watchdog_interval(10.0, "0") == 10.0
-    assert watchdog_interval(10.0, "-4") == 10.0
-    assert watchdog_interval(1.0, None) == 1.0
-    assert watchdog_interval(0.5, "") == 0.5
-    assert watchdog_interval(-1.0, None) is None
 
 
 def test_outcome_summary_is_exact():

@@ -114,18 +114,6 @@ def should_reset_and_retry(result: str, retried: bool) -> bool:
     return result == "start-limit-hit" and not retried
 
 
-def watchdog_interval(configured: float, watchdog_usec: Optional[str]) -> Optional[float]:
-    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC when systemd set it."""
-    if watchdog_usec:
-        try:
-            usec = int(watchdog_usec)
-        except ValueError:
-            usec = 0
-        if usec > 0:
-            return usec / 2e6
-    return configured if configured > 0 else None
-
-
 @dataclass
 class ApplyOutcome:
     """What one apply cycle did; `ok` only when every restart succeeded."""
