@@ -291,7 +291,7 @@ class DeployHook:
         log.info("active: %s", ", ".join(self.units))
 
     def step_worker_ping(self) -> None:
-        from agent.jobs.drain.drainer import node_name, read_broker
+        from agent.jobs.drain.broker import node_name, read_broker
         from agent.worker.celery_control import ControlError, WorkerControl
 
         settings = read_broker(self.cfg)

@@ -55,24 +55,12 @@ from typing import Callable, List, Optional
 
 from agent.errors import AgentError, ConfigError, DeadlineError
 from agent.jobs.drain import plan
-from agent.jobs.drain.broker import node_name, read_broker
+from agent.jobs.drain.broker import read_broker
 from agent.jobs.drain.shell import DrainProgress, DrainResult, DrainShell
 from agent.jobs.drain.state import DrainLock
 from agent.worker.celery_control import BrokerUnreachable, NoReply, WorkerControl
 
 log = logging.getLogger(__name__)
-
-# the names other jobs use from here (lifecycle, deploy hook)
-__all__ = [
-    "DrainProgress",
-    "DrainResult",
-    "Drainer",
-    "drain",
-    "node_name",
-    "read_broker",
-    "stop_consuming",
-    "undrain",
-]
 
 
 class Drainer(DrainShell):
