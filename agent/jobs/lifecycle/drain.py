@@ -3,17 +3,24 @@
 The drain is a blocking call shared with CodeDeploy and the operator CLI (`drain(cfg,
 deadline=, on_progress=)`); the watcher must keep heartbeating whatever the drain does, so
 `DrainRunner` runs it beside the watch loop and hands over progress and outcome under a lock.
+`EventDrain` is the loop's side: it starts the drain of an event, resumes it after an agent
+restart, retries a failed one until its deadline, and records how it ended (and which tasks
+were still running) in the event's `drain` record.
 The `default_*` factories adapt jobs.drain.drainer and worker.celery_control (imported late: only a
 worker's agent needs celery); tests inject their own callables instead.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 from agent.errors import AgentError
+from agent.jobs.lifecycle.action import iso
+
+log = logging.getLogger(__name__)
 
 DrainFn = Callable[..., Any]
 
@@ -24,11 +31,12 @@ def default_drain() -> DrainFn:
     drain() applies the earlier of `deadline` and `drain.timeout` (CodeDeploy's bound); a
     termination may be held far longer than that, so the timeout is set to reach the deadline.
     """
-    from agent import drain  # imported late: celery and the drain's own imports
+    # imported late: celery and the drain's own imports
+    from agent.jobs.drain.drainer import drain
 
     def run(cfg, deadline: float, on_progress: Callable[..., None]) -> Any:
         timeout = max(1.0, deadline - time.time())
-        return drain.drain(cfg, deadline=deadline, on_progress=on_progress, timeout=timeout)
+        return drain(cfg, deadline=deadline, on_progress=on_progress, timeout=timeout)
 
     return run
 
@@ -156,3 +164,121 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "__dict__"):
         return _jsonable(vars(value))
     return str(value)
+
+
+class EventDrain:
+    """The loop's side of the current event's drain (its record is `state["drain"]`)."""
+
+    def __init__(
+        self,
+        cfg,
+        clock: Callable[[], float],
+        drain_fn: Optional[DrainFn] = None,
+        active_tasks_fn: Optional[Callable[[], List[Dict[str, Any]]]] = None,
+    ):
+        self.cfg = cfg
+        self.clock = clock
+        self._drain_fn = drain_fn
+        self._active_tasks_fn = active_tasks_fn
+        self.runner: Optional[DrainRunner] = None
+        self._retry_at = 0.0
+
+    def start(self, drain: Dict[str, Any]) -> None:
+        drain["attempts"] = int(drain.get("attempts") or 0) + 1
+        fn = self._drain_fn or default_drain()
+        self.runner = DrainRunner(fn, self.cfg, drain["deadline"], self.clock).start()
+
+    def forget(self) -> None:
+        self.runner = None
+
+    def advance(self, drain: Dict[str, Any], now: float) -> None:
+        """Progress into the record; at its end, the outcome (or a retry of a failed drain)."""
+        if drain["status"] != "running":
+            return
+        if self.runner is None:  # restarted agent: the drain resumes from drain.json
+            log.info(
+                "resuming the drain after an agent restart (deadline %s)", iso(drain["deadline"])
+            )
+            self.start(drain)
+        progress, outcome = self.runner.snapshot()
+        if progress:
+            drain["progress"] = progress
+        if outcome is None:
+            self._snapshot_before_deadline(drain, now)
+        else:
+            self._finished(drain, outcome, now)
+
+    def _finished(self, drain: Dict[str, Any], outcome: Dict[str, Any], now: float) -> None:
+        if (
+            outcome["status"] == "failed"
+            and now + self.cfg.lifecycle.poll_interval < drain["deadline"]
+        ):
+            # a failed drain (broker blip, systemctl error) is retried until its deadline:
+            # completing now would let Auto Scaling kill running tasks
+            if now >= self._retry_at:
+                log.error("drain failed (%s); retrying", outcome.get("message"))
+                self._retry_at = now + max(self.cfg.lifecycle.poll_interval, 2.0)
+                self.runner = None
+                self.start(drain)
+            return
+        drain.update(
+            status=outcome["status"],
+            finished_at=outcome["finished_at"],
+            unfinished_tasks=outcome.get("unfinished_tasks") or [],
+            message=outcome.get("message"),
+        )
+        if outcome["status"] == "deadline" and not drain["unfinished_tasks"]:
+            # with on_deadline=fail the worker still answers: ask it; otherwise use the list
+            # taken just before the deadline
+            drain["unfinished_tasks"] = (
+                self.active_tasks() or drain.get("tasks_near_deadline") or []
+            )
+        unfinished = drain["unfinished_tasks"]
+        if outcome["status"] == "done" and not unfinished:
+            log.info("drain finished: no task running")
+        elif unfinished:
+            log.warning(
+                "drain ended at its deadline with %d task(s) still running; Airflow "
+                "will retry them: %s",
+                len(unfinished),
+                describe_tasks(unfinished),
+            )
+        else:
+            log.warning("drain ended (%s): %s", outcome["status"], outcome.get("message"))
+
+    def active_tasks(self) -> Optional[List[Dict[str, Any]]]:
+        try:
+            return (self._active_tasks_fn or default_active_tasks(self.cfg))()
+        except Exception as exc:  # noqa: BLE001 - a report, not a decision
+            log.debug("cannot list the worker's active tasks: %s", exc)
+            return None
+
+    def _snapshot_before_deadline(self, drain: Dict[str, Any], now: float) -> None:
+        """Shortly before the drain's deadline, note which tasks are still running.
+
+        At the deadline the drain either leaves the worker up (on_deadline=fail) or starts its
+        warm shutdown (stop), after which remote control no longer answers; a list taken a
+        little before is what the log can name in that case.
+        """
+        lead = self.cfg.drain.poll_interval + 2.0
+        if drain.get("snapshot_at") or now < drain["deadline"] - lead:
+            return
+        if int((drain.get("progress") or {}).get("active") or 0) <= 0:
+            return
+        drain["snapshot_at"] = now
+        tasks = self.active_tasks()
+        if tasks is not None:
+            drain["tasks_near_deadline"] = tasks
+
+
+def describe_tasks(tasks: List[Any]) -> str:
+    out = []
+    for t in tasks:
+        if isinstance(t, dict):
+            name = t.get("name") or t.get("task") or "?"
+            tid = t.get("id") or t.get("task_id") or "?"
+            args = t.get("args")
+            out.append(f"{name}[{tid}]" + (f" args={args}" if args not in (None, "", []) else ""))
+        else:
+            out.append(str(t))
+    return ", ".join(out)
