@@ -39,9 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sandbox.airflow_cluster import AIRFLOW  # noqa: E402
 from sandbox.aws_server import AwsServer  # noqa: E402
+from sandbox.proc import end_process  # noqa: E402
 
-AIRFLOW = REPO / ".cache" / "airflow-venv" / "bin" / "airflow"
 SECRET_ID = "bench/variables"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -160,8 +161,7 @@ def run_watch(args, work: Path, config: Path, env: dict, sm, secret: dict) -> tu
         rss = {"bridge": _rss_kib(ws["bridge_pid"]), "agent": _rss_kib(proc.pid)}
         rss["work"] = work_s
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        end_process(proc, grace=60)
         log.close()
     return runs, rss
 
@@ -178,8 +178,7 @@ def main() -> None:
         run_bench(args, pg)
     finally:
         if pg:
-            pg[0].terminate()
-            pg[0].wait(timeout=30)
+            end_process(pg[0], grace=30)
             shutil.rmtree(pg[2], ignore_errors=True)
 
 

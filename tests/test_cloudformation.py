@@ -183,6 +183,7 @@ def accepted_checkov_findings() -> Set[Tuple[str, str]]:
     return set(rows)
 
 
+@pytest.mark.slow  # runs checkov (~9 s): out of the fast tier, in `make test`
 def test_checkov_failures_are_exactly_the_accepted_ones():
     proc = subprocess.run(
         [

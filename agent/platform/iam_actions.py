@@ -53,8 +53,8 @@ OTHER_ACTIONS: Dict[str, Tuple[str, ...]] = {
     "airflow config secrets": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
     # the CodeDeploy agent downloads revisions (S3 revisions may name an object version)
     "codedeploy agent": ("s3:GetObject", "s3:GetObjectVersion"),
-    # cfn-init's `sources` fetch the agent's package with AWS::CloudFormation::Authentication
-    "cfn-init sources": ("s3:GetObject",),
+    # cfn-init's install commands fetch the agent's package (`aws s3 cp`, the instance role)
+    "cfn-init agent package": ("s3:GetObject",),
     # the SSM agent: Run Command (e.g. `airflow-agent env sync` on demand) and Session Manager,
     # which replace SSH; the minimum it needs to register and take commands
     "ssm agent": (
@@ -81,7 +81,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "airflow remote logs",
         "airflow config secrets",
         "codedeploy agent",
-        "cfn-init sources",
+        "cfn-init agent package",
         "ssm agent",
     ),
     "webserver": (
@@ -91,7 +91,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "airflow remote logs (read)",
         "airflow config secrets",
         "codedeploy agent",
-        "cfn-init sources",
+        "cfn-init agent package",
         "ssm agent",
     ),
     "worker": (
@@ -102,7 +102,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "airflow remote logs",
         "airflow config secrets",
         "codedeploy agent",
-        "cfn-init sources",
+        "cfn-init agent package",
         "ssm agent",
     ),
 }
