@@ -1,4 +1,5 @@
 # make test: set up everything the suite needs on a fresh Debian 12 machine (as root) and run it.
+# make check: lint + the fast tier (no systemd host, no servers, no Airflow): under a minute.
 # make demo: run the agent's main jobs end to end on a local sandbox with embedded AWS.
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -14,11 +15,10 @@ PIP_FLAGS := -q --disable-pip-version-check
 APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv
 AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary \
 	asyncpg
-# pure-code tests that must also pass on Python 3.9 (Amazon Linux 2023's python3)
-UNIT_TESTS := tests/test_config.py tests/test_envfile.py tests/test_ssm_env.py tests/test_imds.py \
-	tests/test_lifecycle_plan.py tests/test_variables_plan.py
+# the fast tier: tests/conftest.py marks every test that needs none of the heavy sandbox parts
+FAST := -m fast
 
-.PHONY: test demo lint format unit bench bench-drain deps apt-deps venv airflow-venv py39-venv checkov-venv clean
+.PHONY: test check demo lint format unit bench bench-drain deps apt-deps venv airflow-venv py39-venv checkov-venv clean
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -65,8 +65,12 @@ format: venv
 	$(VENV)/bin/ruff format agent sandbox tests bench
 	$(VENV)/bin/ruff check --fix agent sandbox tests bench
 
+check: lint
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(FAST)
+
+# the fast tier again on Python 3.9 (Amazon Linux 2023's python3)
 unit: venv py39-venv
-	RIG_PYTHON=$(abspath $(VENV))/bin/python $(PY39_VENV)/bin/python -m pytest -q -p no:cacheprovider $(UNIT_TESTS)
+	$(PY39_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FAST)
 
 test: deps lint
 	$(VENV)/bin/python -m pytest
@@ -85,7 +89,7 @@ bench-drain: deps
 	$(VENV)/bin/python -m bench.drain
 
 clean:
-	rm -rf $(VENV) $(PY39_VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(PY39_VENV) .pytest_cache .hypothesis *.egg-info mutants
 
 # make mutate: mutation-test the pure cores (plan modules, envfile) with their fast tests alone;
 # fails under 90% killed or on a survivor docs/mutation.md does not explain (about 2-4 min)

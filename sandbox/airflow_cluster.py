@@ -35,13 +35,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from sandbox.proc import wait_for
+from sandbox.proc import die_with_parent, end_process, wait_for
 from sandbox.redis_server import RedisServer, free_port
 from sandbox.systemd_host import SystemdHost
+from sandbox.tiers import heavy, heavy_names
 
 REPO = Path(__file__).resolve().parents[1]
 AIRFLOW_VENV = REPO / ".cache" / "airflow-venv"
 AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
+# a test that names the Airflow venv runs Airflow's own code: it is in the airflow tier
+heavy_names("airflow", "AIRFLOW_VENV", "AIRFLOW")
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SSM_PATH = "/airflow/test/"
 HOSTNAME = "afhost"
@@ -69,24 +72,18 @@ def _pg_key() -> str:
     return h.hexdigest()[:12]
 
 
-def _die_with_parent() -> None:
-    """A server the rig started must not outlive a killed test run (PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
 def _as_postgres():
     pw = pwd.getpwnam("postgres")
 
     def preexec() -> None:
-        _die_with_parent()
+        die_with_parent()  # a server the rig started must not outlive a killed test run
         os.setgid(pw.pw_gid)
         os.setuid(pw.pw_uid)
 
     return preexec, pw
 
 
+@heavy("airflow")
 class Postgres:
     """PostgreSQL 15 on 127.0.0.1:port as the postgres user; trust auth, database `airflow`."""
 
@@ -221,13 +218,7 @@ class Postgres:
         return proc.stdout.strip()
 
     def _stop_server(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        end_process(self.proc, signal.SIGINT, grace=30)  # SIGINT: PostgreSQL's fast shutdown
 
     def stop(self) -> None:
         self._stop_server()
@@ -276,6 +267,7 @@ def {dag_id}():
 '''
 
 
+@heavy("airflow", "systemd", "redis")
 class AirflowCluster:
     def __init__(
         self,

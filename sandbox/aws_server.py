@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 from sandbox.proc import ServerProcess, serve_forever
+from sandbox.tiers import heavy
 
 _LIFECYCLE_ACTIONS = ("RecordLifecycleActionHeartbeat", "CompleteLifecycleAction")
 _SCOPE_RE = re.compile(r"Credential=[^/]+/\d+/[^/]+/([^/]+)/aws4_request")
@@ -167,6 +168,7 @@ class RigApp:
         return self.moto_app(environ, start_response)
 
 
+@heavy("aws")
 class AwsServer(ServerProcess):
     """The embedded AWS as a child process, with Python methods for its control API."""
 

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from sandbox import celery_app
 from sandbox.proc import wait_for
 from sandbox.redis_server import RedisServer
 from sandbox.systemd_host import SystemdHost
+from sandbox.tiers import heavy
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PY = str(Path(sys.executable))
@@ -32,7 +34,7 @@ Description=test Celery worker (Airflow's delivery settings)
 [Service]
 Type=simple
 EnvironmentFile={env_file}
-Environment=PYTHONPATH={repo} DRAIN_TEST_DIR={tasks}
+Environment=PYTHONPATH={repo} {task_dir_env}={tasks}
 WorkingDirectory={repo}
 ExecStart={venv_bin}/celery -A sandbox.celery_app worker -n celery@%H -Q {queues} \
 -c {concurrency} --without-gossip --without-mingle --without-heartbeat -l INFO
@@ -41,6 +43,7 @@ TimeoutStopSec=300
 """
 
 
+@heavy("systemd", "redis")
 class CeleryWorkerHost:
     def __init__(self, shared: Path, queues: str = "default,q2", concurrency: int = 2):
         self.shared = Path(shared)
@@ -65,6 +68,7 @@ class CeleryWorkerHost:
                 UNIT.format(
                     env_file=self.env_file,
                     repo=REPO,
+                    task_dir_env=celery_app.TASK_DIR_ENV,
                     tasks=self.tasks,
                     venv_bin=Path(VENV_PY).parent,
                     queues=self.queues,
@@ -133,24 +137,14 @@ class CeleryWorkerHost:
         )
 
     def submit(self, key: str, seconds: float, queue: str = "default") -> None:
-        from celery import Celery
-
-        app = Celery("submit", broker=self.redis.url, set_as_current=False)
-        app.send_task("record", args=[key, seconds], queue=queue)
-        app.close()
+        celery_app.submit(self.redis.url, key, seconds, queue)
 
     def records(self) -> Dict[str, List[str]]:
         """key -> ['start', 'end', ...] in order."""
-        out: Dict[str, List[str]] = {}
-        for f in sorted(self.tasks.glob("*.log")):
-            out[f.stem] = [line.split()[0] for line in f.read_text().splitlines()]
-        return out
+        return celery_app.records(self.tasks)
 
     def times(self, key: str, what: str) -> List[float]:
-        f = self.tasks / f"{key}.log"
-        return [
-            float(line.split()[1]) for line in f.read_text().splitlines() if line.split()[0] == what
-        ]
+        return celery_app.times(self.tasks, key, what)
 
     def started(self, n: int, timeout: float = 20) -> None:
         wait_for(

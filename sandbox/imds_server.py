@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
 from sandbox.proc import ServerProcess, serve_forever
+from sandbox.tiers import heavy
 
 INSTANCE_ID = "i-0123456789abcdef0"
 
@@ -178,6 +179,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, value)
 
 
+@heavy("aws")
 class ImdsServer(ServerProcess):
     """The strict IMDSv2 server as a child process, with its control API as methods."""
 

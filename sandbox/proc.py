@@ -1,10 +1,12 @@
-"""Start a rig server as a child process on a free loopback port and end it by its PID."""
+"""Child processes of the sandbox: wait for a condition, end a child by its PID, and start a
+rig server as a child on a free loopback port."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,14 +41,37 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
+def die_with_parent() -> None:
+    """preexec_fn of a child that must not outlive this process, even when it is SIGKILLed
+    (PR_SET_PDEATHSIG = SIGKILL: the kernel kills the child when the forking thread dies)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def end_process(
+    proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, grace: float = 10.0
+) -> Optional[int]:
+    """End a child this process started, by its PID: `sig`, then SIGKILL if it is still alive
+    after `grace` seconds. A child that already exited is only reaped. Returns its exit status
+    (None when there is no child)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
+
+
 class ServerProcess:
     """A `python -m <module> --port-file F` child; `.port` once it is listening."""
 
     def __init__(self, module: str, args: Optional[List[str]] = None, log_name: str = ""):
         self.module = module
-        # the servers are test infrastructure: the 3.9 unit run borrows the 3.11 venv's
-        # Python for them (moto's server app is newer there), the product stays on 3.9
-        self.python = os.environ.get("RIG_PYTHON") or sys.executable
         self.args = args or []
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
@@ -63,7 +88,7 @@ class ServerProcess:
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.python, "-m", self.module, "--port-file", str(port_file), *self.args],
+                [sys.executable, "-m", self.module, "--port-file", str(port_file), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -84,13 +109,7 @@ class ServerProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        end_process(self.proc)
 
     def __enter__(self):
         return self.start()

@@ -13,15 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from sandbox.proc import wait_for
-
-
-def _die_with_parent() -> None:
-    """Not outliving a killed test run (PR_SET_PDEATHSIG = SIGKILL)."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+from sandbox.proc import die_with_parent, end_process, wait_for
+from sandbox.tiers import heavy
 
 
 def free_port() -> int:
@@ -30,6 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@heavy("redis")
 class RedisServer:
     def __init__(self, port: Optional[int] = None):
         self.port = port or free_port()
@@ -60,7 +54,7 @@ class RedisServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # not outliving a killed test run
             )
 
         def up() -> bool:
@@ -85,13 +79,7 @@ class RedisServer:
         return int(self.cli("LLEN", key))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        end_process(self.proc)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import os
@@ -48,7 +47,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
-from sandbox.proc import wait_for
+from sandbox.proc import die_with_parent, wait_for
+from sandbox.tiers import heavy
 
 __all__ = [
     "SystemdHost",
@@ -56,7 +56,6 @@ __all__ = [
     "CommandFailed",
     "wait_for",
     "build_wheelhouse",
-    "make_host_fixture",
     "sweep_stale",
 ]
 
@@ -67,7 +66,6 @@ CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Files whose content decides the wheelhouse (the package's sources and build metadata).
 _BUILD_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE")
-_PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
 
@@ -132,10 +130,6 @@ def _comm(pid: int) -> str:
 
 def _ns(kind: str) -> str:
     return os.readlink(f"/proc/self/ns/{kind}")
-
-
-def _set_pdeathsig() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _cgroup_dirs_leaf_first(root: Path) -> List[Path]:
@@ -231,7 +225,7 @@ def _builder_python(cache: Path) -> str:
     return str(venv / "bin" / "python")
 
 
-def _pip_wheel(
+def pip_wheel(
     src: Path, out: Path, *flags: str, extras: str = "", python: Optional[str] = None
 ) -> None:
     proc = subprocess.run(
@@ -301,7 +295,7 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
     def build_deps(out: Path) -> None:
         # with the worker extra (celery), as cfn-init installs it on workers: a test host may
         # play any role
-        _pip_wheel(copy_src(out), out, extras="[worker]", python=_builder_python(cache))
+        pip_wheel(copy_src(out), out, extras="[worker]", python=_builder_python(cache))
         for w in out.glob("*.whl"):  # the package's own wheel comes from the pkg cache
             if _wheel_project(w) == _project_name(repo):
                 w.unlink()
@@ -311,7 +305,7 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
         # instead of ~6 s for a fresh isolated build environment.
         can_build = all(importlib.util.find_spec(m) for m in ("setuptools", "wheel"))
         flags = ("--no-deps", "--no-build-isolation") if can_build else ("--no-deps",)
-        _pip_wheel(copy_src(out), out, *flags)
+        pip_wheel(copy_src(out), out, *flags)
 
     # the extras are part of what is built, so part of the key
     deps = _cached_build(cache, f"deps-worker-host-{_hash_files(repo, meta)}", build_deps)
@@ -361,6 +355,7 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
+@heavy("systemd")
 class SystemdHost:
     """A real systemd as PID 1 of its own namespaces; see the module docstring."""
 
@@ -443,7 +438,7 @@ class SystemdHost:
             def preexec() -> None:
                 # Runs in the forked launcher before exec: die with our process, and move into
                 # the fresh cgroups so systemd's tree is a subtree of ours.
-                _set_pdeathsig()
+                die_with_parent()
                 for d in cgroups:
                     with open(d / "cgroup.procs", "w") as f:
                         f.write(str(os.getpid()))
@@ -766,7 +761,7 @@ class SystemdHost:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            preexec_fn=_set_pdeathsig,
+            preexec_fn=die_with_parent,
             close_fds=True,
         )
         self._bridges.append(proc)
@@ -834,23 +829,3 @@ class SystemdHost:
             self.run(["sh", str(stage / "systemd" / "install-units.sh")])
         timings["units"] = time.monotonic() - t
         return timings
-
-
-def make_host_fixture(
-    scope: str = "module", install_repo: Optional[Path] = None, name: str = "aea-test"
-):
-    """A pytest fixture yielding a booted SystemdHost (optionally with the project installed).
-
-    Use in a test module or conftest: ``systemd_host = make_host_fixture("session", REPO)``.
-    """
-    import pytest  # only the tests need pytest; demo and bench import this module without it
-
-    @pytest.fixture(scope=scope)
-    def _fixture(tmp_path_factory):
-        shared = tmp_path_factory.mktemp("systemd-host-shared")
-        with SystemdHost(shared, name=name) as host:
-            if install_repo is not None:
-                host.install_project(install_repo)
-            yield host
-
-    return _fixture

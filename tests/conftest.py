@@ -3,6 +3,13 @@
 Safety first: before any test runs, every AWS and IMDS endpoint in this process's environment
 points at a closed loopback port, so a test that forgets a fixture fails fast instead of
 reaching 169.254.169.254 or a real AWS endpoint.
+
+Tiers: every test is marked from what it uses (see `pytest_collection_modifyitems`). A test
+whose fixtures (or its own body) name a heavy sandbox part (sandbox/tiers.py: the systemd test
+host, the Airflow cluster and venv, the embedded AWS and IMDS servers, redis-server and Celery
+workers) gets that part's tiers (`systemd`, `airflow`, `aws`, `redis`). Everything else is
+`fast` unless marked `slow` by hand, and a fast test that starts a heavy part anyway fails,
+naming it. `make check` runs `-m fast`.
 """
 
 from __future__ import annotations
@@ -12,10 +19,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import pytest
 
+# every module that defines a heavy part, so sandbox.tiers.HEAVY knows them all at collection
+import sandbox.airflow_cluster
+import sandbox.celery_worker_host
+import sandbox.lifecycle
+import sandbox.redis_server
+import sandbox.systemd_host  # noqa: F401
+from sandbox import tiers
 from sandbox.aws_server import AwsServer
 from sandbox.imds_server import ImdsServer
 
@@ -34,6 +48,46 @@ os.environ.update(
 )
 for _name in ("AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AIRFLOW_AGENT_CONFIG"):
     os.environ.pop(_name, None)
+
+
+# -- tiers -----------------------------------------------------------------------------------
+
+HAND_MARKED = ("slow",)  # a test that is slow without any heavy part is marked by hand
+
+
+def _tiers_of(item: pytest.Item) -> Set[str]:
+    found: Set[str] = set()
+    seen: Set[int] = set()
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in getattr(item, "fixturenames", ()):
+        for fixturedef in defs.get(name, ()):
+            found |= tiers.tiers_named_by(fixturedef.func, seen)
+    test = getattr(item, "function", None)
+    if test is not None:
+        found |= tiers.tiers_named_by(test, seen)
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers added here
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for tier in sorted(_tiers_of(item)):
+            item.add_marker(tier)
+        if not any(item.get_closest_marker(m) for m in (*tiers.TIERS, *HAND_MARKED)):
+            item.add_marker("fast")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # a fast test must not start a heavy part: if the marking missed one, fail loudly
+    tiers.forbid(item.nodeid if item.get_closest_marker("fast") else None)
+    try:
+        yield
+    finally:
+        tiers.forbid(None)
+
+
+# -- the embedded AWS and IMDS ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -147,23 +147,30 @@ def test_burst_of_20_changes_in_one_second_is_at_most_two_restarts(host):
     cursor = host.journal_cursor()
     base = current_vars(host)
     n = checks(host)
-    # 20 atomic replaces within ~1 s, each with different content, from inside the host
+    # 20 atomic replaces ~45 ms apart, each with different content, from inside the host
     script = (
         "import grp, os, sys, time\n"
         "src = sys.stdin.buffer.read().split(b'\\0')\n"
         "gid = grp.getgrnam('airflow').gr_gid\n"
-        "t0 = time.monotonic()\n"
         "for i, data in enumerate(src):\n"
         "    if i: time.sleep(0.045)\n"
         "    tmp = '/etc/sysconfig/.burst.tmp'\n"
         "    with open(tmp, 'wb') as f: f.write(data)\n"
         "    os.chown(tmp, 0, gid)\n"
         "    os.chmod(tmp, 0o640); os.replace(tmp, '/etc/sysconfig/airflow.env')\n"
-        "print(time.monotonic() - t0)\n"
+        "    print(time.monotonic())\n"
     )
     bodies = [encode_env({**base, "FOO": f"burst-{i}"}) for i in range(20)]
     out = host.run(["python3", "-c", script], input=b"\0".join(bodies), text=False).stdout
-    assert float(out) < 1.0  # first to last replace
+    # the premise of "one burst" (agent_yaml: debounce 0.5 s, max_wait 2 s): each replace
+    # within the debounce of the one before, all within max_wait. That such a burst is one
+    # check is the Coalescer's, proven on virtual time (tests/test_confapply_plan.py); here
+    # real inotify events through the daemon restart each unit once, or twice when a late
+    # event of the burst lands during the restart.
+    times = [float(t) for t in out.split()]
+    assert len(times) == 20
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.5, times
+    assert times[-1] - times[0] < 2.0, times
     settle(host, n)
     counts = {u: starts_since(host, cursor, u) for u in UNITS}
     assert all(1 <= c <= 2 for c in counts.values()), counts
@@ -240,11 +247,14 @@ def test_ready_gates_activation_and_a_change_made_while_down_is_applied_at_start
     pids = ah.main_pids(host, UNITS)
     # changed while the agent is down; stand-ins now take 1 s each to be ready
     data = write_env(host, {**current_vars(host), "FOO": "while-down", "STANDIN_READY_DELAY": "1"})
-    t0 = time.monotonic()
     host.systemctl("start", CONFAPPLY)  # returns when confapply sent READY=1
-    took = time.monotonic() - t0
-    # READY=1 came only after the initial check restarted all three units
-    assert took >= 3.0, took
+    # READY=1 came only after the initial check restarted all three units and each was ready,
+    # by systemd's own clock: each unit became active (its READY=1) after confapply started and
+    # before confapply became active (its READY=1)
+    started = int(host.unit_property(CONFAPPLY, "InactiveExitTimestampMonotonic"))
+    ready_at = int(host.unit_property(CONFAPPLY, "ActiveEnterTimestampMonotonic"))
+    units_ready = [int(host.unit_property(u, "ActiveEnterTimestampMonotonic")) for u in UNITS]
+    assert all(started < t <= ready_at for t in units_ready), (started, units_ready, ready_at)
     assert applied(host) == content_hash([(ENV_FILE, data)])
     new = ah.main_pids(host, UNITS)
     assert all(new[u] != pids[u] for u in UNITS)

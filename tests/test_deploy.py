@@ -1,9 +1,10 @@
 """CodeDeploy hooks through a CodeDeploy-agent stand-in that reads codedeploy/appspec.yml.
 
 The worker here is the plain Celery worker unit of tests/test_drain.py (fast to start); the
-headline test with a real Airflow cluster is in tests/test_deploy_airflow.py. The runner
-executes the real hook scripts inside the systemd test host, as root, with CodeDeploy's
-variables, so the appspec and the scripts are what is tested.
+headline test with a real Airflow cluster is further down in this file
+(`test_headline_deploy_with_tasks_in_flight_kills_nothing`). The runner executes the real hook
+scripts inside the systemd test host, as root, with CodeDeploy's variables, so the appspec and
+the scripts are what is tested.
 """
 
 from __future__ import annotations

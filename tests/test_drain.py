@@ -3,6 +3,12 @@
 The worker is `airflow-worker.service` in the systemd test host consuming two queues from a
 real redis-server; the agent runs inside the host exactly as on an instance. Tasks leave a
 `start`/`end` line per execution in a shared directory, so a killed, lost or rerun task shows.
+
+The time bounds here (`elapsed < ...`) are what only real processes prove: no call to a real
+broker, worker or systemd blocks past the drain's deadline or reply timeout. The decisions
+behind them (idle, deadline-fail, deadline-stop; never sleeping past the deadline) are proven on
+virtual time in tests/test_drain_plan.py (`test_poll_decision`,
+`test_sleep_never_passes_the_deadline`).
 """
 
 from __future__ import annotations
@@ -46,11 +52,12 @@ def test_drain_cancels_every_queue_loses_nothing_and_undrain_restarts(rig):
     assert "cancelled consumer of queue default" in proc.stderr
     assert "cancelled consumer of queue q2" in proc.stderr
     assert rig.active_state() == "inactive"
-    # the two running tasks finished; the drain noticed within a poll (+ inspect time)
+    # the two running tasks finished; the drain saw idle only after the last one ended, and
+    # noticed within a poll (+ inspect time)
     recs = rig.records()
     assert sorted(recs.values()) == [["start", "end"], ["start", "end"]], recs
     last_end = max(rig.times(k, "end")[0] for k in recs)
-    assert result["idle_at"] - last_end < 2.0, (result, last_end)
+    assert 0 <= result["idle_at"] - last_end < 2.0, (result, last_end)
     # nothing reserved was lost: the four others are back in the broker
     assert rig.queued() == 4
     state = rig.state(cfg)

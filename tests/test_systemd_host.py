@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,28 @@ def _root_mount() -> Tuple[str, str, str, str]:
     return [m for m in _mounts() if m[0] == "/"][-1]
 
 
+def _supervisor_churn() -> Set[str]:
+    """Cgroup dirs whose children come and go with whatever runs this test process: when it
+    sits in a cgroup of its own below a hierarchy's root (one per command, say), that cgroup's
+    parent. Its other children belong to other commands of the machine, not to the host."""
+    parents = set()
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if path.count("/") < 2:  # at the root or one level below it: nothing to skip
+            continue
+        hier = "unified" if not controllers else controllers.replace("name=", "")
+        parents.add(str(Path("/sys/fs/cgroup", hier, path.lstrip("/")).parent))
+    return parents
+
+
 def _cgroup_dirs() -> Set[str]:
+    churn = _supervisor_churn()
     dirs = set()
     for hier in Path("/sys/fs/cgroup").iterdir():
-        for dp, _, _ in os.walk(hier):
+        for dp, dns, _ in os.walk(hier):
             dirs.add(dp)
+            if dp in churn:
+                dns[:] = []
     return dirs
 
 
@@ -295,7 +313,14 @@ def test_a_killed_test_process_takes_its_host_along(tmp_path: Path) -> None:
     assert not list(Path(tempfile.gettempdir()).glob(f"aea-sdhost-aea-crash-{proc.pid}-*"))
 
 
-def test_install_project_installs_the_agent_like_cfn_init(host: SystemdHost) -> None:
+def _stamps(*dirs: Path) -> Dict[str, Tuple[int, int]]:
+    """path -> (inode, mtime in ns) of every entry of `dirs`: a rebuild changes both."""
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for d in dirs for p in d.iterdir()}
+
+
+def test_install_project_installs_the_agent_like_cfn_init(
+    host: SystemdHost, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     repo = Path(__file__).resolve().parents[1]
     timings = host.install_project(repo)
     assert set(timings) == {"wheelhouse", "venv", "units"}
@@ -310,7 +335,28 @@ def test_install_project_installs_the_agent_like_cfn_init(host: SystemdHost) -> 
     assert where.startswith("/opt/airflow-agent/venv/lib/")
     assert host.run(["id", "-un", "airflow"]).stdout.strip() == "airflow"
     assert host.unit_property("airflow-agent-env.service", "LoadState") == "loaded"
-    # The wheelhouse is cached: a second build of an unchanged tree is free.
-    from sandbox.systemd_host import build_wheelhouse
+    # The wheelhouse is cached: building an unchanged tree again builds nothing. pip is
+    # replaced by a tripwire, and every cache entry keeps its inode and mtime.
+    from sandbox import systemd_host
 
-    assert build_wheelhouse(repo) == build_wheelhouse(repo)
+    wheelhouse = systemd_host.build_wheelhouse(repo)
+    before = _stamps(wheelhouse.parent, wheelhouse)
+
+    def tripwire(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the wheelhouse was rebuilt: pip wheel {args}")
+
+    monkeypatch.setattr(systemd_host, "pip_wheel", tripwire)
+    assert systemd_host.build_wheelhouse(repo) == wheelhouse
+    assert _stamps(wheelhouse.parent, wheelhouse) == before
+    # ...and the tripwire is live: a tree whose agent/ differs by one line must build its wheel
+    # (it fails before anything reaches the cache, so the real tree's entries stay)
+    changed = tmp_path / "changed"
+    shutil.copytree(repo / "agent", changed / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
+        if (repo / name).is_file():
+            shutil.copy2(repo / name, changed / name)
+    with open(changed / "agent" / "__init__.py", "a") as f:
+        f.write("# changed\n")
+    with pytest.raises(AssertionError, match="rebuilt"):
+        systemd_host.build_wheelhouse(changed)
+    assert _stamps(wheelhouse.parent, wheelhouse) == before

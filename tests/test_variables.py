@@ -27,10 +27,10 @@ import pytest
 from cryptography.fernet import Fernet
 
 from sandbox import variable_shapes
+from sandbox.airflow_cluster import AIRFLOW
 from sandbox.proc import wait_for
 from tests.conftest import REPO_ROOT
 
-AIRFLOW = REPO_ROOT / ".cache" / "airflow-venv" / "bin" / "airflow"
 SECRET_ID = "airflow/test/variables"
 FERNET_KEY = Fernet.generate_key().decode()
 

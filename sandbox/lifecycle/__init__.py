@@ -1,9 +1,9 @@
 """Real parts for the lifecycle tests: a redis-server, a plain Celery worker, a PID systemctl.
 
 - Redis comes from sandbox/redis_server.py (shared with the drain tests).
-- `CeleryWorker`: `celery -A sandbox.lifecycle.celery_app worker` (acks_late, prefetch 1,
-  2 slots, one queue), the way Airflow runs its worker; tasks write start/finish markers so a
-  test can prove no task was lost or run twice.
+- `CeleryWorker`: `celery -A sandbox.celery_app worker` (acks_late, prefetch 1, 2 slots,
+  one queue), the way Airflow runs its worker; tasks log start/end (sandbox/celery_app.py) so
+  a test can prove no task was lost or run twice.
 - `fake_systemctl.py`: what the drain's `systemctl show/stop airflow-worker` needs, acting on
   the worker's PID, for tests that do not boot the systemd host (cfg.systemctl points at it).
 """
@@ -18,24 +18,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from sandbox.proc import REPO_ROOT, wait_for
+from sandbox import celery_app
+from sandbox.proc import REPO_ROOT, end_process, wait_for
+from sandbox.tiers import heavy
 
 HERE = Path(__file__).resolve().parent
 FAKE_SYSTEMCTL = HERE / "fake_systemctl.py"
 QUEUE = "lcq"
 
 
-def _end(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, wait: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
+@heavy("redis")
 class CeleryWorker:
     """A Celery worker process like `airflow celery worker -c 2` (acks_late, prefetch 1)."""
 
@@ -46,11 +38,14 @@ class CeleryWorker:
         self.mark_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.proc: Optional[subprocess.Popen] = None
+        self.client = celery_app.client(broker_url)
 
     def env(self) -> Dict[str, str]:
         env = dict(os.environ)
         env.update(
-            LC_BROKER_URL=self.broker_url, LC_MARK_DIR=str(self.mark_dir), PYTHONPATH=str(REPO_ROOT)
+            AIRFLOW__CELERY__BROKER_URL=self.broker_url,
+            PYTHONPATH=str(REPO_ROOT),
+            **{celery_app.TASK_DIR_ENV: str(self.mark_dir)},
         )
         return env
 
@@ -61,7 +56,7 @@ class CeleryWorker:
                 [
                     celery,
                     "-A",
-                    "sandbox.lifecycle.celery_app",
+                    "sandbox.celery_app",
                     "worker",
                     "-n",
                     self.node,
@@ -91,34 +86,26 @@ class CeleryWorker:
         assert self.proc is not None
         return self.proc.pid
 
-    def app(self):
-        os.environ.setdefault("LC_BROKER_URL", self.broker_url)
-        from sandbox.lifecycle import celery_app
-
-        celery_app.app.conf.broker_url = self.broker_url
-        return celery_app.app
-
     def ping(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"worker exited: {self.log_path.read_text()[-2000:]}")
-        replies = self.app().control.ping(destination=[self.node], timeout=1.0)
+        replies = self.client.control.ping(destination=[self.node], timeout=1.0)
         return bool(replies)
 
     def send(self, tag: str, seconds: float) -> None:
-        self.app().send_task("lc.sleep", args=[tag, seconds], queue=QUEUE)
+        self.client.send_task("record", args=[tag, seconds], queue=QUEUE)
 
     def marks(self, tag: str, what: str) -> List[float]:
-        path = self.mark_dir / f"{tag}.{what}"
-        if not path.exists():
-            return []
-        return [float(x) for x in path.read_text().split()]
+        """When task `tag` logged `what` ('start' or 'end')."""
+        return celery_app.times(self.mark_dir, tag, what)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, cold: bool = False) -> None:
         """Warm shutdown (running tasks finish), or cold (SIGQUIT: the pool ends them now)."""
-        _end(self.proc, signal.SIGQUIT if cold else signal.SIGTERM, wait=30)
+        end_process(self.proc, signal.SIGQUIT if cold else signal.SIGTERM, grace=30)
+        self.client.close()
 
 
 def wait_until(predicate, timeout: float, what: str):
