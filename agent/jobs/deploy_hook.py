@@ -19,6 +19,12 @@ the directories that hold them behind, and stale bytecode must not shadow the ne
 (Files CodeDeploy did not install that the bundle also contains are handled by the appspec's
 `file_exists_behavior: OVERWRITE`.)
 
+Root does these file operations in a tree the `airflow` user controls, so they go through
+directory descriptors and never follow a symlink out of AIRFLOW_HOME (agent.jobs.deploy_bundle).
+ApplicationStop on a worker first checks that the drain fits in the hook's appspec timeout
+(`--appspec`, which the hook scripts pass: the appspec of the revision whose scripts run) and
+refuses to start one that CodeDeploy would kill (agent.jobs.deploy_budget).
+
 Every step is idempotent (a drained worker drains at once, starting a started unit is a no-op),
 so CodeDeploy may run a hook twice. A failing hook exits non-zero with one `ERROR agent: ...`
 line that CodeDeploy shows in the deployment's event log. Nothing this command leaves running
@@ -33,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from agent.errors import AgentError, ConfigError, DeadlineError
+from agent.jobs import deploy_budget, deploy_bundle
 from agent.platform import process
 from agent.platform.fsutil import atomic_write, resolve_owner
 from agent.platform.systemd import Systemctl, systemctl_from_config
@@ -92,6 +98,7 @@ class DeployHook:
         systemctl: Optional[Systemctl] = None,
         clock=time.monotonic,
         sleep=time.sleep,
+        appspec: Optional[str] = None,
     ):
         self.cfg = cfg
         self.role = role
@@ -100,6 +107,7 @@ class DeployHook:
         self.systemctl = systemctl or systemctl_from_config(cfg)
         self.clock = clock
         self.sleep = sleep
+        self.appspec = appspec
         self.home = Path(cfg.airflow_home)
         self.units = cfg.units_for(role)
 
@@ -124,9 +132,20 @@ class DeployHook:
 
     # -- ApplicationStop ---------------------------------------------------------------------
 
+    def check_stop_budget(self) -> None:
+        """Refuse a drain CodeDeploy would kill before its own deadline ends it."""
+        if not self.appspec:
+            log.warning(
+                "ApplicationStop budget not checked: no --appspec (a manual run, or hook "
+                "scripts older than this agent)"
+            )
+            return
+        log.info("ApplicationStop budget: %s", deploy_budget.check_appspec(self.cfg, self.appspec))
+
     def step_drain(self) -> None:
         from agent.jobs.drain.drainer import drain
 
+        self.check_stop_budget()
         result = drain(self.cfg)
         log.info("drain: %s (%s)", result.outcome, result.method)
 
@@ -138,16 +157,7 @@ class DeployHook:
     # -- BeforeInstall -----------------------------------------------------------------------
 
     def step_clear_pycache(self) -> None:
-        removed = 0
-        for sub in BUNDLE_CODE_DIRS:
-            root = self.home / sub
-            if not root.is_dir():
-                continue
-            for dirpath, dirnames, _ in os.walk(root):
-                if "__pycache__" in dirnames:
-                    shutil.rmtree(Path(dirpath) / "__pycache__", ignore_errors=True)
-                    dirnames.remove("__pycache__")
-                    removed += 1
+        removed = deploy_bundle.clear_pycache(self.home, BUNDLE_CODE_DIRS)
         log.info(
             "removed %d __pycache__ director%s under %s",
             removed,
@@ -162,15 +172,7 @@ class DeployHook:
             uid, gid = resolve_owner(self.cfg.deploy.owner, self.cfg.deploy.group)
         except KeyError as exc:
             raise AgentError(f"deploy.owner/deploy.group: {exc.args[0]}") from None
-        if not self.home.is_dir():
-            raise AgentError(f"{self.home} does not exist: did the install step run?")
-        n = 0
-        for dirpath, dirnames, filenames in os.walk(self.home):
-            for name in [dirpath] + [os.path.join(dirpath, f) for f in dirnames + filenames]:
-                st = os.lstat(name)
-                if (st.st_uid, st.st_gid) != (uid, gid):
-                    os.lchown(name, uid, gid)
-                    n += 1
+        n = deploy_bundle.chown_tree(self.home, uid, gid)
         log.info(
             "ownership %s:%s on %s (%d changed)",
             self.cfg.deploy.owner,
@@ -370,6 +372,12 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
         metavar="EVENT",
         help=f"one of {', '.join(EVENTS)} (default: $LIFECYCLE_EVENT)",
     )
+    parser.add_argument(
+        "--appspec",
+        metavar="FILE",
+        help="the appspec.yml of the revision whose hook runs (the hook scripts pass their "
+        "own): ApplicationStop on a worker refuses a drain longer than its timeout",
+    )
 
 
 def run(args, cfg) -> int:
@@ -386,5 +394,5 @@ def run(args, cfg) -> int:
             env_event,
             args.event,
         )
-    DeployHook(cfg, role_of(cfg), event).run()
+    DeployHook(cfg, role_of(cfg), event, appspec=args.appspec).run()
     return 0
