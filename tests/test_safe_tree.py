@@ -263,3 +263,26 @@ def test_describe_skips_is_one_bounded_line():
         "d/0 (changed during the walk), d/1 (changed during the walk), "
         "d/2 (changed during the walk) and 5 more"
     )
+
+
+def test_the_marker_is_written_below_home_without_following_symlinks(home, outside, tmp_path):
+    deploy_bundle.write_marker(home, home / ".deployed-revision", b"d-1\n")
+    assert (home / ".deployed-revision").read_bytes() == b"d-1\n"
+    assert os.stat(home / ".deployed-revision").st_mode & 0o777 == 0o644
+    # a symlink planted at the name is replaced, its target untouched
+    (home / ".deployed-revision").unlink()
+    (home / ".deployed-revision").symlink_to(outside / "secret")
+    deploy_bundle.write_marker(home, home / ".deployed-revision", b"d-2\n")
+    assert not (home / ".deployed-revision").is_symlink()
+    assert (outside / "secret").read_text() == "s"
+    # a directory on the way that is a symlink out of home: refused, nothing written there
+    (home / "state").symlink_to(outside)
+    with pytest.raises(AgentError, match="a directory on the way is a symlink"):
+        deploy_bundle.write_marker(home, home / "state" / "marker", b"d-3\n")
+    assert sorted(os.listdir(outside)) == ["secret"]
+    # missing directories below home are made; a marker outside home is a plain write
+    deploy_bundle.write_marker(home, home / "new" / "dir" / "m", b"d-4\n")
+    assert (home / "new" / "dir" / "m").read_bytes() == b"d-4\n"
+    deploy_bundle.write_marker(home, tmp_path / "etc" / "m", b"d-5\n")
+    assert (tmp_path / "etc" / "m").read_bytes() == b"d-5\n"
+    assert not [n for n in os.listdir(home) if n.endswith(".tmp-agent")]

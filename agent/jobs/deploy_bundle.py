@@ -7,6 +7,8 @@ followed, no device crossed, every subdirectory checked to be the inode its list
 - `clear_pycache` (BeforeInstall): remove every `__pycache__` under dags/ and plugins/. A
   dags/ or plugins/ that is a symlink (say to a directory outside AIRFLOW_HOME) is not entered;
   the log names what was skipped.
+- `write_marker` (ApplicationStart): the revision marker, written below AIRFLOW_HOME through
+  descriptors too.
 - `chown_tree` (AfterInstall): give AIRFLOW_HOME and everything in it to the deploy owner.
   Symlinks are left as they are (never followed, never chowned: see safe_tree); so are files
   with other hard links and anything that changed while the walk ran; the log counts them.
@@ -22,6 +24,7 @@ from typing import Iterable, Tuple
 
 from agent.errors import AgentError
 from agent.platform import safe_tree
+from agent.platform.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +107,28 @@ def chown_tree(home: Path, uid: int, gid: int) -> int:
     changed = tree.chown(uid, gid)
     _log_skips(tree, f"chown of {home}")
     return changed
+
+
+def write_marker(home: Path, marker: Path, data: bytes) -> None:
+    """Write the revision marker. Below `home` (the default, /airflow/.deployed-revision)
+    every directory on the way is opened without following a symlink, so a task cannot point
+    root's write out of AIRFLOW_HOME; elsewhere (a root-owned path) a plain atomic write."""
+    try:
+        rel = marker.relative_to(home)
+    except ValueError:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, data, mode=0o644)
+        return
+    *parents, name = rel.parts
+    try:
+        fd = safe_tree.open_below(str(home), parents, make=True)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise AgentError(
+                f"{marker}: a directory on the way is a symlink or not a directory; not written"
+            ) from None
+        raise
+    try:
+        safe_tree.replace_at(fd, name, data)
+    finally:
+        os.close(fd)

@@ -48,7 +48,7 @@ from typing import Dict, List, Optional
 from agent.errors import AgentError, ConfigError, DeadlineError
 from agent.jobs import deploy_budget, deploy_bundle
 from agent.platform import process
-from agent.platform.fsutil import atomic_write, resolve_owner
+from agent.platform.fsutil import resolve_owner
 from agent.platform.systemd import Systemctl, systemctl_from_config
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,7 @@ class DeployHook:
 
     def step_write_marker(self) -> None:
         marker = Path(self.cfg.deploy.first_revision_marker)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(marker, (self.deployment + "\n").encode(), mode=0o644)
+        deploy_bundle.write_marker(self.home, marker, (self.deployment + "\n").encode())
         log.info("revision marker %s = %s", marker, self.deployment)
 
     def step_undrain(self) -> None:

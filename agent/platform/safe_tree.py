@@ -17,7 +17,9 @@ resolves a path below the root:
 - other files are opened (O_NOFOLLOW|O_NONBLOCK|O_NOCTTY, never a device) and chowned through
   that descriptor after fstat confirms the listed inode; a file with more than one link is
   left alone, as its other name may be outside the tree (a hard link to /etc/shadow);
-- removal (`remove_at`) unlinks names relative to verified directory descriptors.
+- removal (`remove_at`) unlinks names relative to verified directory descriptors;
+- `open_below` + `replace_at` write one file below the root without following a symlink on
+  the way or at the name.
 
 Everything refused is recorded in `Tree.skipped` as (relative path, reason) for the caller's
 log; nothing here raises for a name that changed under it, only for a root that is not a
@@ -26,6 +28,7 @@ directory (or is a symlink).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as st_mod
@@ -250,6 +253,51 @@ class Tree:
             self.skip(rel, SKIP_CHANGED)
             return False
         return True
+
+
+def open_below(root: str, parts: List[str], make: bool = False) -> int:
+    """The descriptor of root/parts[0]/..., each component opened relative to the last with
+    O_NOFOLLOW (a symlink anywhere is an OSError, ELOOP or ENOTDIR); `make` creates missing
+    directories (0755). The caller closes it."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise ValueError(f"bad path component {part!r} below {root}")
+            if make:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def replace_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace file `name` of directory `dir_fd` with `data` atomically: a fresh temp file
+    (O_EXCL: a planted name or symlink fails it) renamed over `name` (a symlink there is
+    replaced, not followed)."""
+    tmp = f".{name}.{os.getpid()}.tmp-agent"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 def join(rel: str, name: str) -> str:
