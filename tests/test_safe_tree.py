@@ -286,3 +286,10 @@ def test_the_marker_is_written_below_home_without_following_symlinks(home, outsi
     deploy_bundle.write_marker(home, tmp_path / "etc" / "m", b"d-5\n")
     assert (tmp_path / "etc" / "m").read_bytes() == b"d-5\n"
     assert not [n for n in os.listdir(home) if n.endswith(".tmp-agent")]
+
+
+def test_before_install_on_a_fresh_instance_has_nothing_to_clear(tmp_path, outside):
+    assert deploy_bundle.clear_pycache(tmp_path / "not-yet", ["dags", "plugins"]) == 0
+    (tmp_path / "home-link").symlink_to(outside)  # but a symlinked home is refused
+    with pytest.raises(AgentError, match="is a symlink"):
+        deploy_bundle.clear_pycache(tmp_path / "home-link", ["dags"])

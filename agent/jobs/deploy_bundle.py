@@ -53,6 +53,8 @@ def _log_skips(tree: safe_tree.Tree, what: str) -> None:
 def clear_pycache(home: Path, subdirs: Iterable[str]) -> int:
     """Remove `__pycache__` directories under home/<subdir>; returns how many."""
     tree = safe_tree.Tree(str(home))
+    if not os.path.lexists(home):  # the first deployment: nothing installed yet
+        return 0
     home_fd, home_st = _open_home(tree)
     removed = 0
     try:
