@@ -3,8 +3,16 @@
 Rules it enforces: `PUT /latest/api/token` needs `X-aws-ec2-metadata-token-ttl-seconds` in
 1..21600 (else 400); GET of the token path is 405; any other GET without a live token is 401;
 a request carrying `X-Forwarded-For` is 403, as on EC2. Unknown paths are 404.
-Control endpoints under `/_rig/` change answers at run time, expire tokens and return a log of
-requests. Run as `python -m sandbox.imds_server --port-file F`; drive it with `ImdsServer`.
+Control endpoints under `/_rig/` change answers at run time, expire tokens, return a log of
+requests, and make a path answer what no real IMDS sends (`/_rig/fault`, `ImdsServer.fault`):
+- `truncated`: a 200 whose Content-Length promises more than the body, then the connection
+  closes (http.client's IncompleteRead);
+- `bad-status-line`: a status line that is not HTTP, then close (BadStatusLine);
+- `reset`: the connection closes without an answer (RemoteDisconnected);
+- `raw`: these exact bytes on the wire (`raw` in the payload), then close.
+A path's ordinary value (set with `set_paths`) is how a well-formed HTTP answer carries a bad
+body (e.g. a Spot notice that is not JSON).
+Run as `python -m sandbox.imds_server --port-file F`; drive it with `ImdsServer`.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from sandbox.proc import ServerProcess, serve_forever
 from sandbox.tiers import heavy
 
 INSTANCE_ID = "i-0123456789abcdef0"
+FAULTS = ("truncated", "bad-status-line", "reset", "raw")
 
 
 def default_metadata(region: str = "us-east-1") -> Dict[str, Optional[str]]:
@@ -59,6 +68,8 @@ class ImdsState:
         self.tags: Dict[str, str] = {}
         self.tokens: Dict[str, float] = {}
         self.log: List[Dict[str, Any]] = []
+        # path (relative to /latest/) -> {"fault": kind, "raw": text}
+        self.faults: Dict[str, Dict[str, Any]] = {}
 
     def lookup(self, path: str) -> Optional[str]:
         path = path.strip("/")
@@ -107,6 +118,15 @@ class Handler(BaseHTTPRequestHandler):
                 if "tags" in payload:
                     st.tags = dict(payload["tags"])
                 body = {"ok": True}
+            elif path == "/_rig/fault":
+                target = str(payload["path"]).strip("/")
+                kind = payload.get("fault")
+                # an unknown kind answers 404 (below), so a typo in a test fails loudly
+                body = {"ok": True} if kind is None or kind in FAULTS else None
+                if kind is None:
+                    st.faults.pop(target, None)
+                elif kind in FAULTS:
+                    st.faults[target] = {"fault": kind, "raw": payload.get("raw", "")}
             elif path == "/_rig/expire-tokens":
                 st.tokens.clear()
                 body = {"ok": True}
@@ -115,6 +135,7 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/_rig/reset":
                 st.values = default_metadata()
                 st.tags = {}
+                st.faults = {}
                 st.tokens.clear()
                 st.log.clear()
                 body = {"ok": True}
@@ -129,6 +150,26 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data.encode())
+
+    def _fault(self, fault: Dict[str, Any]) -> None:
+        """Answer as no real IMDS would, then close the connection."""
+        kind = fault["fault"]
+        if kind == "truncated":
+            body = b'{"action": "terminate", "time": "2'
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body) + 100}"
+            )
+            self.wfile.write(head.encode() + b"\r\n\r\n" + body)
+        elif kind == "bad-status-line":
+            self.wfile.write(b"HTTP/1.1 TWO-HUNDRED OKAY\r\nContent-Length: 2\r\n\r\nok")
+        elif kind == "raw":
+            self.wfile.write(str(fault.get("raw", "")).encode())
+        self.wfile.flush()
+        self.close_connection = True
+        with self.state.lock:
+            self.state.log.append(
+                {"method": self.command, "path": self.path, "status": kind, "time": time.time()}
+            )
 
     # -- IMDS ------------------------------------------------------------------------------
 
@@ -174,6 +215,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(404, "Not Found")
         with self.state.lock:
             value = self.state.lookup(self.path[len("/latest/") :])
+            fault = self.state.faults.get(self.path[len("/latest/") :].strip("/"))
+        if fault is not None:
+            return self._fault(fault)
         if value is None:
             return self._send(404, "Not Found")
         self._send(200, value)
@@ -195,6 +239,10 @@ class ImdsServer(ServerProcess):
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         self.post("/_rig/set", {"tags": tags})
+
+    def fault(self, path: str, kind: Optional[str], raw: str = "") -> None:
+        """Make GET latest/<path> answer `kind` (see the module docstring); None ends it."""
+        self.post("/_rig/fault", {"path": path, "fault": kind, "raw": raw})
 
     def expire_tokens(self) -> None:
         self.post("/_rig/expire-tokens")

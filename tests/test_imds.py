@@ -6,7 +6,7 @@ import pytest
 
 from agent.config import config_from_dict
 from agent.platform.aws import AwsClients
-from agent.platform.imds import ImdsClient, ImdsUnavailable
+from agent.platform.imds import ImdsClient, ImdsError, ImdsMalformed, ImdsUnavailable
 from sandbox.imds_server import INSTANCE_ID
 
 
@@ -119,3 +119,55 @@ def test_factory_prefers_configured_region(imds, monkeypatch):
     )
     assert clients.region() == "us-west-2"
     assert not [r for r in imds.log() if r["method"] == "GET"]
+
+
+# -- malformed answers: every failure is an ImdsError naming the path -----------------------
+
+SPOT = "meta-data/spot/instance-action"
+
+
+@pytest.mark.parametrize(
+    "fault, named",
+    [
+        ("truncated", "IncompleteRead"),
+        ("bad-status-line", "BadStatusLine"),
+        ("reset", "RemoteDisconnected"),
+        ("raw", "BadStatusLine"),
+    ],
+)
+def test_transport_faults_are_imds_unavailable_naming_path_and_cause(imds, fault, named):
+    client = ImdsClient(endpoint=imds.url, attempts=2, sleep=lambda s: None)
+    assert client.instance_id() == INSTANCE_ID  # a token first: the fault is on the GET
+    imds.fault(SPOT, fault, raw="garbage\r\n\r\n")
+    with pytest.raises(ImdsUnavailable) as err:
+        client.spot_instance_action()
+    assert SPOT in str(err.value) and named in str(err.value), err.value
+    assert [r["status"] for r in gets(imds, "instance-action")] == [fault, fault]
+    # the client is still usable, and other paths were never affected
+    assert client.instance_id() == INSTANCE_ID
+    imds.fault(SPOT, None)
+    assert client.spot_instance_action() is None
+
+
+@pytest.mark.parametrize(
+    "body, what",
+    [
+        ('{"action": "terminate", "time": "2026-', "is not JSON"),
+        ('["terminate"]', "is not a JSON object"),
+        ('{"time": "2026-11-21T12:00:00Z"}', 'has no "action"'),
+        ('{"action": "", "time": "2026-11-21T12:00:00Z"}', 'has no "action"'),
+    ],
+)
+def test_malformed_spot_notice_is_imds_malformed_quoting_the_answer(imds, body, what):
+    client = ImdsClient(endpoint=imds.url)
+    imds.set_paths({SPOT: body})
+    with pytest.raises(ImdsMalformed) as err:
+        client.spot_instance_action()
+    assert f"IMDS {SPOT} {what}" in str(err.value)
+    assert isinstance(err.value, ImdsError) and not isinstance(err.value, ImdsUnavailable)
+    assert body[:20] in str(err.value)  # the answer is quoted (short), so the log names it
+
+
+def test_rig_refuses_an_unknown_fault(imds):
+    with pytest.raises(Exception):
+        imds.fault(SPOT, "no-such-fault")

@@ -274,11 +274,44 @@ def test_throttled_heartbeat_and_complete_are_retried(aws, imds, asg, worker, wa
     assert "CompleteLifecycleAction failed (Throttling" in watch.log()
 
 
+# shaped like an Airflow 3 execution-API token (a JWT): must never leave the worker's memory
+TOKEN = (
+    "eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCJ9"
+    ".eyJzdWIiOiJ0aS0xIiwic2NvcGUiOiJ3b3JrbG9hZCJ9"
+    ".c2VjcmV0LXNpZ25hdHVyZS1vZi10aGUtdGFzaw"
+)
+
+
+def scan_for_token(watch: Watch, config: Path, env) -> list:
+    """Every place the agent writes or prints that holds TOKEN (or its signature)."""
+    found = []
+    needles = (TOKEN, TOKEN.split(".")[2])
+    if any(n in watch.log() for n in needles):
+        found.append("the daemon's log")
+    for path in sorted((watch.tmp / "state").rglob("*")):
+        if path.is_file() and any(n.encode() in path.read_bytes() for n in needles):
+            found.append(str(path))
+    for args in (["status", "--json"], ["status"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(REPO_ROOT),
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        if any(n in proc.stdout + proc.stderr for n in needles):
+            found.append(" ".join(args))
+    return found
+
+
 def test_spot_notice_drain_deadline_reports_unfinished_task(aws, imds, asg, worker, watch_factory):
     worker.start()
     worker.send("short", 1.5)
-    worker.send("long", 40)
-    wait_until(lambda: worker.marks("long", "start"), 20, "the long task to start")
+    # the task's argument carries a token, as Airflow 3's execute_workload argument does
+    long_id = worker.client.send_task("record", args=[f"long-{TOKEN}", 40], queue=QUEUE).id
+    wait_until(lambda: worker.marks(f"long-{TOKEN}", "start"), 20, "the long task to start")
     watch = watch_factory(worker).start()
     notice = time.time() + 10  # the reclaim, compressed from 120 s; margin 4 s -> drain 6 s
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(notice))
@@ -293,12 +326,15 @@ def test_spot_notice_drain_deadline_reports_unfinished_task(aws, imds, asg, work
     assert drain["status"] == "deadline"
     # ended at its deadline, not before and not long after
     assert deadline <= drain["finished_at"] < deadline + 3.0
-    names = [t.get("args") for t in drain["unfinished_tasks"]]
-    assert any("long" in str(a) for a in names), drain
-    assert "long" in watch.log() and "Airflow will retry" in watch.log()
+    # the unfinished task is named by its Celery name and id, never by its arguments
+    assert [(t["name"], t["id"]) for t in drain["unfinished_tasks"]] == [("record", long_id)]
+    assert all("args" not in t and "kwargs" not in t for t in drain["unfinished_tasks"])
+    assert f"record[{long_id}]" in watch.log() and "Airflow will retry" in watch.log()
     assert len(worker.marks("short", "end")) == 1
-    assert worker.marks("long", "end") == []
+    assert worker.marks(f"long-{TOKEN}", "end") == []
     assert completes(aws) == [] and heartbeats(aws) == []  # no hook wait, nothing to complete
+    # no token in the log, any state file, or `status`
+    assert scan_for_token(watch, watch.config, watch.env) == []
     worker.stop(cold=True)  # the reclaim: the long task dies here and Airflow retries it
 
 
@@ -417,3 +453,59 @@ def test_scale_in_protection_follows_the_worker(aws, imds, asg, worker, watch_fa
     wait_until(lambda: not protected(), 20, "protection off when idle")
     assert time.time() - done_at >= 2.0
     assert watch.state()["protection"]["protected"] is False
+
+
+# -- malformed IMDS answers: the daemon keeps running and still acts -------------------------
+
+SPOT_PATH = "meta-data/spot/instance-action"
+TARGET_PATH = "meta-data/autoscaling/target-lifecycle-state"
+
+
+def test_daemon_survives_malformed_spot_answers_and_completes_the_termination(
+    aws, imds, asg, watch_factory
+):
+    watch = watch_factory(None).start()  # the worker is stopped: the drain ends at once
+    # every kind of broken answer on the Spot path, one after the other, each polled a few times
+    imds.set_paths({SPOT_PATH: '{"action": "terminate", "time": '})
+    after_polls(watch, 2)
+    for fault in ("truncated", "bad-status-line", "reset"):
+        imds.fault(SPOT_PATH, fault)
+        after_polls(watch, 2)
+    imds.set_paths({TARGET_PATH: "Terminated"})
+    wait_until(lambda: watch.state().get("phase") == "done", 30, "the termination to finish")
+    after_polls(watch, 3)
+
+    assert watch.proc.poll() is None, watch.log()[-2000:]
+    assert len(completes(aws)) == 1
+    st = watch.state()
+    assert st["event"]["kind"] == "terminate" and st["lifecycle_action"]["result"] == "CONTINUE"
+    assert list(st["poll_errors"]) == [SPOT_PATH]
+    log = watch.log()
+    named = [line for line in log.splitlines() if f"IMDS {SPOT_PATH} unreadable" in line]
+    # one line per distinct answer: bad JSON, IncompleteRead, BadStatusLine, RemoteDisconnected
+    assert len(named) == 4, named
+    assert "is not JSON" in named[0] and "IncompleteRead" in named[1]
+    assert "BadStatusLine" in named[2] and "RemoteDisconnected" in named[3]
+    assert "Traceback" not in log and "pass failed" not in log
+
+
+def test_daemon_sees_a_spot_notice_while_the_lifecycle_state_answers_garbage(
+    aws, imds, asg, watch_factory
+):
+    watch = watch_factory(None).start()
+    imds.fault(TARGET_PATH, "bad-status-line")
+    after_polls(watch, 2)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 30))
+    imds.set_paths({SPOT_PATH: json.dumps({"action": "terminate", "time": when})})
+    wait_until(lambda: watch.state().get("phase") == "done", 30, "the Spot drain")
+
+    assert watch.proc.poll() is None, watch.log()[-2000:]
+    st = watch.state()
+    assert st["event"]["kind"] == "spot" and st["drain"]["status"] == "done"
+    assert list(st["poll_errors"]) == [TARGET_PATH]
+    named = [ln for ln in watch.log().splitlines() if f"IMDS {TARGET_PATH} unreadable" in ln]
+    assert len(named) == 1 and "BadStatusLine" in named[0], named
+    imds.fault(TARGET_PATH, None)
+    after_polls(watch, 2)
+    assert watch.state()["poll_errors"] is None
+    assert f"IMDS {TARGET_PATH} readable again" in watch.log()

@@ -8,7 +8,10 @@ seconds, which is the only way to see "stops heartbeating before the global time
 from __future__ import annotations
 
 import json
+import logging
 import threading
+
+import pytest
 
 from agent.config import config_from_dict
 from agent.jobs.lifecycle import plan
@@ -161,3 +164,111 @@ def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, 
     assert watcher.state["phase"] == "done"
     assert watcher.state["lifecycle_action"]["result"] == "CONTINUE"
     assert deadlines == [plan.parse_time(notice) - 20]  # no second drain
+
+
+# -- malformed IMDS answers: each fact read on its own ----------------------------------------
+
+SPOT_PATH = "meta-data/spot/instance-action"
+TARGET_PATH = "meta-data/autoscaling/target-lifecycle-state"
+
+
+def _fault_watcher(aws, imds, tmp_path, clock, drains):
+    make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
+    cfg = config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "lifecycle": {"hook_name": "drain", "poll_interval": 5.0, "spot_margin": 20.0},
+        }
+    )
+    # the client's own retry pauses are real sleeps: none on virtual time
+    imds_client = ImdsClient(endpoint=imds.url, attempts=2, sleep=lambda s: None)
+    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
+
+    def drain(cfg, deadline, on_progress):  # the worker is idle: the drain ends at once
+        drains.append(deadline)
+        return {"outcome": "drained"}
+
+    watcher = Watcher(
+        cfg,
+        imds_client,
+        lc_aws,
+        StateStore(cfg.state_dir),
+        drain_fn=drain,
+        active_tasks_fn=lambda: [],
+        clock=clock,
+    )
+    return watcher, lc_aws
+
+
+def _run_until_done(watcher, clock, passes=20):
+    from sandbox.proc import wait_for
+
+    for _ in range(passes):
+        watcher.step()
+        if watcher.runner is not None:
+            wait_for(lambda: watcher.runner.snapshot()[1], 10, "the drain thread to return")
+        if watcher.state.get("phase") == "done":
+            return
+        clock.t += 5.0
+
+
+@pytest.mark.parametrize("fault", ["bad-json", "truncated", "bad-status-line", "reset"])
+def test_termination_is_seen_while_the_spot_notice_is_malformed(aws, imds, tmp_path, caplog, fault):
+    clock = _Clock(1_800_000_000.0)
+    drains = []
+    watcher, lc_aws = _fault_watcher(aws, imds, tmp_path, clock, drains)
+    if fault == "bad-json":
+        imds.set_paths({SPOT_PATH: '{"action": "terminate", "time": '})
+    else:
+        imds.fault(SPOT_PATH, fault)
+    imds.set_paths({TARGET_PATH: "Terminated"})
+    caplog.set_level(logging.INFO, logger="agent")
+    _run_until_done(watcher, clock)
+    for _ in range(5):  # the malformed answer goes on: still named once, nothing else starts
+        clock.t += 5.0
+        watcher.step()
+
+    assert watcher.state["event"]["kind"] == "terminate"
+    assert watcher.state["phase"] == "done"
+    assert len(lc_aws.complete_times) == 1 and len(drains) == 1
+    assert watcher.state["lifecycle_action"]["result"] == "CONTINUE"
+    errors = watcher.state["poll_errors"]
+    assert list(errors) == [SPOT_PATH] and SPOT_PATH in errors[SPOT_PATH]
+    named = [r for r in caplog.records if SPOT_PATH in r.getMessage() and "unreadable" in r.msg]
+    assert len(named) == 1, [r.getMessage() for r in named]
+    assert named[0].levelno == logging.WARNING
+    assert watcher.state["last_pass_error"] is None
+    # the path recovers: said once, and the error is gone from the record
+    imds.fault(SPOT_PATH, None)
+    imds.set_paths({SPOT_PATH: None})
+    clock.t += 5.0
+    watcher.step()
+    assert watcher.state["poll_errors"] is None
+    assert any(f"IMDS {SPOT_PATH} readable again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "bad-status-line", "garbage"])
+def test_spot_notice_is_seen_while_the_lifecycle_state_is_broken(
+    aws, imds, tmp_path, caplog, fault
+):
+    clock = _Clock(plan.parse_time("2027-01-15T08:00:00Z"))
+    drains = []
+    watcher, lc_aws = _fault_watcher(aws, imds, tmp_path, clock, drains)
+    if fault == "garbage":
+        imds.fault(TARGET_PATH, "raw", raw="\x00\x01 not http at all\r\n\r\n")
+    else:
+        imds.fault(TARGET_PATH, fault)
+    notice = "2027-01-15T08:02:00Z"
+    imds.set_paths({SPOT_PATH: json.dumps({"action": "terminate", "time": notice})})
+    caplog.set_level(logging.INFO, logger="agent")
+    _run_until_done(watcher, clock)
+
+    assert watcher.state["event"]["kind"] == "spot"
+    assert drains == [plan.parse_time(notice) - 20]
+    assert watcher.state["phase"] == "done"
+    assert list(watcher.state["poll_errors"]) == [TARGET_PATH]
+    # an unknown target state is not a change of state: nothing handled is forgotten
+    assert watcher.state["target_lifecycle_state"] is None
+    assert lc_aws.complete_times == []  # no hook wait was seen, nothing to complete
+    named = [r for r in caplog.records if TARGET_PATH in r.getMessage()]
+    assert len(named) == 1 and "unreadable" in named[0].getMessage()

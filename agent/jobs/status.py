@@ -17,6 +17,11 @@ an operator runs it. `--json` prints one stable object:
      "systemd": {"reachable": bool, "error": str|null},
      "units": {unit: {"active": str, "sub": str, "main_pid": int, "enabled": str,
                       "result": str, "restarts": int}}}
+
+Secrets never print, whatever a document holds (defence in depth: the agent writes none):
+a field named like a secret or a task's inputs (`token`, `password`, `secret`, `args`,
+`kwargs`, ... see SECRET_KEYS) shows as "<redacted>", and a string holding a JWT (the shape of
+Airflow's execution-API tokens) has the JWT replaced.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,6 +40,49 @@ from agent.jobs.confapply.state import ConfapplyDoc, current_hash, watched_paths
 from agent.jobs.env_sync.state import EnvDoc
 from agent.jobs.role_state import RoleDoc
 from agent.state import VERSION_KEY, Registered, StateStore, registered, registration
+
+# field names whose values are never shown (compared lower-case, "-" as "_")
+SECRET_KEYS = frozenset(
+    {
+        "token",
+        "access_token",
+        "session_token",
+        "id_token",
+        "refresh_token",
+        "password",
+        "passwd",
+        "secret",
+        "secret_access_key",
+        "secretaccesskey",
+        "sessiontoken",
+        "authorization",
+        "api_key",
+        "private_key",
+        "args",
+        "kwargs",
+        "argsrepr",
+        "kwargsrepr",
+    }
+)
+REDACTED = "<redacted>"
+# header.payload.signature, base64url; a JWT header always starts {" -> "eyJ"
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+def redact(value: Any) -> Any:
+    """A copy of a JSON-like value with secret-named fields and JWTs hidden."""
+    if isinstance(value, dict):
+        return {
+            k: REDACTED
+            if str(k).lower().replace("-", "_") in SECRET_KEYS and v not in (None, "", [], {})
+            else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _JWT.sub("<redacted token>", value)
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -116,7 +165,7 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
     }
     for doc in _shown_documents():
         out[doc.status_key] = _load(store, doc.name)  # type: ignore[index]
-    return out
+    return redact(out)
 
 
 def _env_file(cfg, synced: Optional[str]) -> Dict[str, Any]:

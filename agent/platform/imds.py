@@ -4,10 +4,18 @@ Token flow: `PUT /latest/api/token` with a TTL; the token is reused until shortl
 expires and refreshed once when a GET answers 401 (IMDS restarted, clock skew). Each request
 has a short timeout and a bounded number of attempts, so an instance without IMDS fails fast
 with `ImdsUnavailable` instead of hanging.
+
+Every failure is an `ImdsError`, never a transport's own exception: `ImdsUnavailable` when no
+answer came (refused, reset, timed out, a bad status line, a body shorter than its
+Content-Length, HTTP 5xx: `http.client`'s errors included), `ImdsMalformed` when an answer came
+but does not mean anything (a Spot notice that is not a JSON object with an `action`, a body
+that is not UTF-8). Both name the path and what was wrong, so a daemon can log each distinct
+failure once and carry on with the facts that did read.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -26,8 +34,32 @@ ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 _TOKEN_MARGIN = 60.0
 
 
-class ImdsUnavailable(AgentError):
-    """IMDS could not be reached or refused every attempt."""
+class ImdsError(AgentError):
+    """A fact could not be read from IMDS (the message names the path)."""
+
+
+class ImdsUnavailable(ImdsError):
+    """IMDS could not be reached, or gave no usable HTTP answer, on every attempt."""
+
+
+class ImdsMalformed(ImdsError):
+    """IMDS answered, but the answer is not what the path documents."""
+
+
+# what one HTTP exchange can raise besides an answer: socket errors (OSError: refused, reset,
+# timeout), http.client's protocol errors (BadStatusLine, IncompleteRead, RemoteDisconnected,
+# LineTooLong; HTTPException), and ValueError from a response too broken to parse
+_TRANSPORT_ERRORS = (OSError, http.client.HTTPException, ValueError)
+_EXCERPT = 60  # characters of a malformed answer quoted in its error
+
+
+def _excerpt(text: str) -> str:
+    return repr(text if len(text) <= _EXCERPT else text[:_EXCERPT] + "...")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class ImdsClient:
@@ -65,7 +97,7 @@ class ImdsClient:
     # -- transport -------------------------------------------------------------------------
 
     def _open(self, req: urllib.request.Request) -> tuple[int, bytes]:
-        """One HTTP exchange; returns (status, body). Network errors raise OSError."""
+        """One HTTP exchange; returns (status, body). Failures raise one of _TRANSPORT_ERRORS."""
         # IMDS is link-local; a proxy from the environment must never see these requests
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
@@ -73,14 +105,17 @@ class ImdsClient:
             with opener.open(req, timeout=self.timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
-            return err.code, err.read() or b""
+            try:
+                return err.code, err.read() or b""
+            finally:
+                err.close()
 
     def _with_retries(self, what: str, req_factory: Callable[[], urllib.request.Request]):
         last: Optional[BaseException] = None
         for attempt in range(self.attempts):
             try:
                 status, body = self._open(req_factory())
-            except OSError as exc:
+            except _TRANSPORT_ERRORS as exc:
                 last = exc
             else:
                 if status < 500:
@@ -89,7 +124,8 @@ class ImdsClient:
             if attempt + 1 < self.attempts:
                 self._sleep(min(0.2 * 2**attempt, 1.0))
         raise ImdsUnavailable(
-            f"IMDS at {self.endpoint} unreachable for {what} after {self.attempts} attempts: {last}"
+            f"IMDS at {self.endpoint} unreachable for {what} after {self.attempts} attempts: "
+            f"{_describe(last) if last is not None else '-'}"
         )
 
     def _fetch_token(self) -> str:
@@ -105,8 +141,12 @@ class ImdsClient:
             raise ImdsUnavailable(
                 f"IMDS at {self.endpoint} refused a session token (HTTP {status})"
             )
+        try:
+            token = body.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ImdsMalformed(f"IMDS at {self.endpoint} answered a non-ASCII token") from None
         self.token_fetches += 1
-        self._token = body.decode("ascii").strip()
+        self._token = token
         self._token_expires = (
             self._clock() + self.token_ttl - min(_TOKEN_MARGIN, self.token_ttl / 2)
         )
@@ -135,7 +175,10 @@ class ImdsClient:
                 return None
             if status != 200:
                 raise ImdsUnavailable(f"IMDS GET {path} answered HTTP {status}")
-            return body.decode("utf-8")
+            try:
+                return body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ImdsMalformed(f"IMDS {path} is not UTF-8 text ({exc.reason})") from None
         raise ImdsUnavailable(f"IMDS GET {path} rejected a fresh token (HTTP 401)")
 
     def require(self, path: str) -> str:
@@ -180,17 +223,27 @@ class ImdsClient:
 
     def spot_instance_action(self) -> Optional[dict]:
         """{"action": "terminate", "time": "..."} when a Spot interruption is scheduled."""
-        return self._json("meta-data/spot/instance-action")
+        path = "meta-data/spot/instance-action"
+        value = self._json(path)
+        if value is not None and not (isinstance(value.get("action"), str) and value["action"]):
+            raise ImdsMalformed(f'IMDS {path} has no "action": {_excerpt(json.dumps(value))}')
+        return value
 
     def rebalance_recommendation(self) -> Optional[dict]:
         return self._json("meta-data/events/recommendations/rebalance")
 
     def _json(self, path: str) -> Optional[dict]:
+        """The JSON object at `path`; None on 404; ImdsMalformed for anything but an object."""
         text = self.get(path)
         if text is None:
             return None
         try:
             value = json.loads(text)
-        except ValueError:
-            raise ImdsUnavailable(f"IMDS {path} is not JSON") from None
-        return value if isinstance(value, dict) else None
+        except ValueError as exc:
+            raise ImdsMalformed(
+                f"IMDS {path} is not JSON ({exc.__class__.__name__} at char "
+                f"{getattr(exc, 'pos', '?')}): {_excerpt(text)}"
+            ) from None
+        if not isinstance(value, dict):
+            raise ImdsMalformed(f"IMDS {path} is not a JSON object: {_excerpt(text)}")
+        return value

@@ -8,6 +8,16 @@ one instance never touches another instance's worker. Every call is bounded:
   unreachable broker is a `BrokerUnreachable` in seconds, not kombu's endless retry loop;
 - replies are awaited for `reply_timeout` seconds with `limit=1` (one node answers, so the
   call returns as soon as it has), and no reply is `NoReply` — Celery's "No nodes replied".
+  The timeout is the operator's `drain.reply_timeout` (agent.jobs.drain.broker.worker_control
+  builds every WorkerControl the agent uses): a loaded worker may take seconds to answer, and
+  a long timeout costs nothing when it does answer, because the call returns on the reply.
+
+What a running task is, as the agent keeps it: `inspect active` replies carry each task's
+arguments, and Airflow 3's `execute_workload` argument is the workload JSON with the task's
+execution-API token in it. `active_tasks()` is the one door through which running tasks enter
+the agent, and it keeps only `safe_task()`'s form (name, id, start time, worker pid, and for an
+Airflow workload its type and task-instance identity): arguments never reach a log line, a
+state file or `status`.
 
 Celery is imported lazily: only the `worker` extra (`celery[redis]==5.6.3`) brings it, and
 only drain/undrain/deploy-hook on a worker need it.
@@ -22,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 from agent.errors import AgentError
+from agent.worker.tasks import safe_task
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,8 @@ _INDIRECT_SUFFIXES = ("_CMD", "_SECRET")
 NO_REMOTE_CONTROL_SCHEMES = ("sqs",)
 
 CONNECT_TIMEOUT = 4.0
+# drain.reply_timeout's default (agent.config.DrainConfig); callers pass the configured value
+DEFAULT_REPLY_TIMEOUT = 30.0
 
 
 class ControlError(AgentError):
@@ -148,7 +161,11 @@ class QueueSpec:
 class WorkerControl:
     """Remote control of one Celery node through a bare Celery app on the worker's broker."""
 
-    def __init__(self, settings: BrokerSettings, node: str, reply_timeout: float = 1.0):
+    def __init__(
+        self, settings: BrokerSettings, node: str, reply_timeout: float = DEFAULT_REPLY_TIMEOUT
+    ):
+        if not reply_timeout > 0:
+            raise ControlError(f"remote control reply timeout must be positive: {reply_timeout!r}")
         self.settings = settings
         self.node = node
         self.reply_timeout = reply_timeout
@@ -271,8 +288,8 @@ class WorkerControl:
         return [QueueSpec.from_active_queues(q) for q in self._inspect("active_queues") or []]
 
     def active_tasks(self) -> List[Dict[str, Any]]:
-        """The node's running tasks as `inspect active` reports them (id, name, args, ...)."""
-        return [t for t in self._inspect("active") or [] if isinstance(t, dict)]
+        """The node's running tasks, each in `safe_task()`'s form (never their arguments)."""
+        return [safe_task(t) for t in self._inspect("active") or [] if isinstance(t, dict)]
 
     def busy(self) -> tuple[int, int]:
         """(active, reserved) task counts: a worker is idle only when both are 0."""

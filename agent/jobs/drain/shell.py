@@ -67,7 +67,10 @@ class DrainShell:
         self.systemctl = systemctl or systemctl_from_config(cfg)
         self.store = store or StateStore(cfg.state_dir)
         self.notifier = notifier or Notifier()
-        self.control_factory = control_factory or (lambda s, n: WorkerControl(s, n))
+        # replies are awaited for the configured drain.reply_timeout, never a built-in default
+        self.control_factory = control_factory or (
+            lambda s, n: WorkerControl(s, n, reply_timeout=cfg.drain.reply_timeout)
+        )
         self.clock = clock
         self.sleep = sleep
         self.on_progress = on_progress

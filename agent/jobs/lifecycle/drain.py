@@ -12,13 +12,15 @@ worker's agent needs celery); tests inject their own callables instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 from agent.errors import AgentError
 from agent.jobs.lifecycle.action import iso
+from agent.worker.tasks import describe_task, safe_task
 
 log = logging.getLogger(__name__)
 
@@ -49,44 +51,40 @@ def default_stop_consuming() -> Callable[[Any], Any]:
 
 
 def _control(cfg):
-    from agent.jobs.drain import drainer as drain
-    from agent.worker import celery_control
+    from agent.jobs.drain.broker import worker_control
 
-    return celery_control.WorkerControl(drain.read_broker(cfg), drain.node_name(cfg))
+    return worker_control(cfg)
 
 
 def default_busy(cfg) -> Callable[[], int]:
-    """Active + reserved task count of the local worker; 0 when it does not answer (stopped)."""
+    """Active + reserved task count of the local worker; 0 when its unit is not running.
+
+    systemd is asked first: a stopped worker cannot answer, and asking it would hold the loop
+    for the whole reply timeout. A running worker that does not answer in time is an unknown
+    load (a loaded worker is slow), never "idle": NoReply propagates and protection is left as
+    it is.
+    """
 
     def busy() -> int:
-        from agent.worker.celery_control import NoReply
+        from agent.platform.systemd import systemctl_from_config
 
+        state = systemctl_from_config(cfg).active_state(cfg.drain.worker_unit)
+        if state not in ("active", "reloading", "activating", "deactivating"):
+            return 0
         with _control(cfg) as ctl:
-            try:
-                active, reserved = ctl.busy()
-            except NoReply:
-                return 0
+            active, reserved = ctl.busy()
         return active + reserved
 
     return busy
 
 
 def default_active_tasks(cfg) -> Callable[[], List[Dict[str, Any]]]:
-    """The local worker's running tasks (id, name, args) via `inspect active`."""
+    """The local worker's running tasks via `inspect active`, in their safe form
+    (agent.worker.tasks.safe_task: name, id, start, Airflow identity; never the arguments)."""
 
     def active() -> List[Dict[str, Any]]:
         with _control(cfg) as ctl:
-            items = ctl.active_tasks()
-        return [
-            {
-                "id": t.get("id"),
-                "name": t.get("name"),
-                "args": t.get("args"),
-                "started": t.get("time_start"),
-            }
-            for t in items
-            if isinstance(t, dict)
-        ]
+            return ctl.active_tasks()
 
     return active
 
@@ -175,11 +173,14 @@ class EventDrain:
         clock: Callable[[], float],
         drain_fn: Optional[DrainFn] = None,
         active_tasks_fn: Optional[Callable[[], List[Dict[str, Any]]]] = None,
+        section: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     ):
         self.cfg = cfg
         self.clock = clock
         self._drain_fn = drain_fn
         self._active_tasks_fn = active_tasks_fn
+        # the loop thread asks the worker inside this section (the runtime's busy declaration)
+        self._section = section
         self.runner: Optional[DrainRunner] = None
         self._retry_at = 0.0
 
@@ -248,7 +249,8 @@ class EventDrain:
 
     def active_tasks(self) -> Optional[List[Dict[str, Any]]]:
         try:
-            return (self._active_tasks_fn or default_active_tasks(self.cfg))()
+            with self._section():
+                return (self._active_tasks_fn or default_active_tasks(self.cfg))()
         except Exception as exc:  # noqa: BLE001 - a report, not a decision
             log.debug("cannot list the worker's active tasks: %s", exc)
             return None
@@ -272,13 +274,19 @@ class EventDrain:
 
 
 def describe_tasks(tasks: List[Any]) -> str:
-    out = []
-    for t in tasks:
-        if isinstance(t, dict):
-            name = t.get("name") or t.get("task") or "?"
-            tid = t.get("id") or t.get("task_id") or "?"
-            args = t.get("args")
-            out.append(f"{name}[{tid}]" + (f" args={args}" if args not in (None, "", []) else ""))
-        else:
-            out.append(str(t))
-    return ", ".join(out)
+    """The tasks for a log line, from their safe form only (a record written by an older agent
+    may hold arguments: they are not shown)."""
+    return ", ".join(describe_task(t) if isinstance(t, dict) else "?" for t in tasks)
+
+
+def scrub_tasks(drain: Optional[Dict[str, Any]]) -> None:
+    """Tasks a record from an older agent kept with their arguments: keep only the safe form."""
+    if not isinstance(drain, dict):
+        return
+    for key in ("unfinished_tasks", "tasks_near_deadline"):
+        tasks = drain.get(key)
+        if isinstance(tasks, list):
+            drain[key] = [
+                safe_task({"time_start": t.get("started"), **t}) if isinstance(t, dict) else {}
+                for t in tasks
+            ]

@@ -2,8 +2,11 @@
 
 Fields (see agent/jobs/lifecycle/watch.py for how they change): `phase` (idle | draining |
 done), `event` (the current or last event), `handled` (event keys already acted on),
-`target_lifecycle_state` and `last_poll`/`last_poll_error` (IMDS), `drain`,
+`target_lifecycle_state`, `last_poll` (the last poll that read at least one fact),
+`poll_errors` ({IMDS path: why it could not be read} at the last poll) and `last_poll_error`
+(the same, as one line), `last_pass_error` (a loop pass that failed), `drain`,
 `lifecycle_action`, `protection`, and `summary` (the same line as systemd's STATUS=).
+Tasks in `drain` are in agent.worker.tasks.safe_task's form: never their arguments.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class LifecycleDoc(StateDoc):
     target_lifecycle_state: Optional[str] = None
     last_poll: Optional[float] = None
     last_poll_error: Optional[str] = None
+    poll_errors: Optional[Dict[str, str]] = None
+    last_pass_error: Optional[str] = None
     drain: Optional[Dict[str, Any]] = None
     lifecycle_action: Optional[Dict[str, Any]] = None
     protection: Optional[Dict[str, Any]] = None

@@ -20,6 +20,11 @@ operator CLI; its inspect polls take ~1 s each and may block on a slow broker. H
 go out on time whatever the drain is doing, so the drain runs beside the loop and reports
 progress through a callback; the loop owns every AWS call and every state write.
 
+Each IMDS fact is read on its own (facts.py): one IMDS answers with garbage is named in the
+log once per distinct answer and ignored, while the others still act. No exception leaves a
+pass: `step()` logs a failed pass once per distinct error, records `last_pass_error` and tries
+again a poll later (systemd's watchdog still catches a pass that hangs).
+
 Everything the loop knows is in `lifecycle.json` (LifecycleDoc, agent/jobs/lifecycle/state.py),
 so an agent restarted mid-drain resumes the drain (drain.json holds its own progress),
 resumes heartbeats with the persisted plan, and completes the lifecycle action once.
@@ -33,12 +38,13 @@ aws.py. The loop itself, signals and sd_notify are the daemon runtime's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 from agent.errors import AgentError, ConfigError
-from agent.jobs.lifecycle import plan
+from agent.jobs.lifecycle import facts, plan
 from agent.jobs.lifecycle.action import HookAction, iso
 from agent.jobs.lifecycle.aws import LifecycleAws
 from agent.jobs.lifecycle.drain import (
@@ -47,6 +53,7 @@ from agent.jobs.lifecycle.drain import (
     EventDrain,
     default_busy,
     default_stop_consuming,
+    scrub_tasks,
 )
 from agent.jobs.lifecycle.state import LifecycleDoc
 from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
@@ -73,6 +80,7 @@ class Watcher(Daemon):
         busy_fn: Optional[Callable[[], int]] = None,
         active_tasks_fn: Optional[Callable[[], List[Dict[str, Any]]]] = None,
         clock: Callable[[], float] = time.time,
+        busy_section: Optional[Callable[[float], ContextManager[Any]]] = None,
     ):
         self.cfg = cfg
         self.imds = imds
@@ -81,12 +89,20 @@ class Watcher(Daemon):
         self._stop_consuming_fn = stop_consuming_fn
         self._busy_fn = busy_fn
         self.clock = clock
+        # the daemon runtime's `busy(seconds)`: remote control may block the loop that long
+        self.busy_section = busy_section or (lambda seconds: contextlib.nullcontext())
         self.hook = HookAction(cfg, aws, clock, self.save)
-        self.drain = EventDrain(cfg, clock, drain_fn, active_tasks_fn)
+        self.drain = EventDrain(cfg, clock, drain_fn, active_tasks_fn, self.remote_control_section)
         # the loop works on the document's plain form; save() checks it against LifecycleDoc
         self.state: Dict[str, Any] = (store.load_doc(LifecycleDoc) or LifecycleDoc()).to_dict()
-        self._imds_failing = False
+        scrub_tasks(self.state.get("drain"))
+        self.facts = facts.FactReader(cfg.lifecycle.poll_interval)
+        self._pass_errors: List[str] = []
         self._next_poll = 0.0
+
+    def remote_control_section(self) -> ContextManager[Any]:
+        """A section of the loop asking the worker (two inspects at most, plus systemctl)."""
+        return self.busy_section(2 * self.cfg.drain.reply_timeout + 30.0)
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -109,26 +125,33 @@ class Watcher(Daemon):
     # -- one tick ----------------------------------------------------------------------------
 
     def poll(self) -> Optional[List[plan.Event]]:
-        """The events IMDS describes now; None when IMDS could not be read (logged once)."""
-        try:
-            target = self.imds.target_lifecycle_state()
-            spot = self.imds.spot_instance_action()
-            rebalance = self.imds.rebalance_recommendation()
-        except AgentError as exc:
-            if not self._imds_failing:
-                log.warning(
-                    "IMDS poll failed, retrying every %gs: %s",
-                    self.cfg.lifecycle.poll_interval,
-                    exc,
-                )
-            self._imds_failing = True
-            self.state["last_poll_error"] = str(exc)
+        """The events the IMDS facts read now describe; None when none could be read.
+
+        Each fact is read on its own: one that fails is unknown for this poll (logged once
+        per distinct failure, recorded in `poll_errors`), and the others are classified.
+        """
+        values, errors = self.facts.read(
+            {
+                facts.TARGET: self.imds.target_lifecycle_state,
+                facts.SPOT: self.imds.spot_instance_action,
+                facts.REBALANCE: self.imds.rebalance_recommendation,
+            }
+        )
+        self.state["poll_errors"] = dict(errors) or None
+        self.state["last_poll_error"] = "; ".join(errors.values()) or None
+        if not values:
             return None
-        if self._imds_failing:
-            log.info("IMDS poll recovered")
-        self._imds_failing = False
-        self.state["last_poll_error"] = None
         self.state["last_poll"] = self.clock()
+        if facts.TARGET in values:
+            self._target_seen(values[facts.TARGET])
+        return plan.classify(
+            values.get(facts.TARGET),
+            values.get(facts.SPOT),
+            values.get(facts.REBALANCE),
+            self.cfg.lifecycle.rebalance,
+        )
+
+    def _target_seen(self, target: Optional[str]) -> None:
         if target != self.state.get("target_lifecycle_state"):
             log.info("target lifecycle state: %s", target)
             # a target state that ended may come back (warm pool reuse): forget it was handled
@@ -138,7 +161,6 @@ class Watcher(Daemon):
                 if not k.startswith("target:") or k == f"target:{target}"
             ]
         self.state["target_lifecycle_state"] = target
-        return plan.classify(target, spot, rebalance, self.cfg.lifecycle.rebalance)
 
     def tick(self) -> None:
         # during an event the loop wakes often (heartbeats, the drain's end); IMDS is still
@@ -256,7 +278,8 @@ class Watcher(Daemon):
         }
         now = self.clock()
         try:
-            busy = (self._busy_fn or default_busy(self.cfg))()
+            with self.remote_control_section():
+                busy = (self._busy_fn or default_busy(self.cfg))()
         except Exception as exc:  # noqa: BLE001 - unknown load: leave protection as it is
             log.debug("cannot tell whether the worker is busy: %s", exc)
             return
@@ -305,8 +328,29 @@ class Watcher(Daemon):
         return delay
 
     def step(self) -> float:
-        self.tick()
+        """One pass. The runtime would end the process on an exception (and systemd restart
+        it, heartbeats missed meanwhile): a failed pass is named and retried a poll later."""
+        try:
+            self.tick()
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad pass
+            self._pass_failed(exc)
+            return self.cfg.lifecycle.poll_interval
+        if self._pass_errors:
+            log.info("lifecycle watch pass succeeded again")
+            self._pass_errors = []
+            self.state["last_pass_error"] = None
         return self.next_delay()
+
+    def _pass_failed(self, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        if message not in self._pass_errors:
+            log.error("lifecycle watch pass failed (retrying): %s", message, exc_info=True)
+            self._pass_errors = (self._pass_errors + [message])[-facts.SEEN_KEEP :]
+        self.state["last_pass_error"] = message
+        try:
+            self.save()
+        except Exception as save_exc:  # noqa: BLE001 - the state dir itself may be the fault
+            log.debug("saving lifecycle state after a failed pass: %s", save_exc)
 
     def status(self) -> str:
         return self.state.get("summary") or self.status_line()
@@ -344,7 +388,7 @@ def run(args, cfg) -> int:
     clients = AwsClients(cfg, imds)
     store = StateStore(cfg.state_dir)
     store.ensure()
-    watcher = Watcher(cfg, imds, LifecycleAws(cfg, clients, imds), store)
+    watcher = Watcher(cfg, imds, LifecycleAws(cfg, clients, imds), store, busy_section=runtime.busy)
     log.info(
         "lifecycle watch: polling IMDS every %gs (rebalance: %s, scale-in protection: %s)",
         cfg.lifecycle.poll_interval,
