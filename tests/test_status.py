@@ -183,3 +183,56 @@ def test_human_view_shows_the_job_fields_that_matter():
         "summary=draining: 2 active phase=draining heartbeats=4 completed=False"
     )
     assert "systemd unreachable: no bus" in text
+
+
+# -- secrets never print --------------------------------------------------------------------
+
+JWT = "eyJhbGciOiJIUzUxMiJ9.eyJzdWIiOiJ0aS0xIn0.c2lnbmF0dXJlLW9mLWEtdG9rZW4"
+
+
+def test_status_never_prints_a_token_whatever_a_document_holds(tmp_path):
+    """Defence in depth: a lifecycle.json written by an older agent (tasks with their
+    arguments), a drain document with a token field, a JWT inside a message."""
+    from agent.config import config_from_dict
+    from agent.jobs import status
+    from agent.platform.systemd import Systemctl
+
+    cfg = config_from_dict(
+        {"state_dir": str(tmp_path / "state"), "env": {"file": str(tmp_path / "none.env")}}
+    )
+    store = StateStore(str(tmp_path / "state"))
+    workload = json.dumps({"token": JWT, "ti": {"dag_id": "etl"}})
+    store.save_raw(
+        "lifecycle",
+        {
+            "version": 1,
+            "phase": "done",
+            "summary": f"drain ended: record[{JWT}]",
+            "drain": {
+                "unfinished_tasks": [
+                    {"id": "t1", "name": "execute_workload", "args": [workload], "kwargs": {}}
+                ]
+            },
+        },
+    )
+    store.save_raw(
+        "drain",
+        {"phase": "stopped", "Token": "plain-secret-value", "note": f"Bearer {JWT} refused"},
+    )
+    out = status.collect(cfg, Systemctl(["false"], timeout=5))
+    text = json.dumps(out) + status.render(out)
+    assert JWT not in text and "c2lnbmF0dXJl" not in text
+    assert "plain-secret-value" not in text
+    task = out["lifecycle"]["drain"]["unfinished_tasks"][0]
+    assert task == {"id": "t1", "name": "execute_workload", "args": "<redacted>", "kwargs": {}}
+    assert out["drain"]["Token"] == "<redacted>"
+    assert out["drain"]["note"] == "Bearer <redacted token> refused"
+    assert out["lifecycle"]["phase"] == "done"  # everything else is shown as it is
+
+
+def test_redact_leaves_ordinary_values_alone():
+    from agent.jobs.status import redact
+
+    doc = {"units": {"a": {"active": "active"}}, "count": 3, "tags": ["x.y.z", "eyJ"], "n": None}
+    assert redact(doc) == doc
+    assert redact({"password": None, "secret": ""}) == {"password": None, "secret": ""}

@@ -331,6 +331,7 @@ class Watcher(Daemon):
         """One pass. The runtime would end the process on an exception (and systemd restart
         it, heartbeats missed meanwhile): a failed pass is named and retried a poll later."""
         try:
+            self.state["last_pass_error"] = None  # saved by the pass; set again if it fails
             self.tick()
         except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad pass
             self._pass_failed(exc)
@@ -338,7 +339,6 @@ class Watcher(Daemon):
         if self._pass_errors:
             log.info("lifecycle watch pass succeeded again")
             self._pass_errors = []
-            self.state["last_pass_error"] = None
         return self.next_delay()
 
     def _pass_failed(self, exc: Exception) -> None:
