@@ -148,7 +148,8 @@ class Drainer(DrainShell):
     def _await_reply(self, control: WorkerControl, state: plan.DrainState) -> None:
         """The worker may still be starting: wait for a ping reply, bounded."""
         until = min(state.deadline, self.clock() + self.cfg.drain.reply_timeout)
-        while not control.ping():
+        # each ping waits up to drain.reply_timeout for the reply, never past `until`
+        while not control.ping(timeout=max(0.5, until - self.clock())):
             if self.condition() == plan.UNIT_STOPPED:
                 raise NoReply(f"{self.unit} stopped")
             if self.clock() >= until:
