@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from agent.config import config_from_dict
-from agent.jobs.drain.broker import worker_control
+from agent.jobs.drain.control import worker_control
 from agent.jobs.drain.shell import DrainShell
 from agent.jobs.lifecycle.drain import default_active_tasks, describe_tasks
 from agent.worker.celery_control import BrokerSettings, ControlError, NoReply, WorkerControl

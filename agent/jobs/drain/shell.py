@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 from agent.errors import AgentError
 from agent.jobs.drain import plan
 from agent.jobs.drain.broker import node_name
+from agent.jobs.drain.control import worker_control
 from agent.platform.notify import Notifier
 from agent.platform.systemd import Systemctl, SystemctlError, systemctl_from_config
 from agent.state import StateStore
@@ -68,9 +69,7 @@ class DrainShell:
         self.store = store or StateStore(cfg.state_dir)
         self.notifier = notifier or Notifier()
         # replies are awaited for the configured drain.reply_timeout, never a built-in default
-        self.control_factory = control_factory or (
-            lambda s, n: WorkerControl(s, n, reply_timeout=cfg.drain.reply_timeout)
-        )
+        self.control_factory = control_factory or (lambda s, n: worker_control(cfg, s, n))
         self.clock = clock
         self.sleep = sleep
         self.on_progress = on_progress

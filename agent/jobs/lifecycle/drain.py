@@ -51,7 +51,7 @@ def default_stop_consuming() -> Callable[[Any], Any]:
 
 
 def _control(cfg):
-    from agent.jobs.drain.broker import worker_control
+    from agent.jobs.drain.control import worker_control
 
     return worker_control(cfg)
 
