@@ -10,18 +10,23 @@ call" is shown by what happens (a slow answer is waited for, or not), not by rec
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
 from agent.config import config_from_dict
 from agent.jobs.drain.control import worker_control
+from agent.jobs.drain.drainer import Drainer
 from agent.jobs.drain.shell import DrainShell
+from agent.jobs.drain.undrain import Undrainer
 from agent.jobs.lifecycle.drain import default_active_tasks, describe_tasks
 from agent.worker.celery_control import BrokerSettings, ControlError, NoReply, WorkerControl
 from agent.worker.tasks import describe_task, safe_task
+from sandbox.lifecycle import FAKE_SYSTEMCTL
 
 NODE = "celery@memnode"
 TOKEN = "eyJhbGciOiJIUzUxMiJ9.eyJzdWIiOiJ0aS0xIiwic2NvcGUiOiJ3b3JrbG9hZCJ9.c2lnbmF0dXJl"
@@ -140,11 +145,14 @@ def test_lifecycle_log_line_never_shows_arguments_of_an_old_record():
 class SlowNode:
     """Celery's mailbox node answering ping/active/active_queues after `delay` seconds."""
 
-    def __init__(self, delay: float, active: List[Dict[str, Any]]):
+    def __init__(
+        self, delay: float, active: List[Dict[str, Any]], queues: Optional[List[str]] = None
+    ):
         from celery import Celery
 
         self.delay = delay
         self.active = active
+        self.queues = ["default"] if queues is None else list(queues)
         self.app = Celery("slow-node", broker="memory://", set_as_current=False)
         self.stop = threading.Event()
         self.ready = threading.Event()
@@ -158,12 +166,27 @@ class SlowNode:
 
             return handler
 
-        queue = {"name": "default", "exchange": {"name": "default", "type": "direct"}}
+        def active_queues(state, **kwargs):
+            time.sleep(self.delay)
+            return [{"name": q, "exchange": {"name": q, "type": "direct"}} for q in self.queues]
+
+        def add_consumer(state, queue, **kwargs):
+            time.sleep(self.delay)
+            self.queues.append(queue)
+            return {"ok": f"add consumer {queue}"}
+
+        def cancel_consumer(state, queue, **kwargs):
+            time.sleep(self.delay)
+            self.queues.remove(queue)
+            return {"ok": f"no longer consuming from {queue}"}
+
         return {
             "ping": slow({"ok": "pong"}),
             "active": slow(self.active),
             "reserved": slow([]),
-            "active_queues": slow([queue]),
+            "active_queues": active_queues,
+            "add_consumer": add_consumer,
+            "cancel_consumer": cancel_consumer,
         }
 
     def _serve(self) -> None:
@@ -197,11 +220,22 @@ def slow_node() -> Iterator[SlowNode]:
 def worker_cfg(tmp_path, reply_timeout: float):
     env = tmp_path / "airflow.env"
     env.write_text("AIRFLOW__CELERY__BROKER_URL=memory://\n")
+    # the worker unit is "running": sandbox/lifecycle's systemctl backed by this process's PID
+    pidfile = tmp_path / "worker.pid"
+    pidfile.write_text(str(os.getpid()))
     return config_from_dict(
         {
             "state_dir": str(tmp_path / "state"),
             "env": {"file": str(env)},
             "drain": {"node_name": NODE, "reply_timeout": reply_timeout},
+            "systemctl": [
+                sys.executable,
+                str(FAKE_SYSTEMCTL),
+                "--pidfile",
+                str(pidfile),
+                "--log",
+                str(tmp_path / "systemctl.log"),
+            ],
         }
     )
 
@@ -242,3 +276,15 @@ def test_a_reply_timeout_shorter_than_the_worker_is_no_reply(tmp_path, slow_node
 def test_reply_timeout_must_be_positive():
     with pytest.raises(ControlError, match="reply timeout must be positive"):
         WorkerControl(BrokerSettings("memory://", {}), NODE, reply_timeout=0)
+
+
+def test_stop_consuming_then_undrain_of_a_slow_worker(tmp_path):
+    """A worker answering every remote-control call after 1 s (a loaded machine): with
+    drain.reply_timeout 8 s, stop-consuming cancels its queue and undrain brings it back."""
+    cfg = worker_cfg(tmp_path, reply_timeout=8.0)
+    with SlowNode(1.0, [], queues=["default", "etl"]) as node:
+        assert sorted(Drainer(cfg).stop_consuming()) == ["default", "etl"]
+        assert node.queues == []
+        assert Undrainer(cfg).undrain(timeout=60) == "consumers-added"
+        assert sorted(node.queues) == ["default", "etl"]
+    assert "start" not in (tmp_path / "systemctl.log").read_text()  # consumers, not a restart

@@ -62,7 +62,8 @@ class Undrainer(DrainShell):
                 f"restart {self.unit} to consume again"
             )
         with self.control_factory(settings, state.node) as control:
-            while not control.ping():
+            # each ping waits up to drain.reply_timeout for the reply, never past `until`
+            while not control.ping(timeout=max(0.5, until - self.clock())):
                 if self.clock() >= until:
                     raise DeadlineError(
                         f"{state.node} did not answer remote control; consumers not restored"
