@@ -13,7 +13,7 @@ import logging
 from agent.config import config_from_dict
 from agent.jobs.lifecycle import facts
 from agent.jobs.lifecycle.watch import Watcher
-from agent.platform.imds import ImdsClient, ImdsMalformed, ImdsUnavailable
+from agent.platform.imds import ImdsClient, ImdsMalformed, ImdsNoToken, ImdsUnavailable
 from agent.state import StateStore
 
 
@@ -32,6 +32,22 @@ def test_each_fact_is_read_on_its_own():
         facts.SPOT: "IMDS meta-data/spot/instance-action is not JSON: '{'",
         facts.REBALANCE: "KeyError: 'action'",  # not an IMDS error: named by its type
     }
+
+
+def test_without_a_session_token_the_other_facts_are_not_tried():
+    calls = []
+
+    def no_token():
+        calls.append("target")
+        raise ImdsNoToken("IMDS at http://x/ unreachable for a session token after 3 attempts")
+
+    def spot():
+        calls.append("spot")
+        return None
+
+    values, errors = facts.read_facts({facts.TARGET: no_token, facts.SPOT: spot})
+    assert calls == ["target"] and values == {}
+    assert errors[facts.SPOT] == errors[facts.TARGET]
 
 
 def test_each_distinct_failure_is_logged_once_and_recovery_once():

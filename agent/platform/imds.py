@@ -42,6 +42,10 @@ class ImdsUnavailable(ImdsError):
     """IMDS could not be reached, or gave no usable HTTP answer, on every attempt."""
 
 
+class ImdsNoToken(ImdsUnavailable):
+    """No session token: every read fails the same way until IMDS answers again."""
+
+
 class ImdsMalformed(ImdsError):
     """IMDS answered, but the answer is not what the path documents."""
 
@@ -136,11 +140,12 @@ class ImdsClient:
                 headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl)},
             )
 
-        status, body = self._with_retries("a session token", req)
+        try:
+            status, body = self._with_retries("a session token", req)
+        except ImdsUnavailable as exc:
+            raise ImdsNoToken(str(exc)) from None
         if status != 200 or not body:
-            raise ImdsUnavailable(
-                f"IMDS at {self.endpoint} refused a session token (HTTP {status})"
-            )
+            raise ImdsNoToken(f"IMDS at {self.endpoint} refused a session token (HTTP {status})")
         try:
             token = body.decode("ascii").strip()
         except UnicodeDecodeError:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Tuple
 
-from agent.platform.imds import ImdsError
+from agent.platform.imds import ImdsError, ImdsNoToken
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,20 @@ def read_facts(
     """
     values: Dict[str, Any] = {}
     errors: Dict[str, str] = {}
+    no_token = ""
     for path, read in readers.items():
+        if no_token:
+            # without a session token every read fails alike: not worth its retries (the
+            # loop also sends heartbeats)
+            errors[path] = no_token
+            continue
         try:
             values[path] = read()
         except Exception as exc:  # noqa: BLE001 - one fact's failure must not stop the others
             text = str(exc) or "no detail"
             errors[path] = text if isinstance(exc, ImdsError) else f"{type(exc).__name__}: {text}"
+            if isinstance(exc, ImdsNoToken):
+                no_token = errors[path]
     return values, errors
 
 
