@@ -8,16 +8,18 @@ naming the dotted key and the file. The defaults here are the contract in the RE
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
+from agent.config_schema import build
 from agent.errors import ConfigError
+from agent.jobs.env_sync.plan import refused_variable
 
 DEFAULT_CONFIG_PATH = "/etc/airflow-agent/agent.yaml"
 CONFIG_ENV_VAR = "AIRFLOW_AGENT_CONFIG"
@@ -64,6 +66,8 @@ class EnvConfig:
     owner: str = "root"
     group: str = "airflow"
     mode: str = "0640"
+    # how long a run waits for another one to finish (the boot unit allows 300 s in all)
+    lock_timeout: float = 120.0
 
     @property
     def mode_bits(self) -> int:
@@ -196,98 +200,58 @@ class AgentConfig:
         return list(self.agent_units.get(role, DEFAULT_AGENT_UNITS[role]))
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_name(args[0]) + " or null"
-    if origin in (list, List):
-        return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
-    if origin in (dict, Dict):
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
-        tp, str(tp)
-    )
+# Durations a zero or negative value would turn into a busy loop (a poll, a re-check, a
+# heartbeat every instant) or an instant failure (a timeout): they must be > 0.
+POSITIVE_KEYS = (
+    "confapply.debounce",
+    "confapply.max_wait",
+    "confapply.unit_timeout",
+    "confapply.watchdog_interval",
+    "confapply.recheck_interval",
+    "variables.timeout",
+    "variables.watch_interval",
+    "drain.timeout",
+    "drain.poll_interval",
+    "drain.reply_timeout",
+    "drain.stop_timeout",
+    "lifecycle.poll_interval",
+    "lifecycle.heartbeat_interval",
+    "deploy.validate_timeout",
+    "deploy.check_timeout",
+    "aws.max_attempts",
+    "aws.connect_timeout",
+    "aws.read_timeout",
+    "imds.timeout",
+    "imds.attempts",
+)
+# margins and waits where 0 means "none" (no wait, no margin), which loops nothing
+NON_NEGATIVE_KEYS = (
+    "env.lock_timeout",
+    "lifecycle.spot_margin",
+    "lifecycle.idle_before_unprotect",
+    "lifecycle.complete_margin",
+    "lifecycle.max_wait",
+)
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; return it converted, or raise ConfigError."""
-
-    def bad(what: str = "") -> ConfigError:
-        got = type(value).__name__ if value is not None else "null"
-        return ConfigError(
-            f"{source}: key '{key}' must be {what or _type_name(tp)}, got {got} {value!r}"
-            if not isinstance(value, (dict, list))
-            else f"{source}: key '{key}' must be {what or _type_name(tp)}, got {got}"
-        )
-
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        if value is None:
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _coerce(value, inner, key, source)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, dict):
-            raise bad()
-        return _build(tp, value, key, source)
-    if origin in (list, List):
-        if not isinstance(value, list):
-            raise bad()
-        (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise bad()
-        ktp, vtp = typing.get_args(tp)
-        return {
-            _coerce(k, ktp, f"{key}", source): _coerce(v, vtp, f"{key}.{k}", source)
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad()
-        return float(value)
-    if tp is str:
-        # YAML turns 0640 into an int and yes into a bool; a string key wants a string
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    raise bad()
+def _value(cfg: AgentConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
-def _build(cls: Any, data: Dict[str, Any], prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"{source}: unknown key '{where}' (known keys here: {known})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        converted = _coerce(value, hints[name], key, source)
-        choices = fields[name].metadata.get("choices")
-        if choices is not None and converted not in choices:
-            allowed = ", ".join("null" if c is None else str(c) for c in choices)
-            raise ConfigError(f"{source}: key '{key}' is {converted!r}; allowed: {allowed}")
-        kwargs[name] = converted
-    return cls(**kwargs)
+def _numbers(obj: Any, prefix: str = "") -> List[tuple]:
+    """(dotted key, value) of every float in the config tree."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, key + ".")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
 
 
 def _validate(cfg: AgentConfig) -> None:
@@ -304,12 +268,34 @@ def _validate(cfg: AgentConfig) -> None:
     for name in list(cfg.env.static) + cfg.env.required:
         if not _ENV_NAME.match(name):
             fail("env.static/env.required", f"has an invalid variable name {name!r}")
+    for name in cfg.env.static:
+        why = refused_variable(name)
+        if why:
+            fail(f"env.static.{name}", f"sets {why}; the env file never carries it")
+    for i, name in enumerate(cfg.env.required):
+        why = refused_variable(name)
+        if why:
+            fail(f"env.required[{i}]", f"names {why}; the env file never carries it")
     if not 0.0 <= cfg.env.max_drop_fraction <= 1.0:
         fail("env.max_drop_fraction", f"must be between 0 and 1, got {cfg.env.max_drop_fraction}")
     if not re.fullmatch(r"0?[0-7]{3}", cfg.env.mode):
         fail("env.mode", f'must be an octal mode string like "0640", got {cfg.env.mode!r}')
     if cfg.env.mode_bits & 0o007:
         fail("env.mode", f"must not give access to others (secrets), got {cfg.env.mode!r}")
+    if cfg.env.mode_bits & 0o020:
+        # the group (airflow) could rewrite what root's units and the agent read
+        fail("env.mode", f"must not let the group write the file, got {cfg.env.mode!r}")
+    for key, number in _numbers(cfg):
+        if not math.isfinite(number):
+            fail(key, f"must be a finite number, got {number}")
+    for key in POSITIVE_KEYS:
+        value = _value(cfg, key)
+        if value is not None and not value > 0:
+            fail(key, f"must be positive (zero or less would loop or fail at once), got {value}")
+    for key in NON_NEGATIVE_KEYS:
+        value = _value(cfg, key)
+        if value is not None and not value >= 0:
+            fail(key, f"must be zero or more, got {value}")
     for role, units in list(cfg.units.items()) + list(cfg.agent_units.items()):
         if role not in ROLES:
             fail(f"units.{role}", f"is not a role; roles are {', '.join(ROLES)}")
@@ -318,10 +304,8 @@ def _validate(cfg: AgentConfig) -> None:
     for pattern, role in cfg.role.groups.items():
         if role not in ROLES:
             fail(f"role.groups.{pattern}", f"maps to {role!r}; roles are {', '.join(ROLES)}")
-    if cfg.confapply.debounce < 0 or cfg.confapply.max_wait < cfg.confapply.debounce:
-        fail("confapply.max_wait", "must be >= confapply.debounce >= 0")
-    if cfg.drain.timeout <= 0:
-        fail("drain.timeout", "must be positive")
+    if cfg.confapply.max_wait < cfg.confapply.debounce:
+        fail("confapply.max_wait", "must be >= confapply.debounce")
     if not 1 <= cfg.imds.token_ttl <= 21600:
         fail("imds.token_ttl", "must be 1..21600 seconds")
     if not cfg.systemctl:
@@ -334,7 +318,7 @@ def config_from_dict(data: Optional[Dict[str, Any]], source: str = "<dict>") -> 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    cfg = _build(AgentConfig, data, "", source)
+    cfg = build(AgentConfig, data, "", source)
     cfg.source = source
     _validate(cfg)
     return cfg

@@ -208,6 +208,32 @@ def test_bad_parameter_name_keeps_last_good_and_names_it(aws, synced, cfg_path, 
     )
 
 
+def test_variables_that_load_code_or_reach_aws_are_refused_naming_each(
+    aws, synced, cfg_path, run_agent
+):
+    offenders = ["LD_PRELOAD", "PYTHONPATH", "AWS_ACCESS_KEY_ID", "AIRFLOW_AGENT_CONFIG"]
+    for name in offenders:
+        put(f"/airflow/test/env/{name}", "/tmp/evil", "SecureString")
+    put("/airflow/test/env/AWS_DEFAULT_REGION", "eu-west-1")  # allowed: Airflow needs it
+    proc = run_agent(cfg_path, "env", "sync")
+    assert_kept(cfg_path, synced, proc, 3, "/airflow/test/env/LD_PRELOAD sets LD_PRELOAD")
+    for name in offenders:
+        assert f"/airflow/test/env/{name} sets {name} (" in proc.stderr
+    assert "AWS_DEFAULT_REGION" not in proc.stderr and "/tmp/evil" not in proc.stderr
+    # once they are gone, the allowed one is written
+    ssm().delete_parameters(Names=[f"/airflow/test/env/{n}" for n in offenders])
+    assert run_agent(cfg_path, "env", "sync").returncode == 0
+    assert parse_env(env_file(cfg_path).read_bytes())["AWS_DEFAULT_REGION"] == "eu-west-1"
+
+
+def test_env_static_with_a_refused_variable_is_a_config_error(aws, make_config, run_agent):
+    seed_basic()
+    cfg = make_config({"env": {"static": {"PYTHONSTARTUP": "/tmp/x.py"}}})
+    proc = run_agent(cfg, "env", "sync")
+    assert proc.returncode == 2 and "env.static.PYTHONSTARTUP" in proc.stderr, proc.stderr
+    assert not env_file(cfg).exists()
+
+
 def test_value_systemd_cannot_carry_keeps_last_good_and_names_it(aws, synced, cfg_path, run_agent):
     put("/airflow/test/core/weird", "a\ufffeb")
     assert_kept(cfg_path, synced, run_agent(cfg_path, "env", "sync"), 3, "/airflow/test/core/weird")
@@ -281,3 +307,16 @@ def test_no_secret_in_stderr_logs_or_any_argv(aws, make_config, agent_env, tmp_p
     ]
     assert holders == [env_file(cfg)]
     assert stat.S_IMODE(os.stat(holders[0]).st_mode) & 0o007 == 0
+
+
+def test_an_unwritable_env_file_location_is_named_and_recorded(aws, make_config, run_agent):
+    seed_basic()
+    blocker = Path(str(make_config())).parent / "not-a-dir"
+    blocker.write_text("a file where the env file's directory should be")
+    cfg = make_config({"env": {"file": str(blocker / "airflow.env")}})
+    proc = run_agent(cfg, "env", "sync")
+    assert proc.returncode == 1, proc.stderr
+    assert f"kept the last good file: {blocker}: File exists" in proc.stderr, proc.stderr
+    assert "internal error" not in proc.stderr
+    doc = json.loads((Path(json.loads(cfg.read_text())["state_dir"]) / "env.json").read_text())
+    assert doc["last_sync_result"] == "failed" and str(blocker) in doc["last_failure_reason"]

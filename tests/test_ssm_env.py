@@ -8,6 +8,7 @@ from agent.jobs.env_sync.plan import (
     Parameter,
     map_parameters,
     plan_env,
+    refused_variable,
     variable_name,
 )
 from agent.platform.envfile import parse_env
@@ -230,3 +231,169 @@ def test_drop_refusal_message_is_exact_and_lists_at_most_ten():
     with pytest.raises(RefusedError) as err:
         plan_env(_params(1), {}, [], 0.5, old)
     assert str(err.value).endswith(f"50%): {names}; rerun with --allow-drop if this is intended")
+
+
+# -- variables the env file never sets (README: "Variables the env file never sets") ----------
+
+LOADS_CODE = "changes how processes load code"
+REACHES_AWS = "changes how processes reach AWS (credentials, endpoints, config)"
+REACHES_NETWORK = "changes how processes reach the network (proxy, TLS trust)"
+
+# the contract, spelled out (not read back from the module, so a changed list fails here)
+REFUSED_EXACT = {
+    **dict.fromkeys(
+        [
+            "PATH",
+            "HOME",
+            "XDG_CONFIG_HOME",
+            "BASH_ENV",
+            "ENV",
+            "SHELLOPTS",
+            "BASHOPTS",
+            "PS4",
+            "IFS",
+            "PERL5LIB",
+            "PERLLIB",
+            "PERL5OPT",
+            "RUBYLIB",
+            "RUBYOPT",
+            "NODE_OPTIONS",
+            "NODE_PATH",
+            "JAVA_TOOL_OPTIONS",
+            "_JAVA_OPTIONS",
+            "JDK_JAVA_OPTIONS",
+            "CLASSPATH",
+            "GCONV_PATH",
+            "GLIBC_TUNABLES",
+            "OPENSSL_CONF",
+            "OPENSSL_ENGINES",
+            "OPENSSL_MODULES",
+        ],
+        LOADS_CODE,
+    ),
+    **dict.fromkeys(
+        [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+            "FTP_PROXY",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "SSLKEYLOGFILE",
+        ],
+        REACHES_NETWORK,
+    ),
+}
+REFUSED_PREFIXED = {
+    "LD_PRELOAD": ("LD_", LOADS_CODE),
+    "LD_LIBRARY_PATH": ("LD_", LOADS_CODE),
+    "PYTHONPATH": ("PYTHON", LOADS_CODE),
+    "PYTHONSTARTUP": ("PYTHON", LOADS_CODE),
+    "PYTHONHOME": ("PYTHON", LOADS_CODE),
+    "PYTHONWARNINGS": ("PYTHON", LOADS_CODE),
+    "BASH_FUNC_x": ("BASH_FUNC_", LOADS_CODE),
+    "GIT_SSH_COMMAND": ("GIT_", LOADS_CODE),
+    "GIT_CONFIG_COUNT": ("GIT_", LOADS_CODE),
+    "PIP_INDEX_URL": ("PIP_", LOADS_CODE),
+    "UV_INDEX_URL": ("UV_", LOADS_CODE),
+    "AWS_ACCESS_KEY_ID": ("AWS_", REACHES_AWS),
+    "AWS_SECRET_ACCESS_KEY": ("AWS_", REACHES_AWS),
+    "AWS_SESSION_TOKEN": ("AWS_", REACHES_AWS),
+    "AWS_ENDPOINT_URL": ("AWS_", REACHES_AWS),
+    "AWS_ENDPOINT_URL_SSM": ("AWS_", REACHES_AWS),
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": ("AWS_", REACHES_AWS),
+    "AWS_EC2_METADATA_DISABLED": ("AWS_", REACHES_AWS),
+    "AWS_CONFIG_FILE": ("AWS_", REACHES_AWS),
+    "AWS_SHARED_CREDENTIALS_FILE": ("AWS_", REACHES_AWS),
+    "AWS_PROFILE": ("AWS_", REACHES_AWS),
+    "AWS_CA_BUNDLE": ("AWS_", REACHES_AWS),
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI": ("AWS_", REACHES_AWS),
+    "AIRFLOW_AGENT_CONFIG": ("AIRFLOW_AGENT_", "configures the root agent itself"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_EXACT))
+def test_refused_names_say_why(name):
+    assert refused_variable(name) == f"{name}, which {REFUSED_EXACT[name]}"
+    # any case: several consumers read the lower-case forms (http_proxy)
+    assert refused_variable(name.lower()) == f"{name.lower()}, which {REFUSED_EXACT[name]}"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_PREFIXED))
+def test_refused_prefixes_name_the_rule(name):
+    prefix, why = REFUSED_PREFIXED[name]
+    assert refused_variable(name) == f"{name} ({prefix}*), which {why}"
+    assert refused_variable(name.lower()) == f"{name.lower()} ({prefix}*), which {why}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AWS_REGION",  # Airflow's AWS clients need a region and cannot ask IMDS
+        "AWS_DEFAULT_REGION",
+        "aws_default_region",
+        "TZ",
+        "AIRFLOW_HOME",
+        "AIRFLOW__CORE__EXECUTOR",
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        "MY_PYTHONPATH",  # prefixes match at the start only
+        "XLD_PRELOAD",
+        "LD",
+        "AWS",
+        "PYTHO",
+        "PATHS",  # exact names match exactly
+        "ENVIRONMENT",
+        "HOMEDIR",
+        "NODE_ENV",
+    ],
+)
+def test_allowed_names(name):
+    assert refused_variable(name) is None
+
+
+def test_refused_parameters_are_all_named_at_once_with_other_problems():
+    params = [
+        P("/airflow/prod/core/x"),
+        P("/airflow/prod/env/TZ"),
+        P("/airflow/prod/env/AWS_DEFAULT_REGION"),
+        P("/airflow/prod/env/LD_PRELOAD"),
+        P("/airflow/prod/env/PYTHONPATH"),
+        P("/airflow/prod/env/AWS_ACCESS_KEY_ID"),
+        P("/airflow/prod/env/AIRFLOW_AGENT_CONFIG"),
+        P("/airflow/prod/env/https_proxy"),
+        P("/airflow/prod/env/bad-name"),
+    ]
+    with pytest.raises(MappingError) as err:
+        map_parameters(params, [PATH])
+    assert str(err.value) == (
+        "parameters refused: "
+        "/airflow/prod/env/AIRFLOW_AGENT_CONFIG sets AIRFLOW_AGENT_CONFIG (AIRFLOW_AGENT_*), "
+        "which configures the root agent itself; "
+        "/airflow/prod/env/AWS_ACCESS_KEY_ID sets AWS_ACCESS_KEY_ID (AWS_*), which "
+        + REACHES_AWS
+        + "; /airflow/prod/env/LD_PRELOAD sets LD_PRELOAD (LD_*), which "
+        + LOADS_CODE
+        + "; /airflow/prod/env/PYTHONPATH sets PYTHONPATH (PYTHON*), which "
+        + LOADS_CODE
+        + "; /airflow/prod/env/bad-name is not a valid environment variable name after env/"
+        "; /airflow/prod/env/https_proxy sets https_proxy, which " + REACHES_NETWORK
+    )
+
+
+def test_a_refused_parameter_takes_no_part_in_collisions():
+    # env/LD_PRELOAD is refused; it must not also be reported as colliding with ld_preload
+    with pytest.raises(MappingError) as err:
+        map_parameters([P("/a/env/LD_PRELOAD"), P("/b/env/LD_PRELOAD")], ["/a/", "/b/"])
+    assert "map to" not in str(err.value) and str(err.value).count("sets LD_PRELOAD") == 2
+
+
+def test_allowed_env_parameters_map():
+    mapped = map_parameters(
+        [P("/airflow/prod/env/AWS_DEFAULT_REGION", "eu-west-1"), P("/airflow/prod/env/TZ")],
+        [PATH],
+    )
+    assert sorted(mapped) == ["AWS_DEFAULT_REGION", "TZ"]

@@ -1,7 +1,9 @@
 """Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory.
 
 A reader (systemd, a unit, another agent run) sees either the old file or the new one, never
-a partial or missing file, even when the writer is killed at any instant.
+a partial or missing file, even when the writer is killed at any instant. `FileLock` makes the
+runs of one job take turns (a flock in the state dir, waited for until a deadline, naming its
+holder for whoever gives up).
 """
 
 from __future__ import annotations
@@ -77,9 +79,25 @@ def atomic_write(
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
+
+
 def remove_stale_temps(path: PathLike) -> int:
-    """Remove temp files a killed writer left beside `path`; returns how many."""
+    """Remove temp files a killed writer left beside `path`; returns how many.
+
+    Call it only while holding the lock every writer of `path` holds: then no temp file is
+    being written. As a second guard, a temp file whose writer (the PID in its name) is still
+    alive is left alone, our own excepted (we are not writing yet).
+    """
     path = Path(path)
+    prefix = _tmp_prefix(path)
     removed = 0
     try:
         entries = list(path.parent.iterdir())
@@ -87,12 +105,16 @@ def remove_stale_temps(path: PathLike) -> int:
         return 0
     for entry in entries:
         name = entry.name
-        if name.startswith(_tmp_prefix(path)) and name.endswith(_TMP_SUFFIX):
-            try:
-                entry.unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        pid = name[len(prefix) : -len(_TMP_SUFFIX)]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        try:
+            entry.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
     return removed
 
 
@@ -135,3 +157,25 @@ class FileLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def write_holder(self, text: str) -> None:
+        """Say who holds the lock (e.g. "pid 123 since ..."), for a waiter that gives up.
+
+        Written into the lock file itself, while held; the lock is the flock, not the content.
+        """
+        if self.fd is None:
+            raise RuntimeError(f"{self.path} is not held")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode("utf-8", "replace")[:200], 0)
+
+    def holder(self) -> str:
+        """What the holder wrote with `write_holder`; "" when nothing (or it cannot be read).
+
+        Best effort: read without the lock, so it may name the previous holder for the instant
+        between a new holder's flock and its write.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(200).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""

@@ -2,8 +2,10 @@
 
 Pure functions, no I/O:
 - `map_parameters` applies the naming contract (`<path>/<section>/<key>` ->
-  `AIRFLOW__<SECTION>__<KEY>`, `<path>/env/<NAME>` -> `NAME`) and reports every bad or colliding
-  parameter at once;
+  `AIRFLOW__<SECTION>__<KEY>`, `<path>/env/<NAME>` -> `NAME`) and reports every bad, colliding
+  or refused parameter at once;
+- `refused_variable` says why a variable may not come from the env file at all: it would change
+  how processes load code or reach AWS (README: "Variables the env file never sets");
 - `plan_env` merges static values (SSM wins), checks required keys, the drop limit and the
   systemd round-trip, and returns the bytes to write with a name-only diff.
 """
@@ -24,6 +26,94 @@ FILE_HEADER = (
     "Written by airflow-agent env sync from SSM Parameter Store. Do not edit:\n"
     "the next sync replaces this file."
 )
+
+
+# Variables that change how a process loads code or reaches AWS. Whoever writes an SSM parameter
+# (or the env file) configures Airflow, by design; these would give them more: code of their
+# choosing in every Airflow process, credentials or endpoints of their choosing for AWS calls,
+# or the agent's own configuration. Matched case-insensitively: several consumers read the
+# lower-case forms (http_proxy), and no legitimate variable differs from these only in case.
+LOADS_CODE = "changes how processes load code"
+REACHES_AWS = "changes how processes reach AWS (credentials, endpoints, config)"
+REACHES_NETWORK = "changes how processes reach the network (proxy, TLS trust)"
+CONFIGURES_AGENT = "configures the root agent itself"
+
+# prefix -> why; the AWS_ prefix excepts ALLOWED_VARIABLES
+REFUSED_PREFIXES: Tuple[Tuple[str, str], ...] = (
+    ("LD_", LOADS_CODE),  # the dynamic loader: LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT
+    ("PYTHON", LOADS_CODE),  # PYTHONPATH, PYTHONHOME, PYTHONSTARTUP, PYTHONWARNINGS, ...
+    ("BASH_FUNC_", LOADS_CODE),  # exported bash functions
+    ("GIT_", LOADS_CODE),  # GIT_SSH_COMMAND, GIT_CONFIG_* (core.fsmonitor runs a program)
+    ("PIP_", LOADS_CODE),  # PIP_INDEX_URL: where a virtualenv task's packages come from
+    ("UV_", LOADS_CODE),  # the same for uv
+    ("AWS_", REACHES_AWS),  # keys, session tokens, endpoints, IMDS, profiles, CA bundles
+    ("AIRFLOW_AGENT_", CONFIGURES_AGENT),  # AIRFLOW_AGENT_CONFIG
+)
+REFUSED_NAMES: Dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "PATH",  # which program a bare command name runs
+            "HOME",  # ~/.aws, ~/.gitconfig, pip.conf, the Python user site
+            "XDG_CONFIG_HOME",  # git and pip configuration
+            "BASH_ENV",  # a script every non-interactive bash runs first
+            "ENV",  # the same for sh
+            "SHELLOPTS",
+            "BASHOPTS",
+            "PS4",  # expanded (command substitution included) under `set -x`
+            "IFS",
+            "PERL5LIB",
+            "PERLLIB",
+            "PERL5OPT",
+            "RUBYLIB",
+            "RUBYOPT",
+            "NODE_OPTIONS",
+            "NODE_PATH",
+            "JAVA_TOOL_OPTIONS",
+            "_JAVA_OPTIONS",
+            "JDK_JAVA_OPTIONS",
+            "CLASSPATH",
+            "GCONV_PATH",  # glibc loads iconv modules from it
+            "GLIBC_TUNABLES",
+            "OPENSSL_CONF",  # can load engines and providers
+            "OPENSSL_ENGINES",
+            "OPENSSL_MODULES",
+        ),
+        LOADS_CODE,
+    ),
+    **dict.fromkeys(
+        (
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+            "FTP_PROXY",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "SSLKEYLOGFILE",  # writes every TLS session's keys to a file
+        ),
+        REACHES_NETWORK,
+    ),
+}
+# Airflow's AWS clients need a region, and its units cannot ask IMDS: a region only picks
+# among AWS's own endpoints, with the credentials the task role gives
+ALLOWED_VARIABLES = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})
+
+
+def refused_variable(name: str) -> Optional[str]:
+    """Why the env file may not set `name` ("NAME (rule), which ..."), or None when it may."""
+    upper = name.upper()
+    if upper in ALLOWED_VARIABLES:
+        return None
+    why = REFUSED_NAMES.get(upper)
+    if why is not None:
+        return f"{name}, which {why}"
+    for prefix, why in REFUSED_PREFIXES:
+        if upper.startswith(prefix):
+            return f"{name} ({prefix}*), which {why}"
+    return None
 
 
 class MappingError(RefusedError):
@@ -70,6 +160,10 @@ def map_parameters(params: Sequence[Parameter], paths: Sequence[str]) -> Dict[st
         var, why = variable_name(p.name, path)
         if var is None:
             problems.append(f"{p.name} {why}")
+            continue
+        refused = refused_variable(var)
+        if refused is not None:
+            problems.append(f"{p.name} sets {refused}")
             continue
         sources.setdefault(var, []).append(p.name)
         out[var] = p

@@ -2,39 +2,52 @@
 
 The I/O shell around `agent.jobs.env_sync.plan`: fetch every parameter under the configured paths
 (recursive, decrypted, paginated to the end), plan the new file, and write it atomically only
-when its bytes change. Any failure or suspicious result leaves the last good file in place and
-exits non-zero with a one-line reason, which the job runner records in `env.json`
-(agent.jobs.env_sync.state.EnvDoc). Values never reach logs or stdout; `--diff` prints names.
+when its bytes change. Runs take turns (`env.lock` in the state dir, waited for up to
+`env.lock_timeout`): fetch, render, write and the env.json update happen under it. Any failure or
+suspicious result leaves the last good file in place and exits non-zero with a one-line reason,
+recorded in `env.json` (agent.jobs.env_sync.state.EnvDoc) under the lock. Values never reach
+logs or stdout; `--diff` prints names.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
-from agent.errors import EXIT_OK, AgentError, ConfigError
+from agent.errors import EXIT_OK, AgentError, ConfigError, DeadlineError
 from agent.jobs.env_sync.plan import EnvPlan, Parameter, map_parameters, plan_env
 from agent.jobs.env_sync.state import EnvDoc
 from agent.logs import register_secrets
 from agent.platform.aws import AWS_ERRORS, AwsClients, describe_error
 from agent.platform.fsutil import (
+    FileLock,
     atomic_write,
     read_bytes_or_none,
     remove_stale_temps,
     resolve_owner,
 )
+from agent.runtime.runner import classify, record_failure
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 10  # the API's maximum for GetParametersByPath
-# the job runner records a failed run here
-FAILURE_DOCUMENT = EnvDoc
+LOCK_NAME = "env.lock"
+KEPT = "env sync kept the last good file"
+
+
+def FAILURE_DOCUMENT(args: argparse.Namespace) -> Optional[type]:  # noqa: N802 - the runner's name
+    """Where the job runner records a failed run: EnvDoc, unless the run recorded it itself
+    (under its lock) or gave up waiting for the lock, or was a dry run (writes nothing)."""
+    if getattr(args, "dry_run", False) or getattr(args, "env_failure_handled", False):
+        return None
+    return EnvDoc
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -85,13 +98,31 @@ def fetch_parameters(ssm: Any, paths: List[str]) -> List[Parameter]:
 
 
 class EnvSync:
-    """One sync run; `ssm` is any client with get_parameters_by_path (a boto3 SSM client)."""
+    """One sync run; `ssm` is any client with get_parameters_by_path (a boto3 SSM client), or
+    None: one is made from the config once the lock is held (so its failure is recorded there).
 
-    def __init__(self, cfg, ssm: Any, state: Optional[StateStore] = None):
+    A run that writes holds `<state_dir>/env.lock` from before the fetch until env.json is
+    updated: runs take turns, the later one fetches after the earlier one wrote (the later SSM
+    snapshot wins), and stale temp files are removed only while no writer can be mid-write.
+    A failure inside the lock is recorded in env.json inside it, and `failure_handled` says so
+    (the job runner must not record it again, after the lock is released).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        ssm: Any = None,
+        state: Optional[StateStore] = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.cfg = cfg
         self.ssm = ssm
         self.state = state or StateStore(cfg.state_dir)
         self.path = Path(cfg.env.file)
+        self.clock = clock
+        self.sleep = sleep
+        self.failure_handled = False
 
     def _owner(self) -> tuple[int, int]:
         try:
@@ -100,6 +131,8 @@ class EnvSync:
             raise ConfigError(f"{self.cfg.source}: env.owner/env.group: {exc.args[0]}") from None
 
     def plan(self, allow_drop: bool = False) -> tuple[EnvPlan, Optional[bytes]]:
+        if self.ssm is None:
+            self.ssm = AwsClients(self.cfg).client("ssm")
         params = fetch_parameters(self.ssm, self.cfg.env.ssm_paths)
         register_secrets(p.value for p in params if p.type == "SecureString")
         mapped = map_parameters(params, self.cfg.env.ssm_paths)
@@ -126,8 +159,87 @@ class EnvSync:
             fixed = True
         return fixed
 
+    # -- taking turns
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold env.lock, waiting up to env.lock_timeout; DeadlineError naming the holder."""
+        self.state.ensure()
+        lock = FileLock(self.state.dir / LOCK_NAME)
+        timeout = self.cfg.env.lock_timeout
+        if not lock.acquire(self.clock(), self.clock, self.sleep):
+            log.info(
+                "another env sync (%s) holds %s; waiting up to %g s (env.lock_timeout)",
+                lock.holder() or "holder unknown",
+                lock.path,
+                timeout,
+            )
+            if not lock.acquire(self.clock() + timeout, self.clock, self.sleep):
+                # not recorded in env.json: the holder records its own run
+                self.failure_handled = True
+                raise DeadlineError(
+                    f"env sync gave up waiting {timeout:g} s (env.lock_timeout) for {lock.path}, "
+                    f"held by another env sync ({lock.holder() or 'holder unknown'}); "
+                    "this run read and wrote nothing"
+                )
+        try:
+            started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            lock.write_holder(f"pid {os.getpid()} (env sync) since {started}")
+            yield
+        finally:
+            lock.release()
+
+    def _failed(self, exc: BaseException, record: bool) -> Optional[AgentError]:
+        """The error to raise instead of `exc` (None: `exc` itself, its message prefixed); with
+        `record`, the failure is recorded in env.json (the caller holds the lock)."""
+        if isinstance(exc, ConfigError):
+            return None  # the job did not run: not recorded (as the job runner does)
+        err: Optional[AgentError] = None
+        if isinstance(exc, AgentError):
+            exc.args = (f"{KEPT}: {exc}",)
+        elif isinstance(exc, AWS_ERRORS):
+            err = AgentError(f"{KEPT}: {describe_error(exc)}")
+        elif isinstance(exc, OSError):
+            where = exc.filename or self.path
+            err = AgentError(f"{KEPT}: {where}: {exc.strerror or exc}")
+        if record:
+            _code, result, reason = classify(err or exc)
+            record_failure(self.cfg.state_dir, EnvDoc, result, reason)
+            self.failure_handled = True
+        return err
+
+    # -- the run
+
     def run(self, dry_run: bool = False, allow_drop: bool = False) -> EnvPlan:
         uid, gid = self._owner()
+        if dry_run:
+            # writes nothing, so it neither waits for a writer nor records anything
+            try:
+                return self._dry_run(allow_drop)
+            except (Exception, KeyboardInterrupt) as exc:
+                err = self._failed(exc, record=False)
+                if err is None:
+                    raise
+                raise err from None
+        with self._turn():
+            try:
+                return self._write(uid, gid, allow_drop)
+            except (Exception, KeyboardInterrupt) as exc:
+                err = self._failed(exc, record=True)
+                if err is None:
+                    raise
+                raise err from None
+
+    def _dry_run(self, allow_drop: bool) -> EnvPlan:
+        plan, current = self.plan(allow_drop=allow_drop)
+        n = len(plan.variables)
+        if current == plan.content:
+            log.info("dry run: %s unchanged: %d variables", self.path, n)
+        else:
+            log.info("dry run: would write %s: %d variables, %s", self.path, n, plan.summary())
+        return plan
+
+    def _write(self, uid: int, gid: int, allow_drop: bool) -> EnvPlan:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temps(self.path)
         if stale:
@@ -135,11 +247,9 @@ class EnvSync:
         plan, current = self.plan(allow_drop=allow_drop)
         n = len(plan.variables)
         if current == plan.content:
-            if not dry_run and self._fix_metadata(uid, gid):
+            if self._fix_metadata(uid, gid):
                 log.warning("env file %s had the wrong owner or mode; fixed", self.path)
             log.info("env file %s unchanged: %d variables, sha256 %.12s", self.path, n, plan.sha256)
-        elif dry_run:
-            log.info("dry run: would write %s: %d variables, %s", self.path, n, plan.summary())
         else:
             atomic_write(self.path, plan.content, mode=self.cfg.env.mode_bits, uid=uid, gid=gid)
             log.info(
@@ -149,14 +259,13 @@ class EnvSync:
                 plan.summary(),
                 plan.sha256,
             )
-        if not dry_run:
-            self.state.update_doc(
-                EnvDoc,
-                last_sync=time.time(),
-                last_sync_result="ok",
-                file_sha256=plan.sha256,
-                variables=n,
-            )
+        self.state.update_doc(
+            EnvDoc,
+            last_sync=time.time(),
+            last_sync_result="ok",
+            file_sha256=plan.sha256,
+            variables=n,
+        )
         return plan
 
 
@@ -171,14 +280,11 @@ def print_diff(plan: EnvPlan, out=None) -> None:
 
 
 def run(args: argparse.Namespace, cfg) -> int:
+    sync = EnvSync(cfg)
     try:
-        ssm = AwsClients(cfg).client("ssm")
-        plan = EnvSync(cfg, ssm).run(dry_run=args.dry_run, allow_drop=args.allow_drop)
-    except AgentError as exc:
-        exc.args = (f"env sync kept the last good file: {exc}",)
-        raise
-    except AWS_ERRORS as exc:
-        raise AgentError(f"env sync kept the last good file: {describe_error(exc)}") from None
+        plan = sync.run(dry_run=args.dry_run, allow_drop=args.allow_drop)
+    finally:
+        args.env_failure_handled = sync.failure_handled
     if args.diff:
         print_diff(plan)
     return EXIT_OK
