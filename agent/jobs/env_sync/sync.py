@@ -174,14 +174,16 @@ class EnvSync:
                 lock.path,
                 timeout,
             )
+            # a run that never got its turn records nothing in env.json (timed out or
+            # interrupted while waiting): the holder records its own run, and only it may write
+            self.failure_handled = True
             if not lock.acquire(self.clock() + timeout, self.clock, self.sleep):
-                # not recorded in env.json: the holder records its own run
-                self.failure_handled = True
                 raise DeadlineError(
                     f"env sync gave up waiting {timeout:g} s (env.lock_timeout) for {lock.path}, "
                     f"held by another env sync ({lock.holder() or 'holder unknown'}); "
                     "this run read and wrote nothing"
                 )
+        self.failure_handled = False
         try:
             started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             lock.write_holder(f"pid {os.getpid()} (env sync) since {started}")
