@@ -293,3 +293,25 @@ def test_before_install_on_a_fresh_instance_has_nothing_to_clear(tmp_path, outsi
     (tmp_path / "home-link").symlink_to(outside)  # but a symlinked home is refused
     with pytest.raises(AgentError, match="is a symlink"):
         deploy_bundle.clear_pycache(tmp_path / "home-link", ["dags"])
+
+
+def test_before_install_leaves_a_dags_symlink_out_of_home_alone(home, tmp_path, caplog):
+    # the real hook event (DeployHook), as `airflow-agent deploy-hook BeforeInstall` runs it
+    from agent.config import config_from_dict
+    from agent.jobs.deploy_hook import DeployHook
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "pkg" / "__pycache__").mkdir(parents=True)
+    (elsewhere / "pkg" / "__pycache__" / "m.pyc").write_bytes(b"x")
+    os.rename(home / "dags", tmp_path / "old-dags")
+    (home / "dags").symlink_to(elsewhere)
+    (home / "plugins" / "__pycache__").mkdir()
+    cfg = config_from_dict(
+        {"state_dir": str(tmp_path / "state"), "airflow_home": str(home)}, "test"
+    )
+    with caplog.at_level(logging.INFO):
+        DeployHook(cfg, "worker", "BeforeInstall").run()
+    assert (elsewhere / "pkg" / "__pycache__" / "m.pyc").exists()
+    assert not (home / "plugins" / "__pycache__").exists()
+    assert "dags is a symlink" in caplog.text and "not entered" in caplog.text
+    assert f"removed 1 __pycache__ directory under {home}" in caplog.text
