@@ -139,3 +139,34 @@ def test_every_hook_script_passes_its_own_revisions_appspec():
     for script in scripts:
         text = script.read_text()
         assert '--appspec "$(dirname "$0")/../appspec.yml" </dev/null 2>&1' in text, script
+
+
+def test_without_appspec_the_last_successful_revisions_appspec_is_used(tmp_path):
+    # CodeDeploy's own record of the revision whose ApplicationStop runs (older hook scripts)
+    root = tmp_path / "deployment-root"
+    archive = root / "dg-1" / "d-OLD" / "deployment-archive"
+    archive.mkdir(parents=True)
+    appspec_with_stop_timeout(archive / "appspec.yml", 900)
+    (root / "deployment-instructions").mkdir()
+    record = root / "deployment-instructions" / "dg-1_last_successful_install"
+    record.write_text(str(root / "dg-1" / "d-OLD") + "\n")
+    env = {"DEPLOYMENT_GROUP_ID": "dg-1", "DEPLOYMENT_ID": "d-NEW"}
+    found = deploy_budget.find_stop_appspec(env, str(root))
+    assert found == str(archive / "appspec.yml")
+    with pytest.raises(ConfigError, match="exceeds ApplicationStop's 900s"):
+        deploy_budget.check_appspec(worker_config(tmp_path, 3000), found)
+    # unknown: no group id, an odd one, no record, a record pointing nowhere
+    assert deploy_budget.find_stop_appspec({}, str(root)) is None
+    assert deploy_budget.find_stop_appspec({"DEPLOYMENT_GROUP_ID": "../x"}, str(root)) is None
+    assert deploy_budget.find_stop_appspec({"DEPLOYMENT_GROUP_ID": "dg-2"}, str(root)) is None
+    record.write_text(str(tmp_path / "gone"))
+    assert deploy_budget.find_stop_appspec(env, str(root)) is None
+
+
+def test_a_manual_application_stop_without_any_appspec_says_the_budget_is_unchecked(
+    tmp_path, caplog
+):
+    hook = DeployHook(worker_config(tmp_path, 3500), "worker", "ApplicationStop", environ={})
+    with caplog.at_level("WARNING"):
+        hook.check_stop_budget()
+    assert "ApplicationStop budget not checked: no --appspec" in caplog.text

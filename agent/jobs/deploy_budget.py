@@ -13,7 +13,7 @@ DrainTimeout and the config defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import yaml
 
@@ -21,6 +21,25 @@ from agent.errors import ConfigError
 
 CODEDEPLOY_MAX_TIMEOUT = 3600.0  # CodeDeploy's limit per lifecycle event (and its default)
 START_MARGIN = 60.0
+# the CodeDeploy agent's default :root_dir on Linux
+DEPLOYMENT_ROOT = "/opt/codedeploy-agent/deployment-root"
+
+
+def find_stop_appspec(environ: Dict[str, str], root: str = DEPLOYMENT_ROOT) -> Optional[str]:
+    """The appspec whose ApplicationStop runs, for hook scripts that do not pass --appspec:
+    CodeDeploy runs ApplicationStop from the last successful revision, whose deployment
+    directory it records in deployment-instructions/<DEPLOYMENT_GROUP_ID>_last_successful_install.
+    None when that is not known (no group id, no record, no appspec there)."""
+    group = environ.get("DEPLOYMENT_GROUP_ID", "")
+    if not group or "/" in group or group.startswith("."):
+        return None
+    record = Path(root) / "deployment-instructions" / f"{group}_last_successful_install"
+    try:
+        deployment_dir = record.read_text().strip()
+    except OSError:
+        return None
+    appspec = Path(deployment_dir) / "deployment-archive" / "appspec.yml"
+    return str(appspec) if deployment_dir and appspec.is_file() else None
 
 
 def hook_timeout(appspec_text: str, event: str, where: str = "appspec.yml") -> float:

@@ -21,9 +21,8 @@ the directories that hold them behind, and stale bytecode must not shadow the ne
 
 Root does these file operations in a tree the `airflow` user controls, so they go through
 directory descriptors and never follow a symlink out of AIRFLOW_HOME (agent.jobs.deploy_bundle).
-ApplicationStop on a worker first checks that the drain fits in the hook's appspec timeout
-(`--appspec`, which the hook scripts pass: the appspec of the revision whose scripts run) and
-refuses to start one that CodeDeploy would kill (agent.jobs.deploy_budget).
+ApplicationStop on a worker refuses a drain that does not fit its appspec timeout
+(agent.jobs.deploy_budget; the appspec is `--appspec` or the last successful revision's).
 
 Every step is idempotent (a drained worker drains at once, starting a started unit is a no-op),
 so CodeDeploy may run a hook twice. A failing hook exits non-zero with one `ERROR agent: ...`
@@ -134,13 +133,15 @@ class DeployHook:
 
     def check_stop_budget(self) -> None:
         """Refuse a drain CodeDeploy would kill before its own deadline ends it."""
-        if not self.appspec:
+        appspec = self.appspec or deploy_budget.find_stop_appspec(self.environ)
+        if not appspec:
             log.warning(
-                "ApplicationStop budget not checked: no --appspec (a manual run, or hook "
-                "scripts older than this agent)"
+                "ApplicationStop budget not checked: no --appspec and no last successful "
+                "revision in %s (a manual run?)",
+                deploy_budget.DEPLOYMENT_ROOT,
             )
             return
-        log.info("ApplicationStop budget: %s", deploy_budget.check_appspec(self.cfg, self.appspec))
+        log.info("ApplicationStop budget: %s", deploy_budget.check_appspec(self.cfg, appspec))
 
     def step_drain(self) -> None:
         from agent.jobs.drain.drainer import drain
