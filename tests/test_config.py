@@ -1,5 +1,8 @@
 """agent.yaml loading: defaults, and errors that name the key and the file."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from agent.config import DEFAULT_UNITS, config_from_dict, load_config
@@ -185,5 +188,8 @@ def test_debounce_above_max_wait_is_refused():
 
 
 def test_the_lock_timeout_default_fits_the_boot_units_start_timeout():
-    # systemd/airflow-agent-env.service: TimeoutStartSec=300 covers the wait and the run itself
-    assert config_from_dict({}).env.lock_timeout == 120
+    # the boot unit's TimeoutStartSec covers the wait for another run and this run itself: a
+    # wait as long as the unit's budget would be killed by systemd before its clear message
+    unit = Path(__file__).resolve().parents[1] / "systemd" / "airflow-agent-env.service"
+    (start_timeout,) = re.findall(r"^TimeoutStartSec=(\d+)$", unit.read_text(), re.M)
+    assert config_from_dict({}).env.lock_timeout <= int(start_timeout) / 2
