@@ -19,11 +19,13 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 
 from agent.config import config_from_dict
-from agent.jobs.drain.control import worker_control
+from agent.jobs.drain.control import ping_waits, worker_control
 from agent.jobs.drain.drainer import Drainer
+from agent.jobs.drain.plan import DrainState
 from agent.jobs.drain.shell import DrainShell
 from agent.jobs.drain.undrain import Undrainer
 from agent.jobs.lifecycle.drain import default_active_tasks, describe_tasks
+from agent.state import StateStore
 from agent.worker.celery_control import BrokerSettings, ControlError, NoReply, WorkerControl
 from agent.worker.tasks import describe_task, safe_task
 from sandbox.lifecycle import FAKE_SYSTEMCTL
@@ -288,3 +290,30 @@ def test_stop_consuming_then_undrain_of_a_slow_worker(tmp_path):
         assert Undrainer(cfg).undrain(timeout=60) == "consumers-added"
         assert sorted(node.queues) == ["default", "etl"]
     assert "start" not in (tmp_path / "systemctl.log").read_text()  # consumers, not a restart
+
+
+def test_ping_waits_double_from_one_second_up_to_the_reply_timeout():
+    waits = ping_waits(10.0)
+    assert [next(waits) for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert next(ping_waits(0.3)) == 0.3
+
+
+def test_undrain_catches_a_worker_that_starts_listening_late(tmp_path):
+    """The first ping goes out before the worker's mailbox listens (a broadcast nobody gets):
+    a later, separate ping is answered, long before a 30 s reply timeout."""
+    cfg = worker_cfg(tmp_path, reply_timeout=30.0)
+    store = StateStore(cfg.state_dir)
+    now = time.time()
+    queue = {"name": "etl", "exchange": "etl", "exchange_type": "direct", "routing_key": None}
+    store.save_doc(DrainState("paused", NODE, now, now + 60, queues=[queue]))
+    node = SlowNode(0.0, [], queues=[])
+    starter = threading.Timer(1.5, node.__enter__)
+    starter.start()
+    try:
+        started = time.monotonic()
+        assert Undrainer(cfg).undrain(timeout=60) == "consumers-added"
+        assert time.monotonic() - started < 15.0
+        assert node.queues == ["etl"]
+    finally:
+        starter.join()
+        node.__exit__()

@@ -56,6 +56,7 @@ from typing import Callable, List, Optional
 from agent.errors import AgentError, ConfigError, DeadlineError
 from agent.jobs.drain import plan
 from agent.jobs.drain.broker import read_broker
+from agent.jobs.drain.control import ping_waits
 from agent.jobs.drain.shell import DrainProgress, DrainResult, DrainShell
 from agent.jobs.drain.state import DrainLock
 from agent.worker.celery_control import BrokerUnreachable, NoReply, WorkerControl
@@ -148,8 +149,10 @@ class Drainer(DrainShell):
     def _await_reply(self, control: WorkerControl, state: plan.DrainState) -> None:
         """The worker may still be starting: wait for a ping reply, bounded."""
         until = min(state.deadline, self.clock() + self.cfg.drain.reply_timeout)
-        # each ping waits up to drain.reply_timeout for the reply, never past `until`
-        while not control.ping(timeout=max(0.5, until - self.clock())):
+        # a ping sent before a starting worker listens is lost: ping again, each wait longer
+        # (a loaded worker is slow), up to drain.reply_timeout and never past `until`
+        waits = ping_waits(self.cfg.drain.reply_timeout)
+        while not control.ping(timeout=max(0.1, min(next(waits), until - self.clock()))):
             if self.condition() == plan.UNIT_STOPPED:
                 raise NoReply(f"{self.unit} stopped")
             if self.clock() >= until:

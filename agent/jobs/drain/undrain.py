@@ -13,6 +13,7 @@ from typing import Optional
 from agent.errors import AgentError, DeadlineError
 from agent.jobs.drain import plan
 from agent.jobs.drain.broker import read_broker
+from agent.jobs.drain.control import ping_waits
 from agent.jobs.drain.shell import DrainShell
 from agent.jobs.drain.state import DrainLock
 from agent.worker.celery_control import QueueSpec
@@ -62,8 +63,10 @@ class Undrainer(DrainShell):
                 f"restart {self.unit} to consume again"
             )
         with self.control_factory(settings, state.node) as control:
-            # each ping waits up to drain.reply_timeout for the reply, never past `until`
-            while not control.ping(timeout=max(0.5, until - self.clock())):
+            # a ping sent before a starting worker listens is lost: ping again, each wait
+            # longer (a loaded worker is slow), up to drain.reply_timeout, never past `until`
+            waits = ping_waits(self.cfg.drain.reply_timeout)
+            while not control.ping(timeout=max(0.1, min(next(waits), until - self.clock()))):
                 if self.clock() >= until:
                     raise DeadlineError(
                         f"{state.node} did not answer remote control; consumers not restored"
