@@ -1,9 +1,16 @@
 """Which Celery worker a drain talks to, and how: the node name and the worker's broker
 settings, read from the env file every Airflow unit reads (Airflow is not imported).
 
-Shared by drain/undrain, `lifecycle watch` (busy counts) and the deploy hook (worker ping);
-`worker_control()` is how each of them gets its WorkerControl, so every remote-control call
-waits `drain.reply_timeout` for the worker's reply.
+Shared by drain/undrain, `lifecycle watch` (busy counts) and the deploy hook (worker ping),
+through agent/jobs/drain/control.worker_control.
+
+The file is written from SSM parameters and these callers run as root, so it is read as data
+(agent/platform/envfile.parse_env), never loaded into the process environment (no root unit
+has `EnvironmentFile=`), and the broker URL may only name a transport of kombu's own that the
+agent knows: kombu resolves a URL scheme holding `.` or `:` as a module to import, a redis
+URL's `credential_provider` query as a class to import and instantiate, and the `filesystem`
+transport writes message files wherever its options say; none of that may be chosen by a
+parameter writer in a root process.
 """
 
 from __future__ import annotations
@@ -11,16 +18,47 @@ from __future__ import annotations
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Optional
 
 from agent.errors import AgentError
 from agent.logs import register_secrets
 from agent.platform.envfile import parse_env
-from agent.worker.celery_control import BrokerSettings, WorkerControl, broker_settings
+from agent.worker.celery_control import BROKER_URL_VAR, BrokerSettings, broker_settings
+
+# Airflow's Celery brokers (Redis, Sentinel, RabbitMQ, SQS) and kombu's in-process transport
+ALLOWED_SCHEMES = frozenset(
+    {"redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp", "sqs", "memory"}
+)
+# URL query keys kombu/redis-py turn into an import or a class
+FORBIDDEN_QUERY_KEYS = frozenset({"credential_provider", "connection_class"})
 
 
 def node_name(cfg) -> str:
     return cfg.drain.node_name or f"celery@{socket.gethostname()}"
+
+
+def broker_url_problem(url: str) -> str:
+    """Why the agent (root) will not connect to `url`, or "" (pure). Never quotes the URL: it
+    may hold a password."""
+    # Celery takes `;`-separated failover URLs; kombu resolves each one's transport
+    for n, part in enumerate(p.strip() for p in url.split(";")):
+        which = f"URL {n + 1}" if ";" in url else "the URL"
+        if "://" not in part:
+            return f"{which} has no scheme://"
+        scheme = part.split("://", 1)[0].lower()
+        if scheme not in ALLOWED_SCHEMES:
+            shown = scheme if scheme.replace("+", "").isalnum() else "<not a transport name>"
+            return (
+                f"{which} names transport {shown!r}; the agent connects only to "
+                f"{', '.join(sorted(ALLOWED_SCHEMES))}"
+            )
+        try:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(part).query)
+        except ValueError:
+            return f"{which} cannot be parsed"
+        bad = sorted(k for k in query if k.lower() in FORBIDDEN_QUERY_KEYS)
+        if bad:
+            return f"{which} sets {', '.join(bad)}, which would make the agent import code"
+    return ""
 
 
 def read_broker(cfg) -> BrokerSettings:
@@ -39,13 +77,7 @@ def read_broker(cfg) -> BrokerSettings:
     password = urllib.parse.urlsplit(settings.url).password
     if password:
         register_secrets([settings.url, password])
+    problem = broker_url_problem(settings.url)
+    if problem:
+        raise AgentError(f"{BROKER_URL_VAR} in {path}: {problem}; refusing to use it")
     return settings
-
-
-def worker_control(cfg, settings: Optional[BrokerSettings] = None) -> WorkerControl:
-    """Remote control of the local worker, replies awaited for `drain.reply_timeout` seconds."""
-    return WorkerControl(
-        settings if settings is not None else read_broker(cfg),
-        node_name(cfg),
-        reply_timeout=cfg.drain.reply_timeout,
-    )

@@ -1,9 +1,13 @@
 """The environment Airflow runs with for a variables sync, and what in it shadows the import.
 
-The Airflow CLI (or the bridge) gets the environment of the units' EnvironmentFile
-(`variables.env_file`, default `env.file`) on top of a service-like base (PATH, LANG, HOME,
-USER), never with values on its argv. Its values (database URL, fernet key) go to that
-environment only, never to a log.
+The Airflow CLI (or the bridge) gets the Airflow env file (`variables.env_file`, default
+`env.file`) on top of a service-like base (PATH, LANG, HOME, USER), never with values on its
+argv. Its values (database URL, fernet key) go to that child's environment only, never to a log
+and never to the agent's own: the file is written from SSM parameters, so the agent (root, and
+its units have no `EnvironmentFile=`) reads it as data with `parse_env` and hands it only to the
+Airflow child, which runs as `variables.user` (airflow). Run as root instead (`variables.user`
+null or root while the agent is root), Airflow would take PYTHONPATH, LD_PRELOAD or a plugins
+folder from a parameter writer: that is logged as a warning.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ def airflow_env(env_file: Path, run_as: Optional[RunAs]) -> Dict[str, str]:
     else:
         pw = pwd.getpwuid(os.geteuid())
         home, user = pw.pw_dir, pw.pw_name
+        if os.geteuid() == 0:
+            log.warning(
+                "Airflow runs as root with the settings of %s (variables.user is null or "
+                "root): whoever writes its SSM parameters chooses code that runs as root; "
+                "set variables.user to the Airflow units' user",
+                env_file,
+            )
     env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": home, "USER": user, "LOGNAME": user}
     env.update(file_env)
     return env
