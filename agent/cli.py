@@ -56,7 +56,7 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
         "let the local Celery worker consume again",
     ),
     "deploy-hook": (
-        "agent.jobs.deploy_hook",
+        "agent.jobs.deploy.hook",
         "add_arguments",
         "run",
         "run one CodeDeploy lifecycle event for this role",

@@ -314,8 +314,15 @@ def test_agent_yaml_names_the_templates_resources(template, resolver, role):
 def test_drain_timeout_fits_codedeploys_application_stop(template):
     appspec = yaml.safe_load((REPO / "codedeploy" / "appspec.yml").read_text(encoding="utf-8"))
     (stop,) = appspec["hooks"]["ApplicationStop"]
-    # the drain's deadline plus the worker's stop must end before CodeDeploy gives up
-    assert template["Parameters"]["DrainTimeout"]["MaxValue"] + 60 <= stop["timeout"]
+    # the drain's deadline, the worker's stop and the agent's start must end before CodeDeploy
+    # gives up: the same check the hook makes at run time, at the largest DrainTimeout allowed
+    from agent.config import config_from_dict
+    from agent.jobs.deploy.budget import over_budget
+
+    stop_timeout = config_from_dict({}).drain.stop_timeout
+    largest = template["Parameters"]["DrainTimeout"]["MaxValue"]
+    assert over_budget(largest, stop_timeout, stop["timeout"]) is None
+    assert over_budget(largest + 61, stop_timeout, stop["timeout"]) is not None
 
 
 def test_worker_termination_hook(template, resolver):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from agent.jobs.deploy_hook import EVENTS, plan_hook
+from agent.jobs.deploy.hook import EVENTS, plan_hook
 from sandbox.celery_worker_host import REPO, VENV_PY, CeleryWorkerHost
 from sandbox.codedeploy_runner import CodeDeployRunner, host_execute, local_execute, make_revision
 from sandbox.proc import wait_for

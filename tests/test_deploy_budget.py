@@ -17,8 +17,8 @@ import yaml
 
 from agent.config import DrainConfig, config_from_dict
 from agent.errors import ConfigError
-from agent.jobs import deploy_budget
-from agent.jobs.deploy_hook import DeployHook
+from agent.jobs.deploy import budget as deploy_budget
+from agent.jobs.deploy.hook import DeployHook
 from sandbox.cfn_template import load_template
 
 REPO = Path(__file__).resolve().parents[1]

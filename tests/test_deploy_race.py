@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import config_from_dict
-from agent.jobs.deploy_hook import DeployHook
+from agent.jobs.deploy.hook import DeployHook
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_SWAPS = 1000

@@ -154,7 +154,7 @@ def test_paused_consumers_then_a_drain_gets_its_own_deadline():
 
 
 def test_import_error_output_parsing_ignores_log_lines_with_brackets():
-    from agent.jobs.deploy_hook import _parse_import_errors
+    from agent.jobs.deploy.hook import _parse_import_errors
 
     out = (
         "2026 [warning] graphviz [py.warnings] x\n"

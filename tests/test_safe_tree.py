@@ -1,4 +1,4 @@
-"""agent.platform.safe_tree and agent.jobs.deploy_bundle: the tree never leads root outside it.
+"""agent.platform.safe_tree and agent.jobs.deploy.bundle: the tree never leads root outside it.
 
 Unit tests on real files (we run as root, so chown and other users are real); the race with a
 second user swapping directories mid-walk is tests/test_deploy_race.py. A device crossing needs
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import AgentError
-from agent.jobs import deploy_bundle
+from agent.jobs.deploy import bundle as deploy_bundle
 from agent.platform import safe_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown to other users needs root")
@@ -248,7 +248,7 @@ def test_a_symlinked_dags_pointing_outside_is_not_touched(home, tmp_path, caplog
     os.rename(home / "dags", tmp_path / "old-dags")
     (home / "dags").symlink_to(elsewhere)
     (home / "plugins" / "__pycache__").mkdir()
-    with caplog.at_level(logging.INFO, logger="agent.jobs.deploy_bundle"):
+    with caplog.at_level(logging.INFO, logger="agent.jobs.deploy.bundle"):
         assert deploy_bundle.clear_pycache(home, ["dags", "plugins"]) == 1
     assert (elsewhere / "__pycache__" / "keep.pyc").exists()
     assert (elsewhere / "sub" / "__pycache__").exists()
@@ -298,7 +298,7 @@ def test_before_install_on_a_fresh_instance_has_nothing_to_clear(tmp_path, outsi
 def test_before_install_leaves_a_dags_symlink_out_of_home_alone(home, tmp_path, caplog):
     # the real hook event (DeployHook), as `airflow-agent deploy-hook BeforeInstall` runs it
     from agent.config import config_from_dict
-    from agent.jobs.deploy_hook import DeployHook
+    from agent.jobs.deploy.hook import DeployHook
 
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "pkg" / "__pycache__").mkdir(parents=True)

@@ -75,15 +75,18 @@ def run(args: argparse.Namespace, cfg) -> int:
     if not args.skip_env_sync:
         from agent.jobs.env_sync.state import EnvDoc
         from agent.jobs.env_sync.sync import EnvSync
-        from agent.platform.aws import AWS_ERRORS, AwsClients
+        from agent.platform.aws import AWS_ERRORS
         from agent.runtime.runner import classify, record_failure
 
+        sync = EnvSync(cfg)  # makes its SSM client under env.lock: that failure is recorded too
         try:
-            EnvSync(cfg, AwsClients(cfg).client("ssm")).run()
+            sync.run()
         except (AgentError, *AWS_ERRORS) as exc:
-            # recorded as env sync's failure (status shows it there); bootstrap goes no further
+            # recorded as env sync's failure (status shows it there); bootstrap goes no further.
+            # A failure inside env.lock is already recorded there, under the lock.
             _code, result, reason = classify(exc)
-            record_failure(cfg.state_dir, EnvDoc, result, reason)
+            if not sync.failure_handled:
+                record_failure(cfg.state_dir, EnvDoc, result, reason)
             raise AgentError(f"bootstrap stopped at env sync (no unit touched): {reason}") from None
     elif not os.path.exists(cfg.env.file):
         raise AgentError(f"--skip-env-sync given but {cfg.env.file} does not exist")

@@ -1,5 +1,5 @@
 #!/bin/sh
-# CodeDeploy AfterInstall hook: everything is in `airflow-agent deploy-hook` (agent/jobs/deploy_hook.py).
+# CodeDeploy AfterInstall hook: everything is in `airflow-agent deploy-hook` (agent/jobs/deploy/hook.py).
 # stdin from /dev/null; stdout and stderr go to CodeDeploy's log (the agent logs to stderr, one
 # line per event; a failure ends with one "ERROR agent: ..." line, which the console shows).
 # exec: no shell stays behind holding the pipes CodeDeploy waits on. --appspec: this revision's

@@ -20,9 +20,9 @@ the directories that hold them behind, and stale bytecode must not shadow the ne
 `file_exists_behavior: OVERWRITE`.)
 
 Root does these file operations in a tree the `airflow` user controls, so they go through
-directory descriptors and never follow a symlink out of AIRFLOW_HOME (agent.jobs.deploy_bundle).
+directory descriptors and never follow a symlink out of AIRFLOW_HOME (agent.jobs.deploy.bundle).
 ApplicationStop on a worker refuses a drain that does not fit its appspec timeout
-(agent.jobs.deploy_budget; the appspec is `--appspec` or the last successful revision's).
+(agent.jobs.deploy.budget; the appspec is `--appspec` or the last successful revision's).
 
 Every step is idempotent (a drained worker drains at once, starting a started unit is a no-op),
 so CodeDeploy may run a hook twice. A failing hook exits non-zero with one `ERROR agent: ...`
@@ -39,13 +39,12 @@ import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from agent.errors import AgentError, ConfigError, DeadlineError
-from agent.jobs import deploy_budget, deploy_bundle
+from agent.errors import AgentError, ConfigError
+from agent.jobs.deploy import budget, bundle
+from agent.jobs.deploy.validate import ValidateSteps
 from agent.platform import process
 from agent.platform.fsutil import resolve_owner
 from agent.platform.systemd import Systemctl, systemctl_from_config
@@ -87,7 +86,7 @@ def role_of(cfg) -> str:
     return role
 
 
-class DeployHook:
+class DeployHook(ValidateSteps):
     def __init__(
         self,
         cfg,
@@ -133,15 +132,15 @@ class DeployHook:
 
     def check_stop_budget(self) -> None:
         """Refuse a drain CodeDeploy would kill before its own deadline ends it."""
-        appspec = self.appspec or deploy_budget.find_stop_appspec(self.environ)
+        appspec = self.appspec or budget.find_stop_appspec(self.environ)
         if not appspec:
             log.warning(
                 "ApplicationStop budget not checked: no --appspec and no last successful "
                 "revision in %s (a manual run?)",
-                deploy_budget.DEPLOYMENT_ROOT,
+                budget.DEPLOYMENT_ROOT,
             )
             return
-        log.info("ApplicationStop budget: %s", deploy_budget.check_appspec(self.cfg, appspec))
+        log.info("ApplicationStop budget: %s", budget.check_appspec(self.cfg, appspec))
 
     def step_drain(self) -> None:
         from agent.jobs.drain.drainer import drain
@@ -158,7 +157,7 @@ class DeployHook:
     # -- BeforeInstall -----------------------------------------------------------------------
 
     def step_clear_pycache(self) -> None:
-        removed = deploy_bundle.clear_pycache(self.home, BUNDLE_CODE_DIRS)
+        removed = bundle.clear_pycache(self.home, BUNDLE_CODE_DIRS)
         log.info(
             "removed %d __pycache__ director%s under %s",
             removed,
@@ -173,7 +172,7 @@ class DeployHook:
             uid, gid = resolve_owner(self.cfg.deploy.owner, self.cfg.deploy.group)
         except KeyError as exc:
             raise AgentError(f"deploy.owner/deploy.group: {exc.args[0]}") from None
-        n = deploy_bundle.chown_tree(self.home, uid, gid)
+        n = bundle.chown_tree(self.home, uid, gid)
         log.info(
             "ownership %s:%s on %s (%d changed)",
             self.cfg.deploy.owner,
@@ -203,6 +202,13 @@ class DeployHook:
                 )
             except KeyError as exc:
                 raise AgentError(f"deploy.owner/deploy.group: {exc.args[0]}") from None
+        elif os.geteuid() == 0:
+            log.warning(
+                "the Airflow CLI runs as root with the settings of %s (deploy.owner is root): "
+                "whoever writes its SSM parameters chooses code that runs as root; set "
+                "deploy.owner to the Airflow units' user",
+                self.cfg.env.file,
+            )
         # a timeout is a ProcessError with exit code 4, as DeadlineError
         return process.run(
             list(self.cfg.deploy.airflow_command) + list(args),
@@ -251,7 +257,7 @@ class DeployHook:
 
     def step_write_marker(self) -> None:
         marker = Path(self.cfg.deploy.first_revision_marker)
-        deploy_bundle.write_marker(self.home, marker, (self.deployment + "\n").encode())
+        bundle.write_marker(self.home, marker, (self.deployment + "\n").encode())
         log.info("revision marker %s = %s", marker, self.deployment)
 
     def step_undrain(self) -> None:
@@ -265,85 +271,6 @@ class DeployHook:
             self.systemctl.reset_failed(unit)
             self.systemctl.start(unit)
             log.info("started %s", unit)
-
-    # -- ValidateService ---------------------------------------------------------------------
-
-    def _until(self) -> float:
-        if not hasattr(self, "_deadline"):
-            self._deadline = self.clock() + self.cfg.deploy.validate_timeout
-        return self._deadline
-
-    def _retry(self, what: str, check) -> None:
-        """Call check() until it returns None (healthy) or the validate deadline; it returns a
-        reason string while unhealthy."""
-        until = self._until()
-        while True:
-            reason = check()
-            if reason is None:
-                return
-            if self.clock() >= until:
-                raise DeadlineError(
-                    f"{what} not healthy after {self.cfg.deploy.validate_timeout:g}s: {reason}"
-                )
-            self.sleep(1.0)
-
-    def step_units_active(self) -> None:
-        for unit in self.units:
-            self.systemctl.wait_active(unit, max(1.0, self._until() - self.clock()))
-        log.info("active: %s", ", ".join(self.units))
-
-    def step_worker_ping(self) -> None:
-        from agent.jobs.drain.broker import node_name, read_broker
-        from agent.worker.celery_control import ControlError, WorkerControl
-
-        settings = read_broker(self.cfg)
-        if not settings.remote_control:
-            log.warning("broker %s:// has no remote control: worker ping skipped", settings.scheme)
-            return
-        node = node_name(self.cfg)
-        with WorkerControl(settings, node) as control:
-
-            def check() -> Optional[str]:
-                try:
-                    if not control.ping():
-                        return f"{node} does not answer a ping"
-                    queues = [q.name for q in control.active_queues()]
-                except ControlError as exc:
-                    return str(exc)
-                return None if queues else f"{node} consumes no queue"
-
-            self._retry(f"worker {node}", check)
-        log.info("worker %s answers and consumes", node)
-
-    def step_scheduler_job(self) -> None:
-        def check() -> Optional[str]:
-            proc = self._airflow(
-                "jobs", "check", "--job-type", "SchedulerJob", "--local", timeout=60
-            )
-            if proc.returncode == 0:
-                return None
-            return (
-                " ".join((proc.stderr or proc.stdout).strip().splitlines()[-1:])
-                or f"rc {proc.returncode}"
-            )[:200]
-
-        self._retry("scheduler job", check)
-        log.info("scheduler job alive")
-
-    def step_health_url(self) -> None:
-        url = self.cfg.deploy.health_url
-        if not url:
-            return
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-        def check() -> Optional[str]:
-            try:
-                with opener.open(url, timeout=5) as resp:
-                    return None if resp.status == 200 else f"{url} answered {resp.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                return f"{url}: {exc}"
-
-        self._retry("api-server", check)
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:

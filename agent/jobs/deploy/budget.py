@@ -5,7 +5,7 @@ with no word from the agent. A worker's ApplicationStop drain may take `drain.ti
 deadline, counted from the drain's start) and then `drain.stop_timeout` for the idle worker's
 `systemctl stop`; START_MARGIN covers the agent starting, reading its state and logging. When
 that sum exceeds the hook's timeout, CodeDeploy's kill, not the drain's own deadline, would end
-a slow drain: the hook refuses to start such a drain (agent.jobs.deploy_hook), and
+a slow drain: the hook refuses to start such a drain (agent.jobs.deploy.hook), and
 tests/test_deploy_budget.py checks the shipped appspec against the template's largest
 DrainTimeout and the config defaults.
 """

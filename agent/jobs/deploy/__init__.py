@@ -1,0 +1,1 @@
+"""`airflow-agent deploy-hook`: the CodeDeploy lifecycle events for this role."""
