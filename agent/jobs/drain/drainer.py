@@ -94,20 +94,24 @@ class Drainer(DrainShell):
         finally:
             lock.release()
 
+    @staticmethod
+    def _already_stopped(state: plan.DrainState, why: str) -> DrainResult:
+        return DrainResult(
+            "already-stopped",
+            state.node,
+            state.method,
+            state.queue_names,
+            state.started,
+            message=why,
+        )
+
     def _drain(self, state: plan.DrainState) -> DrainResult:
         cfg = self.cfg.drain
         condition = self.condition()
         if condition == plan.UNIT_STOPPED:
             self.set_phase(state, "stopped", f"{self.unit} is not running")
             log.info("drain %s: %s is not running; nothing to drain", state.node, self.unit)
-            return DrainResult(
-                "already-stopped",
-                state.node,
-                state.method,
-                state.queue_names,
-                state.started,
-                message=f"{self.unit} is not running",
-            )
+            return self._already_stopped(state, f"{self.unit} is not running")
         if condition == plan.UNIT_STOPPING or state.phase == "stopping":
             # a warm shutdown is under way (remote control no longer answers then): finish it
             return self._finish_stop(state, idle_at=None, until=state.deadline)
@@ -128,14 +132,7 @@ class Drainer(DrainShell):
                 idle_at = self._wait_idle(control, state)
             except (BrokerUnreachable, NoReply) as exc:
                 if self.condition() == plan.UNIT_STOPPED:
-                    return DrainResult(
-                        "already-stopped",
-                        state.node,
-                        state.method,
-                        state.queue_names,
-                        state.started,
-                        message=f"{self.unit} stopped during the drain",
-                    )
+                    return self._already_stopped(state, f"{self.unit} stopped during the drain")
                 return self._warm_stop(state, str(exc))
         if idle_at is None:  # deadline passed with on_deadline=stop
             return self._finish_stop(
