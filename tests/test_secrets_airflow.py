@@ -81,10 +81,22 @@ def test_no_token_in_journal_state_or_status_during_a_drain_of_real_tasks(cluste
     outputs = [proc.stdout, proc.stderr]
     outputs.append(c.host.run(["airflow-agent", "status", "--json"], check=False).stdout)
 
+    def state_files():
+        found = c.host.run(["find", "/var/lib/airflow-agent", "-type", "f"], check=False)
+        return {p: c.host.read_file(p).decode("utf-8", "replace") for p in found.stdout.split()}
+
+    after_stop = {}
+
+    def between(event):
+        if event == "ApplicationStop":  # the drain's record, before undrain removes it
+            after_stop.update(state_files())
+            outputs.append(c.host.run(["airflow-agent", "status", "--json"], check=False).stdout)
+
     # a drain of the running tasks (ApplicationStop), then the new revision starts
     dep = runner.deploy(
         make_revision(c.shared / "rev2", {"dags/headline.py": dag_source("v2")}),
         deployment_id="d-S2",
+        between=between,
     )
     assert dep.succeeded, dep.message
     assert c.wait_run("headline", "secrets") == "success"
@@ -92,12 +104,10 @@ def test_no_token_in_journal_state_or_status_during_a_drain_of_real_tasks(cluste
         outputs += [r.output for r in dep.event(event)]
     outputs.append(c.host.run(["airflow-agent", "status", "--json"], check=False).stdout)
     outputs.append(c.host.run(["airflow-agent", "status"], check=False).stdout)
-    state_files = c.host.run(
-        ["find", "/var/lib/airflow-agent", "-type", "f"], check=False
-    ).stdout.split()
-    assert any(p.endswith("drain.json") for p in state_files), state_files
-    for path in state_files:
-        outputs.append(c.host.read_file(path).decode("utf-8", "replace"))
+    assert '"phase": "stopped"' in after_stop.get("/var/lib/airflow-agent/drain.json", ""), (
+        after_stop
+    )
+    outputs += list(after_stop.values()) + list(state_files().values())
     c.host.run(["journalctl", "--sync"], check=False)  # everything logged so far is readable
     journal = c.host.journal(since_cursor=cursor)
     assert "execute_workload" in journal or "drain" in journal  # the scan read something
