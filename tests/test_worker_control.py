@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
@@ -211,6 +212,14 @@ class SlowNode:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _own_node_name(monkeypatch):
+    """A node name of this test's own: kombu's in-memory broker lives as long as the process,
+    so a mailbox queue an earlier test bound under the same name (and its unread broadcasts)
+    would still be there."""
+    monkeypatch.setitem(globals(), "NODE", f"celery@mem{uuid.uuid4().hex[:10]}")
 
 
 @pytest.fixture
