@@ -251,6 +251,7 @@ def worker_cfg(tmp_path, reply_timeout: float):
     )
 
 
+@pytest.mark.slow  # waits out real reply timeouts (7-21 s): `make test`, not the fast tier
 def test_configured_reply_timeout_waits_for_a_slow_worker(tmp_path, slow_node):
     cfg = worker_cfg(tmp_path, reply_timeout=8.0)
     # the one factory the drain, undrain, lifecycle and deploy hook use
@@ -289,6 +290,7 @@ def test_reply_timeout_must_be_positive():
         WorkerControl(BrokerSettings("memory://", {}), NODE, reply_timeout=0)
 
 
+@pytest.mark.slow  # waits out real reply timeouts (7-21 s): `make test`, not the fast tier
 def test_stop_consuming_then_undrain_of_a_slow_worker(tmp_path):
     """A worker answering every remote-control call after 1 s (a loaded machine): with
     drain.reply_timeout 8 s, stop-consuming cancels its queue and undrain brings it back."""
@@ -307,6 +309,7 @@ def test_ping_waits_double_from_one_second_up_to_the_reply_timeout():
     assert next(ping_waits(0.3)) == 0.3
 
 
+@pytest.mark.slow  # waits out real reply timeouts (7-21 s): `make test`, not the fast tier
 def test_undrain_catches_a_worker_that_starts_listening_late(tmp_path):
     """The first ping goes out before the worker's mailbox listens (a broadcast nobody gets):
     a later, separate ping is answered, long before a 30 s reply timeout."""
