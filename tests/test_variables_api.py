@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -27,6 +25,7 @@ import pytest
 
 from agent.jobs.variables.plan import stored_form, unwrap
 from sandbox import variable_shapes
+from sandbox.notify_socket import NotifySocket
 from sandbox.proc import wait_for
 from tests.conftest import REPO_ROOT
 from tests.test_variables import (  # noqa: F401 - migrated_home is a fixture
@@ -228,30 +227,6 @@ def test_api_defaults_to_the_python_beside_the_airflow_cli_and_names_a_wrong_one
     assert proc.returncode == 2 and "variables.airflow_python: /nonexistent/python" in proc.stderr
 
 
-class NotifySocket:
-    """A NOTIFY_SOCKET like systemd's: collects the daemon's sd_notify datagrams."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="aea-notify-")
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        self.messages: List[str] = []
-
-    def drain(self) -> List[str]:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except BlockingIOError:
-                return self.messages
-
-    def close(self) -> None:
-        self.sock.close()
-        os.unlink(self.path)
-        os.rmdir(self.dir)
-
-
 def _start_watch(rig: ApiRig, agent_env: dict, notify: NotifySocket, interval: float):
     argv = [sys.executable, "-m", "agent", "--config", str(rig.config), "variables", "watch"]
     argv += ["--interval", str(interval)]
@@ -274,7 +249,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_watch_syncs_a_change_within_its_interval_and_idles_without_airflow_work(rig, agent_env):
     secret = _values(50, "watch")
     rig.put(secret)
-    notify = NotifySocket()
+    notify = NotifySocket(rig.tmp)
     interval = 1.0
     proc = _start_watch(rig, agent_env, notify, interval)
     try:
@@ -344,7 +319,7 @@ def test_watch_syncs_a_change_within_its_interval_and_idles_without_airflow_work
 
 def test_sigkill_of_the_agent_leaves_no_bridge_behind(rig, agent_env):
     rig.put(_values(3, "orphan"))
-    notify = NotifySocket()
+    notify = NotifySocket(rig.tmp)
     proc = _start_watch(rig, agent_env, notify, 30.0)
     try:
         wait_for(lambda: any("READY=1" in m for m in notify.drain()), 90, "READY=1")
