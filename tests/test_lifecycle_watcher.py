@@ -48,6 +48,21 @@ class _RecordingAws(LifecycleAws):
         self.complete_times.append(self.clock())
 
 
+def _watcher(cfg, imds_client, clock, drain_fn):
+    """A Watcher on virtual time with a recording Auto Scaling client and the given drain."""
+    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
+    watcher = Watcher(
+        cfg,
+        imds_client,
+        lc_aws,
+        StateStore(cfg.state_dir),
+        drain_fn=drain_fn,
+        active_tasks_fn=lambda: [],
+        clock=clock,
+    )
+    return watcher, lc_aws
+
+
 def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws, imds, tmp_path):
     make_asg(aws, imds, "drain", "workers", heartbeat_timeout=30)
     # hook_name unset: the group's only termination hook is found through DescribeLifecycleHooks
@@ -59,7 +74,6 @@ def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws
     )
     clock = _Clock(1_800_000_000.0)
     imds_client = ImdsClient.from_config(cfg)
-    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
     release = threading.Event()
     deadlines = []
 
@@ -68,15 +82,7 @@ def test_drain_longer_than_the_global_timeout_stops_heartbeats_and_completes(aws
         on_progress({"phase": "waiting", "active": 1, "message": "1 running"})
         release.wait(60)
 
-    watcher = Watcher(
-        cfg,
-        imds_client,
-        lc_aws,
-        StateStore(cfg.state_dir),
-        drain_fn=endless_drain,
-        active_tasks_fn=lambda: [],
-        clock=clock,
-    )
+    watcher, lc_aws = _watcher(cfg, imds_client, clock, endless_drain)
     start = clock.t
     watcher.tick()  # InService
     imds.set_paths({"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
@@ -122,7 +128,6 @@ def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, 
     )
     clock = _Clock(1_800_000_000.0)
     imds_client = ImdsClient.from_config(cfg)
-    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
     finish = threading.Event()
     deadlines = []
 
@@ -131,15 +136,7 @@ def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, 
         finish.wait(30)
         return {"outcome": "drained"}
 
-    watcher = Watcher(
-        cfg,
-        imds_client,
-        lc_aws,
-        StateStore(cfg.state_dir),
-        drain_fn=drain,
-        active_tasks_fn=lambda: [],
-        clock=clock,
-    )
+    watcher, lc_aws = _watcher(cfg, imds_client, clock, drain)
     notice = "2027-01-15T08:01:00Z"  # 60 s after the virtual start
     clock.t = plan.parse_time("2027-01-15T08:00:00Z")
     imds.set_paths(
@@ -182,21 +179,12 @@ def _fault_watcher(aws, imds, tmp_path, clock, drains):
     )
     # the client's own retry pauses are real sleeps: none on virtual time
     imds_client = ImdsClient(endpoint=imds.url, attempts=2, sleep=lambda s: None)
-    lc_aws = _RecordingAws(cfg, AwsClients(cfg, imds_client), imds_client, clock=clock)
 
     def drain(cfg, deadline, on_progress):  # the worker is idle: the drain ends at once
         drains.append(deadline)
         return {"outcome": "drained"}
 
-    watcher = Watcher(
-        cfg,
-        imds_client,
-        lc_aws,
-        StateStore(cfg.state_dir),
-        drain_fn=drain,
-        active_tasks_fn=lambda: [],
-        clock=clock,
-    )
+    watcher, lc_aws = _watcher(cfg, imds_client, clock, drain)
     return watcher, lc_aws
 
 
