@@ -12,7 +12,7 @@ PY39_VENV := .cache/py39-venv
 # checkov pins old boto3/botocore, so it gets a venv of its own
 CHECKOV_VENV := .cache/checkov-venv
 PIP_FLAGS := -q --disable-pip-version-check
-APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv
+APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv haproxy openssl
 AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary \
 	asyncpg
 # the fast tier: tests/conftest.py marks every test that needs none of the heavy sandbox parts
