@@ -9,6 +9,12 @@ to 127.0.0.1:PORT on the host. Nothing else is reachable through it.
 Run by sandbox/systemd_host.py as its own process, ended by PID:
 
     python netbridge.py --netns /proc/PID/ns/net --port 8080 [--port 8081 ...]
+    python netbridge.py --netns /proc/PID/ns/net --addr 169.254.169.254 --forward 80:8080
+
+``--port P`` listens on P and forwards to the host's P; ``--forward L:H`` listens on L and
+forwards to the host's H (an IMDS at 169.254.169.254:80 served by a rig on 127.0.0.1:H);
+``--addr`` is the address inside the namespace the listeners bind (default 127.0.0.1; it must
+already exist there).
 
 It prints ``READY`` once all listeners exist, and exits when its stdin reaches EOF (the parent
 died or closed it), so a crashed test run does not leave it behind.
@@ -79,7 +85,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def _handle(conn: socket.socket, port: int) -> None:
+def _handle(conn: socket.socket, port: int) -> None:  # port: the host's
     try:
         upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError:
@@ -106,9 +112,19 @@ def _serve(listener: socket.socket, port: int) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--netns", required=True, help="path of the target netns, /proc/PID/ns/net")
-    ap.add_argument("--port", type=int, action="append", required=True)
+    ap.add_argument("--addr", default="127.0.0.1", help="listen address inside the netns")
+    ap.add_argument("--port", type=int, action="append", default=[], help="same port both ends")
+    ap.add_argument(
+        "--forward", action="append", default=[], metavar="L:H", help="listen on L, forward to H"
+    )
     args = ap.parse_args(argv)
-    listeners = [(open_listener_in(args.netns, p), p) for p in args.port]
+    pairs = [(p, p) for p in args.port]
+    for spec in args.forward:
+        listen, _, host = spec.partition(":")
+        pairs.append((int(listen), int(host)))
+    if not pairs:
+        ap.error("give at least one --port or --forward")
+    listeners = [(open_listener_in(args.netns, lp, args.addr), hp) for lp, hp in pairs]
     for sock, port in listeners:
         threading.Thread(target=_serve, args=(sock, port), daemon=True).start()
     sys.stdout.write("READY\n")

@@ -745,18 +745,28 @@ class SystemdHost:
 
     # -- the port bridge -------------------------------------------------------------------------
 
-    def bridge_port(self, host_port: int, timeout: float = 10) -> None:
-        """Make the host's 127.0.0.1:host_port reachable at 127.0.0.1:host_port inside."""
+    def bridge_port(
+        self,
+        host_port: int,
+        timeout: float = 10,
+        addr: str = "127.0.0.1",
+        listen_port: Optional[int] = None,
+    ) -> None:
+        """Make the host's 127.0.0.1:host_port reachable inside at addr:listen_port (default
+        127.0.0.1:host_port). addr must exist inside; see serve_link_local for 169.254.x."""
         if self.pid is None or self._stopped:
             raise SystemdHostError("the test host is not running")
+        lport = int(host_port if listen_port is None else listen_port)
         proc = subprocess.Popen(
             [
                 sys.executable,
                 str(NETBRIDGE),
                 "--netns",
                 f"/proc/{self.pid}/ns/net",
-                "--port",
-                str(int(host_port)),
+                "--addr",
+                addr,
+                "--forward",
+                f"{lport}:{int(host_port)}",
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -774,6 +784,18 @@ class SystemdHost:
             raise SystemdHostError(
                 f"port bridge for {host_port} did not start: {proc.stderr.read().decode()}"
             )
+
+    def serve_link_local(
+        self, host_port: int, addr: str = "169.254.169.254", port: int = 80
+    ) -> str:
+        """Serve the host's 127.0.0.1:host_port at addr:port inside (an instance's IMDS at
+        169.254.169.254:80). The address goes on the host's own lo, so only this host sees it;
+        returns "http://addr:port"."""
+        have = self.run(["ip", "-o", "addr", "show", "dev", "lo"]).stdout
+        if f" {addr}/" not in have:
+            self.run(["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
+        self.bridge_port(host_port, addr=addr, listen_port=port)
+        return f"http://{addr}:{port}"
 
     # -- installing the product ------------------------------------------------------------------
 

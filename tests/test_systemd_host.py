@@ -213,6 +213,22 @@ def test_port_bridge_reaches_machine_loopback(host: SystemdHost, http_server: in
     assert out == "hello from the machine's loopback"
 
 
+def test_link_local_address_serves_a_machine_port(host: SystemdHost, http_server: int) -> None:
+    """An instance's IMDS at 169.254.169.254:80: the address exists only on this host's lo,
+    and the machine's namespace gains no address."""
+    machine_addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    assert host.serve_link_local(http_server) == "http://169.254.169.254:80"
+    code = (
+        "import urllib.request,sys;"
+        "sys.stdout.write(urllib.request.urlopen('http://169.254.169.254/latest',"
+        "timeout=5).read().decode())"
+    )
+    out = host.run(["systemd-run", "--wait", "--pipe", "-q", "python3", "-c", code]).stdout
+    assert out == "hello from the machine's loopback"
+    after = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    assert "169.254.169.254" not in after and after == machine_addrs
+
+
 def test_unbridged_ports_are_unreachable(host: SystemdHost, http_server: int) -> None:
     # A fresh server on another port that was never bridged: the host's own netns has no route
     # to the machine's loopback.
