@@ -12,6 +12,9 @@ rules so a test can ask what an instance of a role ends up with:
   config, commands sorted by key, after its files).
 - `write_files(files, root, resolve)`: the files written under `root` as cfn-init writes them;
   a mode of 120xxx makes a symbolic link whose target is the content (re-rooted here).
+- `check_init(init)`: refuse, by name, every key of the Init that the sandbox's cfn-init
+  (sandbox/stack/cfn_init_apply.py) does not implement, so a template change it cannot apply
+  fails loudly before anything boots (`UnsupportedInitKey`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 CONFIGSETS = "configSets"
+
+# What sandbox/stack/cfn_init_apply.py implements, as cfn-init 2.0 does; every other key is
+# refused by name. Config keys are processed in cfn-init's order (ORDER); users, groups and
+# sources are not used by the template, so they are refused rather than half-done.
+ORDER = ("packages", "files", "commands", "services")
+FILE_KEYS = frozenset({"content", "mode", "owner", "group", "encoding"})
+COMMAND_KEYS = frozenset({"command", "env", "cwd", "test", "ignoreErrors", "waitAfterCompletion"})
+SERVICE_MANAGERS = frozenset({"sysvinit", "systemd"})
+SERVICE_KEYS = frozenset({"enabled", "ensureRunning", "files", "commands"})
+PACKAGE_MANAGERS = frozenset({"yum", "rpm", "apt", "python", "rubygems"})
+ENCODINGS = ("plain", "base64")
+
+
+class UnsupportedInitKey(ValueError):
+    """The Init uses something the sandbox's cfn-init does not implement; names it."""
 
 
 def configset_configs(
@@ -90,3 +108,50 @@ def write_files(
         dest.write_text(content, encoding="utf-8")
         if "mode" in attribs:
             dest.chmod(stat.S_IMODE(int(str(attribs["mode"]), 8)))
+
+
+def check_init(init: Dict[str, Any]) -> None:
+    """Raise UnsupportedInitKey naming the first key (as a path) the sandbox cannot apply."""
+    problems = init_problems(init)
+    if problems:
+        raise UnsupportedInitKey(
+            "AWS::CloudFormation::Init uses what the sandbox's cfn-init does not implement: "
+            + "; ".join(problems)
+        )
+
+
+def init_problems(init: Dict[str, Any]) -> List[str]:
+    """Every unsupported key of the Init, as 'config.key[.sub...]: why'."""
+    out: List[str] = []
+    for name in init.get(CONFIGSETS, {}):
+        configset_configs(init, name)  # unknown names and cycles raise here
+    for config, body in init.items():
+        if config == CONFIGSETS:
+            continue
+        if not isinstance(body, dict):
+            out.append(f"{config}: a config must be a mapping")
+            continue
+        for key in body:
+            if key not in ORDER:
+                out.append(f"{config}.{key}: config key not implemented")
+        for path, attrs in (body.get("files") or {}).items():
+            for k in set(attrs) - FILE_KEYS:
+                out.append(f"{config}.files.{path}.{k}: file attribute not implemented")
+            if str(attrs.get("encoding", "plain")) not in ENCODINGS:
+                out.append(f"{config}.files.{path}.encoding: {attrs['encoding']!r}")
+        for key, spec in (body.get("commands") or {}).items():
+            for k in set(spec) - COMMAND_KEYS:
+                out.append(f"{config}.commands.{key}.{k}: command attribute not implemented")
+            if "command" not in spec:
+                out.append(f"{config}.commands.{key}: no command")
+        for manager, services in (body.get("services") or {}).items():
+            if manager not in SERVICE_MANAGERS:
+                out.append(f"{config}.services.{manager}: service manager not implemented")
+                continue
+            for svc, spec in services.items():
+                for k in set(spec) - SERVICE_KEYS:
+                    out.append(f"{config}.services.{manager}.{svc}.{k}: not implemented")
+        for manager in body.get("packages") or {}:
+            if manager not in PACKAGE_MANAGERS:
+                out.append(f"{config}.packages.{manager}: package manager not implemented")
+    return out
