@@ -4,9 +4,11 @@
   turned into their long forms ({"Ref": ...}, {"Fn::Sub": ...}), so the rest of the code sees
   one shape.
 - `Resolver`: evaluates the intrinsic functions the template uses (Ref, Fn::Sub, Fn::GetAtt,
-  Fn::Join, Fn::Base64, Fn::Select) against chosen parameter values and made-up, but
-  realistically shaped, physical ids (ARNs for secrets and keys, names where the template sets
-  them). Enough to check the values that cross between resources (paths, names, ARNs).
+  Fn::Join, Fn::Base64, Fn::Select, and the template's Conditions with Fn::If, Fn::Equals,
+  Fn::Not, Fn::And, Fn::Or, Condition; AWS::NoValue drops the key or item, as CloudFormation
+  does) against chosen parameter values and made-up, but realistically shaped, physical ids
+  (ARNs for secrets and keys, names where the template sets them). Enough to check the values
+  that cross between resources (paths, names, ARNs) and the settings that depend on parameters.
 - `reduce_for_moto(template, supported)`: the template without the resource types moto cannot
   create, with every reference to a dropped resource replaced by the value `Resolver` gives it.
 """
@@ -166,6 +168,36 @@ class Resolver:
             return "1"
         return f"{name}.{attr}"
 
+    # -- conditions --------------------------------------------------------------------------
+
+    def condition(self, name: str) -> bool:
+        """The value of the template's condition `name` with this resolver's parameters."""
+        conditions = self.template.get("Conditions", {})
+        if name not in conditions:
+            raise KeyError(f"no condition {name}")
+        return self._truth(conditions[name])
+
+    def _truth(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if not (isinstance(value, dict) and len(value) == 1):
+            raise ValueError(f"not a condition: {value!r}")
+        ((fn, arg),) = value.items()
+        if fn == "Condition":
+            return self.condition(arg)
+        if fn == "Fn::Equals":
+            left, right = (self.resolve(v) for v in arg)
+            # CloudFormation compares strings: a Number parameter's Ref is its text
+            return str(left) == str(right)
+        if fn == "Fn::Not":
+            (only,) = arg
+            return not self._truth(only)
+        if fn == "Fn::And":
+            return all(self._truth(v) for v in arg)
+        if fn == "Fn::Or":
+            return any(self._truth(v) for v in arg)
+        raise NotImplementedError(f"{fn} is not a condition function")
+
     # -- functions ---------------------------------------------------------------------------
 
     def sub(self, text: str, variables: Optional[Dict[str, Any]] = None) -> str:
@@ -185,13 +217,20 @@ class Resolver:
 
     def resolve(self, value: Any) -> Any:
         if isinstance(value, list):
-            return [self.resolve(v) for v in value]
+            # an item that is AWS::NoValue is removed, as CloudFormation does
+            resolved = [(v, self.resolve(v)) for v in value]
+            return [r for v, r in resolved if not (r is None and _yields_no_value(v))]
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
             ((fn, arg),) = value.items()
             if fn == "Ref":
                 return self.ref(arg)
+            if fn == "Fn::If":
+                name, if_true, if_false = arg
+                return self.resolve(if_true if self.condition(name) else if_false)
+            if fn in ("Fn::Equals", "Fn::Not", "Fn::And", "Fn::Or", "Condition"):
+                return self._truth(value)
             if fn == "Fn::Sub":
                 if isinstance(arg, list):
                     return self.sub(arg[0], arg[1])
@@ -205,9 +244,22 @@ class Resolver:
                 return self.resolve(arg)
             if fn == "Fn::Select":
                 return self.resolve(arg[1])[int(self.resolve(arg[0]))]
-            if fn.startswith("Fn::") or fn == "Condition":
+            if fn.startswith("Fn::"):
                 raise NotImplementedError(f"{fn} is not resolved by this test helper")
-        return {k: self.resolve(v) for k, v in value.items()}
+        out = {k: self.resolve(v) for k, v in value.items()}
+        # a property whose value is AWS::NoValue is removed, as CloudFormation does
+        return {k: v for k, v in out.items() if not (v is None and _yields_no_value(value[k]))}
+
+
+def _yields_no_value(value: Any) -> bool:
+    """Whether `value` may resolve to AWS::NoValue (a Ref to it, or an Fn::If branch)."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((fn, arg),) = value.items()
+        if fn == "Ref":
+            return arg == "AWS::NoValue"
+        if fn == "Fn::If":
+            return any(_yields_no_value(branch) for branch in arg[1:])
+    return False
 
 
 # -- a reduced template for moto --------------------------------------------------------------

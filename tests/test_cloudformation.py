@@ -77,6 +77,7 @@ TEST_PARAMS: Dict[str, Any] = {
     "SubnetIds": ["subnet-0a", "subnet-0b"],
     "UiAllowedCidr": "10.20.0.0/16",
     "ArtifactBucket": "example-artifacts",
+    "ImageId": "ami-0123456789abcdef0",
     "FernetKey": "x" * 43 + "=",
 }
 
@@ -372,56 +373,96 @@ def test_cfn_hup_hook_watches_the_init_metadata_and_runs_cfn_init_then_env_sync(
     assert agent_yaml_target(template, role) in update
     assert AGENT_YAML not in update and not any(is_symlink(a) for _c, a in update.values())
     for config in configset_configs(init, "update"):
-        assert not {"commands", "packages", "sources", "services"} & set(init[config]), config
+        assert not {"commands", "packages", "sources"} & set(init[config]), config
+        # its one service: cfn-hup, restarted by cfn-init when this config changed its files
+        # (cfn-hup reads them only at start; cfn-init restarts for files of the same config)
+        services = init[config].get("services", {})
+        assert set(services) <= {"systemd"}
+        for name, svc in services.get("systemd", {}).items():
+            assert name == "cfn-hup", name
+            assert set(svc["files"]) == {
+                "/etc/cfn/cfn-hup.conf",
+                "/etc/cfn/hooks.d/airflow-agent.conf",
+            }
+            assert set(svc["files"]) <= set(init[config]["files"])
     # and first boot writes everything an update rewrites
     assert set(configset_configs(init, "update")) <= set(configset_configs(init, role))
+    run_hook_script(script, tmp_path)
 
-    # run the hook script with stand-ins for cfn-init and the agent: order and failure
+
+def agent_daemon_units() -> Set[str]:
+    """The agent's long-running units in systemd/ (they read agent.yaml only at start)."""
+    daemons = set()
+    for path in SYSTEMD_DIR.glob("airflow-agent-*.service"):
+        unit = configparser.ConfigParser(interpolation=None, strict=False)
+        unit.optionxform = str  # type: ignore[assignment]
+        unit.read_string(path.read_text(encoding="utf-8"))
+        if unit["Service"].get("Type", "simple") != "oneshot":
+            daemons.add(path.name)
+    return daemons
+
+
+def run_hook_script(script: str, tmp_path: Path) -> None:
+    """Run the cfn-hup hook with stand-ins for cfn-init, systemctl and the agent."""
     log = tmp_path / "calls.log"
+    agent_yaml_file = tmp_path / "agent.yaml"
+    agent_yaml_file.write_text("cluster: a\n")
     stubs = {}
     for name, real in (
         ("cfn-init", "/opt/aws/bin/cfn-init"),
         ("airflow-agent", "/usr/local/bin/airflow-agent"),
+        ("systemctl", "systemctl "),
     ):
         stub = tmp_path / name
-        stub.write_text(
-            f'#!/bin/sh\necho "{name} $*" >> "{log}"\n'
-            f'[ -z "$FAIL_{name.replace("-", "_").upper()}" ] || exit 3\n'
-        )
+        body = f'#!/bin/sh\necho "{name} $*" >> "{log}"\n'
+        if name == "cfn-init":
+            # an update that changes this instance's agent.yaml, when asked to
+            body += f'[ -z "$CHANGE_AGENT_YAML" ] || echo "cluster: b" > "{agent_yaml_file}"\n'
+        body += f'[ -z "$FAIL_{name.replace("-", "_").upper()}" ] || exit 3\n'
+        stub.write_text(body)
         stub.chmod(0o755)
-        stubs[real] = str(stub)
+        stubs[real] = str(stub) + (" " if real.endswith(" ") else "")
+    stubs[AGENT_YAML] = str(agent_yaml_file)
     assert all(real in script for real in stubs), script
     for real, stub in stubs.items():
         script = script.replace(real, stub)
     path = tmp_path / "hook.sh"
     path.write_text(script)
-    proc = subprocess.run(["sh", str(path)], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    calls = log.read_text().splitlines()
-    assert calls == [
+
+    def run(**env: str) -> Tuple[int, List[str]]:
+        if log.exists():
+            log.unlink()
+        proc = subprocess.run(
+            ["sh", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ, **env),
+        )
+        return proc.returncode, log.read_text().splitlines() if log.exists() else []
+
+    cfn_init = (
         f"cfn-init -v --stack {STACK} --resource {INIT_RESOURCE} --configsets update "
-        "--region us-east-1",
-        "airflow-agent env sync",
-    ]
-    log.unlink()
-    proc = subprocess.run(
-        ["sh", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=dict(os.environ, FAIL_CFN_INIT="1"),
+        "--region us-east-1"
     )
-    assert proc.returncode != 0
-    assert log.read_text().splitlines() == [calls[0]], "env sync ran after cfn-init failed"
-    # a failed env sync fails the hook too (cfn-hup logs it)
-    proc = subprocess.run(
-        ["sh", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=dict(os.environ, FAIL_AIRFLOW_AGENT="1"),
-    )
-    assert proc.returncode == 3
+    # agent.yaml unchanged: cfn-init, then env sync; no daemon restarted
+    assert run() == (0, [cfn_init, "airflow-agent env sync"])
+    # agent.yaml changed: the running agent daemons restart (try-restart: stopped ones stay
+    # stopped) before env sync, all of them
+    rc, calls = run(CHANGE_AGENT_YAML="1")
+    assert rc == 0 and calls[0] == cfn_init and calls[-1] == "airflow-agent env sync", calls
+    (restart,) = calls[1:-1]
+    words = restart.split()
+    assert words[:2] == ["systemctl", "try-restart"], restart
+    assert set(words[2:]) == agent_daemon_units(), restart
+    # a failed cfn-init stops the hook before anything else
+    rc, calls = run(FAIL_CFN_INIT="1")
+    assert rc != 0 and calls == [cfn_init], "env sync ran after cfn-init failed"
+    # a failed restart or env sync fails the hook too (cfn-hup logs it and retries)
+    agent_yaml_file.write_text("cluster: a\n")
+    rc, calls = run(CHANGE_AGENT_YAML="1", FAIL_SYSTEMCTL="1")
+    assert rc == 3 and "airflow-agent env sync" not in calls, calls
+    assert run(FAIL_AIRFLOW_AGENT="1")[0] == 3
 
 
 BOOTSTRAP = "/usr/local/bin/airflow-agent bootstrap"
@@ -461,10 +502,16 @@ def test_first_boot_installs_configures_and_bootstraps(template, resolver, role)
     # the package first, the agent venv before the units that run it, Airflow after
     assert joined.index(package) < joined.index("/opt/airflow-agent/venv")
     assert joined.index("/opt/airflow-agent/venv") < joined.index("install-units.sh")
-    # after install: the role's own commands, then bootstrap; nothing else
+    # after install: the role's own commands, then bootstrap, then the CodeDeploy agent;
+    # nothing else. The CodeDeploy agent is installed (and starts polling for a launch
+    # deployment, whose hooks then run) only once the instance has its role: agent.yaml,
+    # env file and units are all in place by then.
     after = [cmd for c, cmd in run if c != "install"]
     own = [cmd for c, cmd in run if c == role]
-    assert after == own + [BOOTSTRAP]
+    (codedeploy,) = [cmd for cmd in after if "codedeploy-install" in cmd]
+    assert after == own + [BOOTSTRAP, codedeploy]
+    assert "/latest/install" in codedeploy and "ruby /tmp/codedeploy-install auto" in codedeploy
+    assert not [cmd for cmd in after[:-1] + [joined] if "codedeploy" in cmd]
     # agent.yaml links to the role's file before any of them runs (the role's config writes
     # the link; cfn-init writes a config's files before its commands)
     config, link = configset_files(init, role)[AGENT_YAML]
@@ -476,14 +523,26 @@ def test_first_boot_installs_configures_and_bootstraps(template, resolver, role)
         assert migrate.startswith("/usr/local/bin/airflow-agent env sync && systemd-run ")
         assert "-p EnvironmentFile=/etc/sysconfig/airflow.env -p User=airflow" in migrate
         assert migrate.endswith("/opt/airflow/venv/bin/airflow db migrate")
-    elif role == "worker":
-        # the worker extra: Celery, for the drain's remote control
-        pip = "/opt/airflow-agent/venv/bin/pip install --no-cache-dir -q"
-        assert own == [f'{pip} "/opt/airflow-agent/src[worker]"']
     else:
-        assert own == []
-    cfn_hup = init["start"]["services"]["systemd"]["cfn-hup"]
+        # api-servers and workers wait (up to 10 min) until the schema is the one their
+        # Airflow expects before anything of theirs starts
+        wait = own[0]
+        assert wait.startswith("/usr/local/bin/airflow-agent env sync && systemd-run ")
+        assert "-p EnvironmentFile=/etc/sysconfig/airflow.env -p User=airflow" in wait
+        assert wait.endswith(
+            "/opt/airflow/venv/bin/airflow db check-migrations --migration-wait-timeout 600"
+        )
+        if role == "worker":
+            # the worker extra: Celery, for the drain's remote control
+            pip = "/opt/airflow-agent/venv/bin/pip install --no-cache-dir -q"
+            assert own[1:] == [f'{pip} "/opt/airflow-agent/src[worker]"']
+        else:
+            # the admin's passwords file, from the stack's secret
+            assert own[1:] == ["/usr/local/sbin/airflow-admin-password"]
+    # cfn-hup runs (started by the configure config, which writes its files)
+    cfn_hup = init["configure"]["services"]["systemd"]["cfn-hup"]
     assert cfn_hup["enabled"] is True and cfn_hup["ensureRunning"] is True
+    assert "configure" in configset_configs(init, role)
 
 
 _AIRFLOW_STUB = """#!/bin/sh
@@ -550,8 +609,11 @@ def test_launch_template_and_group(template, resolver, role):
         "HttpPutResponseHopLimit": 1,
         "InstanceMetadataTags": "enabled",
     }
-    assert template["Parameters"]["ImageId"]["Default"].startswith(
+    # a pinned AMI id: an SSM-parameter type would re-resolve "latest" on every stack update
+    assert template["Parameters"]["ImageId"]["Type"] == "AWS::EC2::Image::Id"
+    assert (
         "/aws/service/ami-amazon-linux-latest/al2023-ami-"
+        in (template["Parameters"]["ImageId"]["Description"])
     )
     tags = {
         t["Key"]: t["Value"]
