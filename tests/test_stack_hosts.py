@@ -1,0 +1,95 @@
+"""The launched stack's hosts on their private link (sandbox/stack/network.py).
+
+Two systemd test hosts joined by the switch exchange TCP over 10.77.0.0/24, reach a machine
+port forwarded to 10.77.0.1, and each serves its own IMDS at 169.254.169.254; the machine's own
+network namespace never gains a link or an address, during or after.
+"""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from sandbox.stack.network import GATEWAY, Switch
+from sandbox.systemd_host import SystemdHost, wait_for
+
+pytestmark = pytest.mark.systemd
+
+CONNECT = (
+    "import socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
+    "s.sendall(sys.argv[3].encode()); s.shutdown(socket.SHUT_WR)\n"
+    "sys.stdout.write(s.recv(100).decode())\n"
+)
+ECHO_UPPER = (
+    "import socket,sys\n"
+    "l=socket.socket(); l.bind((sys.argv[1],int(sys.argv[2]))); l.listen(1)\n"
+    "c,peer=l.accept(); c.sendall((c.recv(100).decode().upper()+' from '+peer[0]).encode())\n"
+)
+
+
+def _machine_net() -> str:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    # counters and states of the machine's own links change on their own; names do not
+    return "\n".join(sorted(line.split(":")[1] for line in links.splitlines())) + addrs
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        body = b"machine"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_two_hosts_talk_over_the_link_and_the_machine_is_untouched(tmp_path: Path) -> None:
+    before = _machine_net()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        with (
+            Switch() as switch,
+            SystemdHost(tmp_path / "a", name="aea-link-a") as a,
+            SystemdHost(tmp_path / "b", name="aea-link-b") as b,
+        ):
+            addr_a, addr_b = switch.attach(a), switch.attach(b)
+            assert (addr_a, addr_b) == ("10.77.0.10", "10.77.0.11")
+            a.run(
+                ["systemd-run", "--unit", "echo-upper", "python3", "-c", ECHO_UPPER, addr_a, "9000"]
+            )
+            out = wait_for(
+                lambda: b.run(["python3", "-c", CONNECT, addr_a, "9000", "hello"]).stdout,
+                15,
+                "b to reach a's listener",
+            )
+            assert out == f"HELLO from {addr_b}"
+            # the machine's loopback only where forwarded, at the switch's address
+            where = switch.forward(srv.server_address[1])
+            assert where == f"{GATEWAY}:{srv.server_address[1]}"
+            code = (
+                "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+                f"'http://{where}/',timeout=5).read().decode())"
+            )
+            assert b.run(["python3", "-c", code]).stdout == "machine"
+            # each host's own IMDS address; the other host does not have it
+            a.serve_link_local(srv.server_address[1])
+            assert "169.254.169.254/32" in a.run(["ip", "-o", "addr", "show", "lo"]).stdout
+            assert "169.254.169.254" not in b.run(["ip", "-o", "addr"]).stdout
+            assert _machine_net() == before, "the machine's namespace changed while up"
+            assert "br0" not in before
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert _machine_net() == before, "the machine's namespace changed"
+    assert switch.proc is not None and switch.proc.poll() is not None
