@@ -156,6 +156,15 @@ class DeployConfig:
 
 
 @dataclass
+class AirflowOptionsConfig:
+    # an Airflow option's `_CMD` form (e.g. AIRFLOW__CELERY__BROKER_URL_CMD) runs as this user,
+    # as Airflow runs it; null: the agent refuses that form. Never root: the command comes
+    # from the env file, which the SSM parameter writers control
+    command_user: Optional[str] = "airflow"
+    command_timeout: float = 60.0
+
+
+@dataclass
 class AwsConfig:
     region: Optional[str] = None
     max_attempts: int = 6  # total attempts per call, the first included
@@ -187,6 +196,7 @@ class AgentConfig:
     drain: DrainConfig = field(default_factory=DrainConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    airflow_config: AirflowOptionsConfig = field(default_factory=AirflowOptionsConfig)
     aws: AwsConfig = field(default_factory=AwsConfig)
     imds: ImdsConfig = field(default_factory=ImdsConfig)
     # where the config came from, for error messages; not a YAML key
@@ -218,6 +228,7 @@ POSITIVE_KEYS = (
     "lifecycle.heartbeat_interval",
     "deploy.validate_timeout",
     "deploy.check_timeout",
+    "airflow_config.command_timeout",
     "aws.max_attempts",
     "aws.connect_timeout",
     "aws.read_timeout",
@@ -310,6 +321,11 @@ def _validate(cfg: AgentConfig) -> None:
         fail("imds.token_ttl", "must be 1..21600 seconds")
     if not cfg.systemctl:
         fail("systemctl", "must be a command")
+    if cfg.airflow_config.command_user in ("root", "0", ""):
+        fail(
+            "airflow_config.command_user",
+            "must not be root: the commands come from the env file (null refuses them)",
+        )
 
 
 def config_from_dict(data: Optional[Dict[str, Any]], source: str = "<dict>") -> AgentConfig:

@@ -1,7 +1,9 @@
 """Celery remote control of the local worker, without importing Airflow.
 
 A bare `celery.Celery` app is built from the worker's own broker settings (read from the env
-file every Airflow unit uses), and talks to one node only (`destination=[node]`), so a drain on
+file every Airflow unit uses, each option in the form Airflow takes it: the plain variable,
+else `_CMD`, else `_SECRET` through the secrets backend; see agent.airflow.config_options),
+and talks to one node only (`destination=[node]`), so a drain on
 one instance never touches another instance's worker. Every call is bounded:
 
 - the broker connection is made explicitly with one attempt and a connect timeout, so an
@@ -31,6 +33,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
+from agent.airflow.config_options import AirflowOptions, OptionError
 from agent.errors import AgentError
 from agent.worker.tasks import safe_task
 
@@ -38,8 +41,6 @@ log = logging.getLogger(__name__)
 
 BROKER_URL_VAR = "AIRFLOW__CELERY__BROKER_URL"
 TRANSPORT_OPTIONS_PREFIX = "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__"
-# Airflow reads these variants too; the agent does not run commands or fetch secrets for them.
-_INDIRECT_SUFFIXES = ("_CMD", "_SECRET")
 # Brokers whose kombu transport has no fanout/reply queues, hence no remote control.
 NO_REMOTE_CONTROL_SCHEMES = ("sqs",)
 
@@ -103,22 +104,53 @@ def _option_value(text: str) -> Any:
     return text
 
 
-def broker_settings(env: Mapping[str, str], source: str = "the env file") -> BrokerSettings:
-    """The worker's broker URL and transport options from its environment (pure)."""
-    url = env.get(BROKER_URL_VAR, "").strip()
+def broker_settings(
+    env: Mapping[str, str], source: str = "the env file", options: Optional[AirflowOptions] = None
+) -> BrokerSettings:
+    """The worker's broker URL and transport options from its environment, each option in
+    the form Airflow takes it (agent.airflow.config_options: plain, `_CMD`, `_SECRET`).
+
+    `options` is the AirflowOptions to resolve with (it runs commands and reads secrets);
+    without one only plain values resolve (pure), and an indirect form is an error naming it.
+    """
+    if options is None:
+        options = AirflowOptions(
+            env, source, command_refused="resolve it with the agent's AirflowOptions"
+        )
+    try:
+        resolved = options.get("celery", "broker_url")
+    except OptionError as exc:
+        raise ControlError(str(exc)) from None
+    url = resolved.value.strip() if resolved is not None else ""
     if not url:
-        indirect = [BROKER_URL_VAR + s for s in _INDIRECT_SUFFIXES if env.get(BROKER_URL_VAR + s)]
-        if indirect:
+        what = f"{resolved.via} gives an empty URL" if resolved else f"has no {BROKER_URL_VAR}"
+        raise ControlError(
+            f"{source} {what} (nor its _CMD or _SECRET form): cannot reach the worker's broker"
+        )
+    transport: Dict[str, Any] = {}
+    section = "celery_broker_transport_options"
+    for key in sorted(env):
+        if not key.startswith(TRANSPORT_OPTIONS_PREFIX) or len(key) <= len(
+            TRANSPORT_OPTIONS_PREFIX
+        ):
+            continue
+        name = key[len(TRANSPORT_OPTIONS_PREFIX) :]
+        # Airflow's getsection: a `_CMD` variable names its option without the suffix
+        # (resolved only for a sensitive one, else Airflow fails); any other name is the
+        # option's plain value, `_SECRET` suffix included
+        if name.endswith("_CMD"):
+            name = name[: -len("_CMD")]
+        try:
+            got = options.get(section, name.lower())
+        except OptionError as exc:
+            raise ControlError(str(exc)) from None
+        if got is None:
             raise ControlError(
-                f"{source} sets {indirect[0]} but not {BROKER_URL_VAR}; the agent needs the "
-                f"plain URL (put it in SSM as a SecureString under celery/broker_url)"
+                f"{source} sets {key}, which Airflow cannot resolve ([{section}] "
+                f"{name.lower()} takes no command)"
             )
-        raise ControlError(f"{source} has no {BROKER_URL_VAR}: cannot reach the worker's broker")
-    options: Dict[str, Any] = {}
-    for key, value in env.items():
-        if key.startswith(TRANSPORT_OPTIONS_PREFIX) and len(key) > len(TRANSPORT_OPTIONS_PREFIX):
-            options[key[len(TRANSPORT_OPTIONS_PREFIX) :].lower()] = _option_value(value)
-    return BrokerSettings(url=url, transport_options=options)
+        transport[name.lower()] = _option_value(got.value)
+    return BrokerSettings(url=url, transport_options=transport)
 
 
 @dataclass(frozen=True)
