@@ -79,6 +79,12 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
         "run",
         "first boot: role, env sync, units; safe to repeat",
     ),
+    "worker-gate": (
+        "agent.worker.boot_gate",
+        "add_arguments",
+        "run",
+        "exit 0 when the worker's record lets it start (the worker unit's ExecCondition)",
+    ),
     "status": (
         "agent.jobs.status",
         "add_arguments",

@@ -154,7 +154,14 @@ def test_protection_decision():
 
 def _cfg(tmp_path, **deploy):
     marker = tmp_path / "airflow" / ".deployed-revision"
-    return config_from_dict({"deploy": {"first_revision_marker": str(marker), **deploy}}), marker
+    # the state dir too: the gate reads the worker's record (absent here: the marker rule)
+    cfg = config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "deploy": {"first_revision_marker": str(marker), **deploy},
+        }
+    )
+    return cfg, marker
 
 
 def test_boot_gate_holds_a_fresh_worker_until_the_first_revision(tmp_path):

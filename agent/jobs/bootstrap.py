@@ -9,9 +9,11 @@ Steps, each idempotent:
    (`agent.jobs.role.apply_role`): a unit already enabled is not enabled again, a unit already
    active is not started again, and nothing is ever restarted. A second run changes nothing.
 
-Boot gate (agent.worker.boot_gate, for CodeDeploy): a worker whose first revision has not been
-deployed yet (`deploy.first_revision_marker` absent, `deploy.boot_gate: true`), or that sits in
-a warm pool, gets its Airflow units enabled but not started; ApplicationStart starts them.
+Boot gate (agent.worker.boot_gate, for CodeDeploy): a worker whose record (agent.worker.state)
+says it must not run (never deployed to: `deploy.first_revision_marker` absent with
+`deploy.boot_gate: true`; paused, drained), or that sits in a warm pool, gets its Airflow units
+enabled but not started; ApplicationStart starts them. On a terminating or Spot-noticed worker
+bootstrap refuses (exit 1) before touching anything.
 
 The units themselves are installed by cfn-init (systemd/install-units.sh), before this runs; a
 missing unit is an error naming it.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import List, Optional
+from typing import Optional
 
 from agent.config import ROLES
 from agent.errors import EXIT_OK, AgentError
@@ -44,16 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
     )
 
 
-def held_units(cfg, role: str, target_lifecycle_state: Optional[str] = None) -> List[str]:
-    """Units the boot gate (agent.worker.boot_gate) keeps from starting (enabled only); logged."""
-    from agent.worker.boot_gate import boot_gate_holds, boot_gate_reason
-
-    if not boot_gate_holds(cfg, role, target_lifecycle_state):
-        return []
-    log.info("%s", boot_gate_reason(cfg, role, target_lifecycle_state))
-    return cfg.units_for("worker")
-
-
 def _target_lifecycle_state(cfg, role: str) -> Optional[str]:
     """Warmed:* holds a worker too; best effort, IMDS being down must not stop a boot."""
     if role != "worker":
@@ -70,8 +62,10 @@ def _target_lifecycle_state(cfg, role: str) -> Optional[str]:
 def run(args: argparse.Namespace, cfg) -> int:
     from agent.jobs.role import apply_role, detect_role_sources
     from agent.platform.systemd import systemctl_from_config
+    from agent.worker.boot_gate import refuse_if_terminating, start_gate
 
     role, results = detect_role_sources(cfg, cli_role=args.role)
+    refuse_if_terminating(cfg, role, "bootstrap")  # before env sync: nothing touched
     if not args.skip_env_sync:
         from agent.jobs.env_sync.state import EnvDoc
         from agent.jobs.env_sync.sync import EnvSync
@@ -90,8 +84,9 @@ def run(args: argparse.Namespace, cfg) -> int:
             raise AgentError(f"bootstrap stopped at env sync (no unit touched): {reason}") from None
     elif not os.path.exists(cfg.env.file):
         raise AgentError(f"--skip-env-sync given but {cfg.env.file} does not exist")
-    hold = held_units(cfg, role, _target_lifecycle_state(cfg, role))
-    changed = apply_role(cfg, role, systemctl_from_config(cfg), hold=hold, results=results)
+    target = _target_lifecycle_state(cfg, role)
+    with start_gate(cfg, role, "bootstrap", target) as hold:
+        changed = apply_role(cfg, role, systemctl_from_config(cfg), hold=hold, results=results)
     done = {k: v for k, v in changed.items() if v}
     if done:
         log.info(

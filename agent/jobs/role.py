@@ -378,7 +378,12 @@ def run(args: argparse.Namespace, cfg) -> int:
     role, results = detect_role_sources(cfg, cli_role=args.role)
     changed: Dict[str, List[str]] = {}
     if args.apply:
-        changed = apply_role(cfg, role, systemctl_from_config(cfg), results=results)
+        from agent.worker.boot_gate import start_gate
+
+        # a worker whose record says it must not run is enabled, not started; refused when
+        # the instance is terminating
+        with start_gate(cfg, role, "role --apply") as hold:
+            changed = apply_role(cfg, role, systemctl_from_config(cfg), hold=hold, results=results)
     if args.json:
         json.dump(
             {"role": role, "sources": [asdict(r) for r in results], "changed": changed},

@@ -13,6 +13,10 @@ Rules (pure parts in `agent.jobs.confapply.plan`):
 - units restart one at a time in `units_for(role)` order, each checked active before the next
   (`unit_timeout`); a unit that hit the start limit is `reset-failed` and retried once;
   a unit that is `inactive` (stopped on purpose: drained, boot gate) is left alone;
+- the Celery worker is restarted only while its record (agent.worker.state) says it is meant
+  to run, decided and restarted under the record's lock: a paused, draining, drained or
+  terminating worker is left alone (it reads the new file when next started), and the log and
+  STATUS= say so;
 - the hash is recorded as applied only when every restart succeeded; after an apply the files
   are hashed again and a change made meanwhile is applied at once; a failure is retried at the
   next event or after `recheck_interval` (also a safety net for a missed event), and until an
@@ -47,6 +51,7 @@ from agent.jobs.confapply.plan import (
 from agent.jobs.confapply.state import ConfapplyDoc, read_contents, watched_paths
 from agent.runtime.daemon import Daemon, DaemonRuntime
 from agent.state import StateStore
+from agent.worker.state import WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ _CONTENT_EVENTS = ("created", "modified", "moved", "deleted", "closed")
 # how long past `unit_timeout` one restart may block the loop (systemctl itself, the start
 # limit's reset-failed) before the watchdog stops vouching for it
 RESTART_SLACK = 60.0
+# _restart_worker's answer when the worker's record says it must not run now
+HELD = "held by the worker's state"
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -81,6 +88,7 @@ class Confapply(Daemon):
         self.restarts = 0
         self.checks = 0
         self.status_text = "starting"
+        self.held_note = ""  # why the last apply left the worker alone, for STATUS=
         self._observer = None
 
     # -- events (observer thread) ----------------------------------------------------------
@@ -156,6 +164,7 @@ class Confapply(Daemon):
         states = {u: self.systemctl.active_state(u) for u in self.units}
         restart, skip = units_to_restart(self.units, states)
         outcome = ApplyOutcome(hash=new_hash, skipped=skip)
+        self.held_note = ""
         for u in skip:
             log.info("%s is %s: not restarted (it reads the new file when started)", u, states[u])
         for i, unit in enumerate(restart, 1):
@@ -164,8 +173,10 @@ class Confapply(Daemon):
                 break
             self.rt.status(f"restarting {unit} ({i}/{len(restart)}) for config {new_hash[:12]}")
             log.info("restarting %s (%d/%d) for config %.12s", unit, i, len(restart), new_hash)
-            why = self._restart_one(unit)
-            if why is None:
+            why = self._restart_worker(unit) if self._is_worker(unit) else self._restart_one(unit)
+            if why == HELD:
+                outcome.skipped.append(unit)
+            elif why is None:
                 outcome.restarted.append(unit)
                 self.restarts += 1
                 log.info(
@@ -177,6 +188,35 @@ class Confapply(Daemon):
                 # later units keep the old config too; the whole apply is retried
                 break
         return outcome
+
+    def _is_worker(self, unit: str) -> bool:
+        def bare(name: str) -> str:
+            return name[: -len(".service")] if name.endswith(".service") else name
+
+        return self.role == "worker" and bare(unit) == bare(self.cfg.drain.worker_unit)
+
+    def _restart_worker(self, unit: str) -> Optional[str]:
+        """Restart the Celery worker only while its record says it is meant to run, deciding
+        and restarting under the record's lock (agent.worker.state): a drain that has begun,
+        a pause, a drained or terminating worker is left alone; it reads the new file when it
+        is next started. HELD when left alone."""
+        wait = self.cfg.confapply.unit_timeout + RESTART_SLACK
+        try:
+            with (
+                self.rt.busy(wait),
+                WorkerRecord(self.cfg, self.state).hold("confapply", wait=wait) as held,
+            ):
+                if held.may_run:
+                    return self._restart_one(unit)
+                self.held_note = (
+                    f"{unit} not restarted: worker state {held.describe()}; "
+                    "it reads the new config when it is next started"
+                )
+        except AgentError as exc:  # the lock stayed held: retried like a failed restart
+            return str(exc)
+        log.info("%s", self.held_note)
+        self.rt.status(self.held_note[:200])
+        return HELD
 
     def _refresh_role(self) -> None:
         # `role --apply` may switch the role while this (shared) unit keeps running
@@ -258,6 +298,7 @@ class Confapply(Daemon):
         return (
             f"watching {len(self.files)} file(s); applied {str(self.applied_hash)[:12]}"
             f"; {self.checks} check(s), {self.restarts} restart(s) since start"
+            + (f"; {self.held_note}" if self.held_note else "")
         )
 
     # -- the daemon's decisions (the runtime runs the loop) --------------------------------------

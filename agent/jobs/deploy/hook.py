@@ -23,6 +23,8 @@ Root does these file operations in a tree the `airflow` user controls, so they g
 directory descriptors and never follow a symlink out of AIRFLOW_HOME (agent.jobs.deploy.bundle).
 ApplicationStop on a worker refuses a drain that does not fit its appspec timeout
 (agent.jobs.deploy.budget; the appspec is `--appspec` or the last successful revision's).
+ApplicationStart on a worker moves its record (agent.worker.state) to `running` through
+undrain, and fails (exit 1, the worker left stopped) on a terminating or Spot-noticed instance.
 
 Every step is idempotent (a drained worker drains at once, starting a started unit is a no-op),
 so CodeDeploy may run a hook twice. A failing hook exits non-zero with one `ERROR agent: ...`

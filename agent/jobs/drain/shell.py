@@ -1,7 +1,8 @@
 """The drain's I/O shell: its collaborators (systemctl, the state store, systemd notify, the
 worker's remote control, clock, sleep; all injectable for tests) and the steps the drain,
-stop-consuming and undrain procedures share: persist a phase, report progress, watch and stop
-the worker unit, cancel the worker's consumers.
+stop-consuming and undrain procedures share: persist a phase (and what it means for the worker's
+record, agent.worker.state), report progress, watch and stop the worker unit, cancel the
+worker's consumers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agent.platform.notify import Notifier
 from agent.platform.systemd import Systemctl, SystemctlError, systemctl_from_config
 from agent.state import StateStore
 from agent.worker.celery_control import BrokerSettings, WorkerControl
+from agent.worker.state import note_drain_phase
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,9 @@ class DrainShell:
         self.store.save_doc(state)
 
     def set_phase(self, state: plan.DrainState, phase: str, note: str = "") -> None:
+        # the worker's record first (under its lock): from "cancelling" on, confapply and the
+        # unit's gate see a drain and never restart the worker under it
+        note_drain_phase(self.cfg, self.store, phase, note)
         state.phase = phase
         state.note = note
         self.save(state)

@@ -3,6 +3,8 @@
 What to do comes from `plan.undrain_action`: start a stopped worker unit (waiting first for
 one that is still stopping), or re-add on a running worker the consumers the drain cancelled
 (recorded in drain.json), checked with `active_queues`. The drain document is removed after.
+First, under the worker's record lock (agent.worker.state), the record moves to `running`:
+refused (exit 1, nothing touched) on a terminating or Spot-noticed instance.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from agent.jobs.drain.control import ping_waits
 from agent.jobs.drain.shell import DrainShell
 from agent.jobs.drain.state import DrainLock
 from agent.worker.celery_control import QueueSpec
+from agent.worker.state import WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +32,37 @@ class Undrainer(DrainShell):
         lock = DrainLock(self.store)
         lock.acquire(until, self.clock, self.sleep)
         try:
-            state = self.store.load_doc(plan.DrainState)
-            action = plan.undrain_action(state, self.condition())
-            if action == plan.WAIT_STOPPED_THEN_START:
-                if not self.wait_unit_stopped(until):
-                    raise DeadlineError(f"{self.unit} is still stopping; not started")
-                action = plan.START_UNIT
-            if action == plan.START_UNIT:
-                self.systemctl.reset_failed(self.unit)
-                self.systemctl.start(self.unit)
-                log.info("undrain: started %s", self.unit)
-                done = "started"
-            elif action == plan.ADD_CONSUMERS:
-                assert state is not None
-                self._add_consumers(state, until)
-                done = "consumers-added"
-            else:
-                log.info(
-                    "undrain: %s is running and no drain is recorded; nothing to do", self.unit
-                )
-                done = "nothing"
-            self.store.delete(plan.DrainState)
-            self.notifier.status(f"undrained {self.node}: {done}")
-            return done
+            record = WorkerRecord(self.cfg, self.store, clock=self.clock, sleep=self.sleep)
+            with record.hold("undrain", wait=max(1.0, until - self.clock())) as held:
+                # refused on a terminating instance; else the record says running before the
+                # unit starts (its ExecCondition reads it) or the consumers come back
+                held.require_start("undrain")
+                return self._undrain(until)
         finally:
             lock.release()
+
+    def _undrain(self, until: float) -> str:
+        state = self.store.load_doc(plan.DrainState)
+        action = plan.undrain_action(state, self.condition())
+        if action == plan.WAIT_STOPPED_THEN_START:
+            if not self.wait_unit_stopped(until):
+                raise DeadlineError(f"{self.unit} is still stopping; not started")
+            action = plan.START_UNIT
+        if action == plan.START_UNIT:
+            self.systemctl.reset_failed(self.unit)
+            self.systemctl.start(self.unit)
+            log.info("undrain: started %s", self.unit)
+            done = "started"
+        elif action == plan.ADD_CONSUMERS:
+            assert state is not None
+            self._add_consumers(state, until)
+            done = "consumers-added"
+        else:
+            log.info("undrain: %s is running and no drain is recorded; nothing to do", self.unit)
+            done = "nothing"
+        self.store.delete(plan.DrainState)
+        self.notifier.status(f"undrained {self.node}: {done}")
+        return done
 
     def _add_consumers(self, state: plan.DrainState, until: float) -> None:
         settings = read_broker(self.cfg)

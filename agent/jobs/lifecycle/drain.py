@@ -50,6 +50,20 @@ def default_stop_consuming() -> Callable[[Any], Any]:
     return stop_consuming
 
 
+def record_terminating(cfg, store, kind: str, key: str) -> None:
+    """Mark the worker's record terminating (cause "spot" or "termination") before the drain:
+    from then on undrain, ApplicationStart, bootstrap and `role --apply` refuse to start it.
+    A record that cannot be written is logged, never a reason to skip the drain."""
+    from agent.worker.state import mark_terminating
+    from agent.worker.state_plan import SPOT, TERMINATION
+
+    cause = SPOT if kind == "spot" else TERMINATION
+    try:
+        mark_terminating(cfg, cause, f"lifecycle event {key}", store)
+    except Exception as exc:  # noqa: BLE001 - the drain must go on whatever the record does
+        log.error("cannot mark the worker terminating (%s): %s", type(exc).__name__, exc)
+
+
 def _control(cfg):
     from agent.jobs.drain.control import worker_control
 

@@ -11,14 +11,13 @@ core (agent/jobs/lifecycle/plan.py) say what they mean, and acts on one event at
 - Spot `instance-action`: the same drain with a deadline of the reclaim time minus
   `lifecycle.spot_margin`; tasks still running then are logged (Airflow retries them).
 - rebalance recommendation: ignored, or the worker stops consuming (`lifecycle.rebalance`).
-- `Warmed:*`: a warm-pool instance; the watcher never starts or undrains the worker, and
-  drains it if it runs (an in-service instance returned to the pool by ReuseOnScaleIn).
+- `Warmed:*`: a warm-pool instance; never started or undrained here, drained if it runs.
 - optional scale-in protection: on while the worker has tasks, off after a quiet period.
+A termination or Spot notice first marks the worker's record terminating (agent.worker.state).
 
-Why a thread for the drain: the drain is one blocking procedure shared with CodeDeploy and the
-operator CLI; its inspect polls take ~1 s each and may block on a slow broker. Heartbeats must
-go out on time whatever the drain is doing, so the drain runs beside the loop and reports
-progress through a callback; the loop owns every AWS call and every state write.
+Why a thread for the drain: it is one blocking procedure shared with CodeDeploy and the CLI;
+its inspect polls take ~1 s each and may block on a slow broker. Heartbeats must go out on
+time whatever it does, so it runs beside the loop and reports progress through a callback.
 
 Each IMDS fact is read on its own (facts.py): one IMDS answers with garbage is named in the
 log once per distinct answer and ignored, while the others still act. No exception leaves a
@@ -53,6 +52,7 @@ from agent.jobs.lifecycle.drain import (
     EventDrain,
     default_busy,
     default_stop_consuming,
+    record_terminating,
     scrub_tasks,
 )
 from agent.jobs.lifecycle.state import LifecycleDoc
@@ -212,6 +212,8 @@ class Watcher(Daemon):
             self.state["phase"] = plan.DONE
             return
         self.state.update(phase=plan.DRAINING, event=ev.to_dict(), lifecycle_action=None)
+        if ev.kind in (plan.SPOT, plan.TERMINATE):  # nothing starts this worker again
+            record_terminating(self.cfg, self.store, ev.kind, ev.key)
         if ev.kind == plan.SPOT:
             deadline = plan.spot_deadline(
                 ev.detail.get("time", ""), self.cfg.lifecycle.spot_margin, now
