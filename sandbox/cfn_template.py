@@ -9,6 +9,7 @@
   does) against chosen parameter values and made-up, but realistically shaped, physical ids
   (ARNs for secrets and keys, names where the template sets them). Enough to check the values
   that cross between resources (paths, names, ARNs) and the settings that depend on parameters.
+- `references(value)`: the names a value refers to (for dependency order).
 - `reduce_for_moto(template, supported)`: the template without the resource types moto cannot
   create, with every reference to a dropped resource replaced by the value `Resolver` gives it.
 """
@@ -286,6 +287,12 @@ def _references(value: Any) -> Set[str]:
         for v in value.values():
             found |= _references(v)
     return found
+
+
+def references(value: Any) -> Set[str]:
+    """Logical ids (and parameter or pseudo names) a value refers to: Ref, Fn::GetAtt, and the
+    ${Name} / ${Name.Attr} of Fn::Sub."""
+    return _references(value)
 
 
 def _replace_refs(value: Any, dropped: Set[str], resolver: Resolver) -> Any:

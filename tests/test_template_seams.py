@@ -1,0 +1,471 @@
+"""The template's seams with Airflow and CloudFormation that a launched stack showed (issue 11).
+
+Each test here would have failed on the template before its fix:
+- rolling updates: for every group and WebserverCount 1 and 2 (and the parameters' extremes),
+  MinInstancesInService < MaxSize, which CloudFormation requires (it was 1 = MaxSize with one
+  webserver);
+- log servers: every role running one (Celery worker, triggerer) and the api-server that signs
+  the log requests read the same `[api] secret_key` (only the webserver could);
+- auth: one admin password for every api-server, from a generated secret through
+  SimpleAuthManager's passwords file; the boot script that writes it, run against the embedded
+  AWS, and the real Airflow login with the file it wrote;
+- schema: api-servers and workers launch (and are replaced) only after the scheduler group,
+  whose instances migrate the schema before they signal; `airflow db check-migrations`, which
+  their first boot runs, waits for an unmigrated schema and passes on a migrated one (real
+  Airflow);
+- ImageId: no SSM-parameter type that re-resolves "latest" on every stack update.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Set
+
+import boto3
+import pytest
+
+from agent.config import DEFAULT_UNITS, ROLES
+from sandbox.airflow_cluster import AIRFLOW_VENV
+from sandbox.cfn_init import configset_commands
+from sandbox.cfn_template import Resolver, as_list, load_template, references, statements
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE_PATH = REPO / "cloudformation" / "airflow-cluster.yaml"
+SYSTEMD_DIR = REPO / "systemd"
+STACK = "airflow-test"
+LOGICAL = {"scheduler": "Scheduler", "webserver": "Webserver", "worker": "Worker"}
+TEST_PARAMS: Dict[str, Any] = {
+    "VpcId": "vpc-0123456789abcdef0",
+    "SubnetIds": ["subnet-0a", "subnet-0b"],
+    "UiAllowedCidr": "10.20.0.0/16",
+    "ArtifactBucket": "example-artifacts",
+    "ImageId": "ami-0123456789abcdef0",
+    "FernetKey": "x" * 43 + "=",
+}
+ADMIN_SCRIPT = "/usr/local/sbin/airflow-admin-password"
+SIMPLE_AUTH_MANAGER = (
+    "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+)
+
+
+@pytest.fixture(scope="module")
+def template() -> Dict[str, Any]:
+    return load_template(TEMPLATE_PATH)
+
+
+def resolver_for(template, **params: Any) -> Resolver:
+    return Resolver(template, dict(TEST_PARAMS, **params), pseudo={"AWS::StackName": STACK})
+
+
+@pytest.fixture(scope="module")
+def resolver(template) -> Resolver:
+    return resolver_for(template)
+
+
+def ssm_values(template, resolver) -> Dict[str, str]:
+    """SSM parameter path below /airflow/<stack>/ -> its value."""
+    prefix = f"/airflow/{STACK}/"
+    out = {}
+    for res in template["Resources"].values():
+        if res["Type"] == "AWS::SSM::Parameter":
+            name = resolver.resolve(res["Properties"]["Name"])
+            out[name[len(prefix) :]] = resolver.resolve(res["Properties"]["Value"])
+    return out
+
+
+def secret_arn_named(template, resolver, name: str) -> str:
+    (arn,) = [
+        resolver.ref(rid)
+        for rid, res in template["Resources"].items()
+        if res["Type"] == "AWS::SecretsManager::Secret"
+        and resolver.resolve(res["Properties"]["Name"]) == name
+    ]
+    return arn
+
+
+def role_allows(template, resolver, role: str, action: str, resource: str) -> bool:
+    """Whether the role's own policies allow `action` on `resource` (Allow statements only:
+    the template has no Deny; Action and Resource as IAM globs)."""
+    props = template["Resources"][f"{LOGICAL[role]}Role"]["Properties"]
+    for policy in props["Policies"]:
+        for st in statements(resolver.resolve(policy["PolicyDocument"])):
+            assert st["Effect"] == "Allow"
+            if any(fnmatch.fnmatchcase(action, a) for a in as_list(st["Action"])) and any(
+                fnmatch.fnmatchcase(resource, r) for r in as_list(st["Resource"])
+            ):
+                return True
+    return False
+
+
+# -- rolling updates CloudFormation accepts -------------------------------------------------------
+
+
+def rolling_update_problems(template, resolver) -> List[str]:
+    """What CloudFormation would refuse (or what would take a whole group down) in each group's
+    AutoScalingRollingUpdate, with the resolver's parameters."""
+    problems = []
+    for rid, res in template["Resources"].items():
+        if res["Type"] != "AWS::AutoScaling::AutoScalingGroup":
+            continue
+        rolling = resolver.resolve(res["UpdatePolicy"])["AutoScalingRollingUpdate"]
+        props = resolver.resolve(res["Properties"])
+        low, high = int(props["MinSize"]), int(props["MaxSize"])
+        keep, batch = int(rolling["MinInstancesInService"]), int(rolling["MaxBatchSize"])
+        if not keep < high:
+            problems.append(f"{rid}: MinInstancesInService {keep} is not below MaxSize {high}")
+        if batch < 1 or keep < 0:
+            problems.append(f"{rid}: MaxBatchSize {batch}, MinInstancesInService {keep}")
+        if not low <= int(props["DesiredCapacity"]) <= high:
+            problems.append(f"{rid}: DesiredCapacity outside MinSize..MaxSize")
+        if rid == "WebserverGroup" and high >= 2 and keep < 1:
+            problems.append(f"{rid}: no api-server in service during an update of {high}")
+    return problems
+
+
+def parameter_cases(template) -> Iterator[Dict[str, Any]]:
+    """WebserverCount 1 and 2 (and its maximum), with the other groups' sizes at their bounds."""
+    spec = template["Parameters"]
+    for webservers in (1, 2, spec["WebserverCount"]["MaxValue"]):
+        for schedulers in (spec["SchedulerCount"]["MinValue"], spec["SchedulerCount"]["MaxValue"]):
+            for workers_max in (spec["WorkerMaxSize"]["MinValue"], 4):
+                yield {
+                    "WebserverCount": webservers,
+                    "SchedulerCount": schedulers,
+                    "WorkerMaxSize": workers_max,
+                    "WorkerMinSize": 0,
+                    "WorkerDesiredCapacity": 1,
+                }
+
+
+def test_rolling_updates_are_ones_cloudformation_accepts_for_every_group_and_size(template):
+    cases = list(parameter_cases(template))
+    assert {c["WebserverCount"] for c in cases} >= {1, 2}
+    for params in cases:
+        assert rolling_update_problems(template, resolver_for(template, **params)) == [], params
+    # the check catches the template as it was: MinInstancesInService 1 with one api-server
+    old = copy.deepcopy(template)
+    old["Resources"]["WebserverGroup"]["UpdatePolicy"]["AutoScalingRollingUpdate"][
+        "MinInstancesInService"
+    ] = 1
+    assert rolling_update_problems(old, resolver_for(old, WebserverCount=1)) == [
+        "WebserverGroup: MinInstancesInService 1 is not below MaxSize 1"
+    ]
+    assert rolling_update_problems(old, resolver_for(old, WebserverCount=2)) == []
+
+
+# -- log servers ----------------------------------------------------------------------------------
+
+# Airflow 3 commands that start a log server by default (`--skip-serve-logs` turns it off); the
+# scheduler serves logs only for executors that run tasks locally, not CeleryExecutor
+LOG_SERVER_COMMANDS = ("airflow celery worker", "airflow triggerer")
+
+
+def exec_start(unit: str) -> str:
+    for line in (SYSTEMD_DIR / f"{unit}.service").read_text(encoding="utf-8").splitlines():
+        if line.startswith("ExecStart="):
+            return line[len("ExecStart=") :]
+    raise AssertionError(f"{unit}: no ExecStart")
+
+
+def log_server_roles() -> Set[str]:
+    roles = set()
+    for role in ROLES:
+        for unit in DEFAULT_UNITS[role]:
+            command = exec_start(unit)
+            if (
+                any(c in command for c in LOG_SERVER_COMMANDS)
+                and "--skip-serve-logs" not in command
+            ):
+                roles.add(role)
+    return roles
+
+
+def test_every_log_server_and_the_api_server_read_the_same_api_secret_key(template, resolver):
+    assert log_server_roles() == {"scheduler", "worker"}  # the triggerer; the Celery worker
+    values = ssm_values(template, resolver)
+    prefix = json.loads(values["secrets/backend_kwargs"])["config_prefix"]
+    secret = secret_arn_named(template, resolver, f"{prefix}/{values['api/secret_key_secret']}")
+    # the api-server signs the log request with [api] secret_key, the log server checks it with
+    # its own: every one of them must resolve the one secret
+    for role in log_server_roles() | {"webserver"}:
+        assert role_allows(template, resolver, role, "secretsmanager:GetSecretValue", secret), role
+        assert role_allows(
+            template, resolver, role, "kms:Decrypt", resolver.get_att("SecretsKey", "Arn")
+        )
+
+
+def test_airflow_signs_and_checks_log_requests_with_the_api_secret_key():
+    # Airflow 3.3's own code: the log server and the api-server's log reader both take the
+    # signing key from [api] secret_key (a change of Airflow here must revisit the IAM above)
+    site = next((AIRFLOW_VENV / "lib").glob("python3*/site-packages/airflow"))
+    for module in ("utils/serve_logs/log_server.py", "utils/log/file_task_handler.py"):
+        text = (site / module).read_text(encoding="utf-8")
+        assert 'get_signing_key("api", "secret_key")' in text, module
+
+
+# -- auth -----------------------------------------------------------------------------------------
+
+
+def admin_script(template, resolver) -> str:
+    init = template["Resources"]["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
+    attribs = init["configure"]["files"][ADMIN_SCRIPT]
+    assert (attribs["mode"], attribs["owner"], attribs["group"]) == ("000700", "root", "root")
+    return resolver.resolve(attribs["content"])
+
+
+def test_one_admin_from_the_admin_secret_on_every_api_server(template, resolver):
+    res = template["Resources"]
+    generate = res["AdminPasswordSecret"]["Properties"]["GenerateSecretString"]
+    user = json.loads(generate["SecretStringTemplate"])["username"]
+    assert generate["GenerateStringKey"] == "password" and generate["PasswordLength"] >= 20
+    values = ssm_values(template, resolver)
+    assert values["core/auth_manager"] == SIMPLE_AUTH_MANAGER
+    assert values["core/simple_auth_manager_users"] == f"{user}:admin"
+    script = admin_script(template, resolver)
+    arn = resolver.ref("AdminPasswordSecret")
+    assert f'SECRET_ID = "{arn}"' in script and 'REGION = "us-east-1"' in script
+    target = values["core/simple_auth_manager_passwords_file"]
+    assert f'TARGET = "{target}"' in script
+    # the file is in no directory the airflow user or a bundle writes
+    assert not target.startswith(("/airflow/", "/tmp/", "/var/tmp/"))
+    # only the api-server's role reads the admin's password
+    for role in ROLES:
+        allowed = role_allows(template, resolver, role, "secretsmanager:GetSecretValue", arn)
+        assert allowed == (role == "webserver"), role
+    # the api-server's first boot writes the file before bootstrap starts the api-server
+    init = res["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
+    run = [resolver.resolve(cmd) for _c, _k, cmd in configset_commands(init, "webserver")]
+    bootstrap = run.index("/usr/local/bin/airflow-agent bootstrap")
+    assert ADMIN_SCRIPT in run[:bootstrap]
+    # the outputs say who the admin is and where the password is
+    outputs = resolver.resolve(template["Outputs"])
+    assert outputs["AdminUser"]["Value"] == user
+    assert outputs["AdminPasswordSecretArn"]["Value"] == arn
+
+
+LOGIN_PROBE = """
+import json, sys
+from fastapi.testclient import TestClient
+from airflow.api_fastapi.app import create_app
+client = TestClient(create_app())
+out = {}
+for name, password in json.loads(sys.stdin.read()).items():
+    reply = client.post("/auth/token", json={"username": "admin", "password": password})
+    out[name] = reply.status_code
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A scratch directory another user can reach (pytest's tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="aea-admin-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_admin_password_script_writes_the_file_airflow_logs_in_with(
+    aws, template, resolver, shared_dir
+):
+    """The template's boot script against the embedded AWS, then the real Airflow login."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the script chowns the file to the Airflow user")
+    props = template["Resources"]["AdminPasswordSecret"]["Properties"]
+    generate = props["GenerateSecretString"]
+    password = boto3.client("secretsmanager").get_random_password(
+        PasswordLength=generate["PasswordLength"], ExcludePunctuation=True
+    )["RandomPassword"]
+    body = json.loads(generate["SecretStringTemplate"])
+    body[generate["GenerateStringKey"]] = password
+    created = boto3.client("secretsmanager").create_secret(
+        Name=resolver.resolve(props["Name"]), SecretString=json.dumps(body)
+    )
+    values = ssm_values(template, resolver)
+    target = values["core/simple_auth_manager_passwords_file"]
+    local_target = shared_dir / "etc-airflow" / Path(target).name
+    # the instance's paths and user, mapped into the scratch directory and `nobody`; the
+    # secret's ARN is the embedded AWS's, whose random suffix differs from the resolver's
+    script = (
+        admin_script(template, resolver)
+        .replace(resolver.ref("AdminPasswordSecret"), created["ARN"])
+        .replace(f'TARGET = "{target}"', f'TARGET = "{local_target}"')
+        .replace('pwd.getpwnam("airflow")', 'pwd.getpwnam("nobody")')
+    )
+    assert script.startswith("#!/opt/airflow-agent/venv/bin/python\n")
+    path = shared_dir / "airflow-admin-password"
+    path.write_text(script)
+    proc = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert password not in proc.stdout + proc.stderr
+    info = local_target.stat()
+    assert json.loads(local_target.read_text()) == {body["username"]: password}
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
+    assert info.st_uid == nobody
+    parent = local_target.parent.stat()
+    assert (parent.st_uid, stat.S_IMODE(parent.st_mode)) == (0, 0o750)
+    assert not list(local_target.parent.glob(".passwords-*")), "a temporary file was left"
+
+    def login(passwords: Dict[str, str]) -> Dict[str, Any]:
+        airflow_home = shared_dir / "airflow-home"
+        airflow_home.mkdir(exist_ok=True)
+        airflow_home.chmod(0o777)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(airflow_home),
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__AUTH_MANAGER": values["core/auth_manager"],
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": values["core/simple_auth_manager_users"],
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(local_target),
+            "AIRFLOW__API_AUTH__JWT_SECRET": "j" * 64,
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        }
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups"]
+            + [str(AIRFLOW_VENV / "bin" / "python"), "-c", LOGIN_PROBE],
+            input=json.dumps(passwords),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
+        results = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        return {
+            "rc": proc.returncode,
+            "result": json.loads(results[-1][len("RESULT ") :]) if results else None,
+            "stderr": proc.stderr,
+        }
+
+    # the Airflow user's api-server: the secret's password logs in, another one does not, and
+    # Airflow leaves the file as written (no password of its own generated)
+    got = login({"right": password, "wrong": password[::-1]})
+    assert got["rc"] == 0, got["stderr"][-3000:]
+    assert got["result"] == {"right": 201, "wrong": 401}
+    assert json.loads(local_target.read_text()) == {body["username"]: password}
+    # why the file is the Airflow user's: SimpleAuthManager opens it read-write, so a root-owned
+    # 0640 file (readable through the group) stops the api-server from starting
+    os.chown(local_target, 0, nobody)
+    local_target.chmod(0o640)
+    refused = login({"right": password})
+    assert refused["rc"] != 0 and "PermissionError" in refused["stderr"]
+
+
+# -- the schema before anything needs it ---------------------------------------------------------
+
+
+def depends_on(template) -> Dict[str, Set[str]]:
+    """Logical id -> every resource it waits for (DependsOn and references), transitively."""
+    resources = template["Resources"]
+    direct = {}
+    for rid, res in resources.items():
+        deps = set(as_list(res.get("DependsOn", [])))
+        for key in ("Properties", "Metadata", "UpdatePolicy", "CreationPolicy"):
+            deps |= references(res.get(key, {})) & set(resources)
+        direct[rid] = deps
+    closed: Dict[str, Set[str]] = {}
+
+    def close(rid: str, path: Set[str]) -> Set[str]:
+        if rid not in closed:
+            assert rid not in path, f"dependency cycle through {rid}"
+            out = set(direct[rid])
+            for dep in direct[rid]:
+                out |= close(dep, path | {rid})
+            closed[rid] = out
+        return closed[rid]
+
+    for rid in resources:
+        close(rid, set())
+    return closed
+
+
+def test_api_servers_and_workers_launch_and_roll_only_after_the_scheduler_group(template, resolver):
+    res = template["Resources"]
+    deps = depends_on(template)
+    assert "WebserverGroup" not in deps["SchedulerGroup"]
+    assert "WorkerGroup" not in deps["SchedulerGroup"]
+    for group in ("WebserverGroup", "WorkerGroup"):
+        # created after, and updated after, the scheduler group: CloudFormation creates and
+        # updates a resource only once everything it depends on is complete
+        assert "SchedulerGroup" in deps[group], group
+    # ... and the scheduler group is complete only when every scheduler has signalled, which
+    # its UserData does after cfn-init ran the scheduler's configSet, `db migrate` included
+    scheduler = res["SchedulerGroup"]
+    assert scheduler["CreationPolicy"]["ResourceSignal"]["Count"] == {"Ref": "SchedulerCount"}
+    assert scheduler["Properties"]["MinSize"] == {"Ref": "SchedulerCount"}
+    assert scheduler["UpdatePolicy"]["AutoScalingRollingUpdate"]["WaitOnResourceSignals"] is True
+    user_data = resolver.resolve(
+        res["SchedulerLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    )
+    lines = user_data.splitlines()
+    (init_at,) = [
+        i for i, ln in enumerate(lines) if "cfn-init" in ln and "--configsets scheduler" in ln
+    ]
+    assert (
+        "cfn-signal -e $? " in lines[init_at + 1]
+        and "--resource SchedulerGroup" in lines[init_at + 1]
+    )
+    init = res["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
+    run = [resolver.resolve(cmd) for _c, _k, cmd in configset_commands(init, "scheduler")]
+    migrate = [i for i, cmd in enumerate(run) if cmd.endswith("airflow db migrate")]
+    assert migrate and migrate[0] < run.index("/usr/local/bin/airflow-agent bootstrap")
+    # a new AirflowVersion is a new launch template version for every group (a rolling
+    # replacement), so the order above is the order in which the groups meet the new schema
+    for role in ROLES:
+        lt = res[f"{LOGICAL[role]}LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+        assert "${AirflowVersion}" in lt["UserData"]["Fn::Base64"]["Fn::Sub"], role
+    # and api-servers and workers check the schema themselves before anything of theirs starts
+    for role in ("webserver", "worker"):
+        run = [resolver.resolve(cmd) for _c, _k, cmd in configset_commands(init, role)]
+        checks = [i for i, cmd in enumerate(run) if "/airflow db check-migrations " in cmd]
+        assert checks and checks[0] < run.index("/usr/local/bin/airflow-agent bootstrap"), role
+
+
+def test_check_migrations_waits_for_an_unmigrated_schema_and_passes_a_migrated_one(tmp_path):
+    """The command the api-servers' and workers' first boot runs, with the real Airflow CLI."""
+    airflow = AIRFLOW_VENV / "bin" / "airflow"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(tmp_path),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/airflow.db",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        }
+    )
+
+    def airflow_db(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(airflow), "db", *args], capture_output=True, text=True, timeout=300, env=env
+        )
+
+    waited = airflow_db("check-migrations", "--migration-wait-timeout", "2")
+    assert waited.returncode != 0
+    assert "unapplied migrations after 2 seconds" in waited.stdout + waited.stderr
+    assert airflow_db("migrate").returncode == 0
+    passed = airflow_db("check-migrations", "--migration-wait-timeout", "600")
+    assert passed.returncode == 0, passed.stderr[-2000:]
+
+
+# -- the AMI --------------------------------------------------------------------------------------
+
+
+def test_no_parameter_re_resolves_on_every_stack_update(template):
+    # AWS::SSM::Parameter::Value<...> parameters are read again at every stack update: with the
+    # "latest AMI" path, a ConfigRevision bump replaced every instance
+    for name, spec in template["Parameters"].items():
+        assert not spec["Type"].startswith("AWS::SSM::Parameter::Value"), name
+    assert template["Parameters"]["ImageId"]["Type"] == "AWS::EC2::Image::Id"
+    assert "Default" not in template["Parameters"]["ImageId"]
