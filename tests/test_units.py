@@ -33,7 +33,9 @@ AGENT_UNITS = [
     "airflow-agent-variables.service",
     "airflow-agent-variables-watch.service",
     "airflow-agent-lifecycle.service",
+    "airflow-agent-task-credentials.service",
 ]
+TIMERS = ["airflow-agent-variables.timer", "airflow-agent-task-credentials.timer"]
 AIRFLOW_UNITS = [
     "airflow-scheduler.service",
     "airflow-dag-processor.service",
@@ -49,6 +51,7 @@ THRESHOLD = {
     "airflow-agent-lifecycle.service": 1.9,
     "airflow-agent-variables.service": 2.3,
     "airflow-agent-variables-watch.service": 2.3,
+    "airflow-agent-task-credentials.service": 2.2,
     **{u: 2.0 for u in AIRFLOW_UNITS},
 }
 assert all(THRESHOLD[u] <= 5.0 for u in AGENT_UNITS)
@@ -99,6 +102,18 @@ def write_env():
     os.close(d)
 
 
+def write_credentials():
+    import grp
+    # the unit's RuntimeDirectory: atomic write of a root:airflow 0640 file, as the job does
+    tmp = "/run/airflow-aws/.credentials.json.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchown(fd, 0, grp.getgrnam("airflow").gr_gid)
+    os.fchmod(fd, 0o640)
+    os.write(fd, b'{"Version": 1}')
+    os.close(fd)
+    os.rename(tmp, "/run/airflow-aws/credentials.json")
+
+
 def tcp_socket():
     socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
     socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
@@ -147,6 +162,9 @@ elif job == "variables sync":
     step("tcp", tcp_socket)
 elif job == "variables watch":
     daemon([("as-airflow", as_airflow), ("tcp", tcp_socket)])
+elif job == "task-credentials":
+    step("write-credentials", write_credentials)
+    step("tcp", tcp_socket)
 else:
     result("unknown job " + job)
     sys.exit(2)
@@ -180,7 +198,7 @@ def test_security_exposure_below_threshold(unit: str) -> None:
 def test_every_unit_file_is_covered() -> None:
     on_disk = {p.name for p in UNITS_DIR.glob("*.service")}
     assert on_disk == set(THRESHOLD)
-    assert (UNITS_DIR / "airflow-agent-variables.timer").exists()
+    assert {p.name for p in UNITS_DIR.glob("*.timer")} == set(TIMERS)
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +224,12 @@ def test_install_units_creates_user_and_directories(host: SystemdHost) -> None:
     ).stdout.split("\n")
     assert "/var/lib/airflow-agent 700 root root" in modes
     assert "/airflow 755 airflow airflow" in modes
-    for unit in AGENT_UNITS + AIRFLOW_UNITS + ["airflow-agent-variables.timer"]:
+    for unit in AGENT_UNITS + AIRFLOW_UNITS + TIMERS:
         assert host.unit_property(unit, "LoadState") == "loaded", unit
 
 
 def test_systemd_analyze_verify_is_clean(host: SystemdHost) -> None:
-    units = [
-        f"/etc/systemd/system/{u}"
-        for u in AGENT_UNITS + AIRFLOW_UNITS + ["airflow-agent-variables.timer"]
-    ]
+    units = [f"/etc/systemd/system/{u}" for u in AGENT_UNITS + AIRFLOW_UNITS + TIMERS]
     proc = host.run(["systemd-analyze", "verify", "--man=no", *units], check=False)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
         proc.stdout + proc.stderr
@@ -317,7 +332,44 @@ def test_airflow_units_start_as_airflow(host: SystemdHost, unit: str) -> None:
     assert "airflow-agent-env.service" in host.unit_property(unit, "Wants")
     assert "airflow-agent-env.service" in host.unit_property(unit, "After")
     assert "airflow-agent-env.service" not in host.unit_property(unit, "Requires")
+    # the task role's credentials are refreshed before it starts, and only they reach it:
+    # no IMDS (IPv4 or IPv6), no shared credentials file, the agent's AWS config file
+    creds = "airflow-agent-task-credentials.service"
+    assert creds in host.unit_property(unit, "Wants")
+    assert creds in host.unit_property(unit, "After")
+    assert creds not in host.unit_property(unit, "Requires")
+    assert host.unit_property(unit, "IPAddressDeny").split() == [
+        "169.254.169.254/32",
+        "fd00:ec2::254/128",
+    ]
+    env = host.unit_property(unit, "Environment").split()
+    for item in (
+        "AWS_CONFIG_FILE=/run/airflow-aws/config",
+        "AWS_SHARED_CREDENTIALS_FILE=/dev/null",
+        "AWS_EC2_METADATA_DISABLED=true",
+    ):
+        assert item in env, (unit, env)
     host.systemctl("stop", unit)
+
+
+def test_task_credentials_unit_writes_a_file_airflow_reads(host: SystemdHost) -> None:
+    unit = "airflow-agent-task-credentials.service"
+    cursor = host.journal_cursor()
+    proc = host.systemctl("start", unit, check=False)
+    assert proc.returncode == 0, host.journal(unit, since_cursor=cursor)
+    _assert_all_ok(_results(host, "task-credentials"), ["state-dir", "write-credentials", "tcp"])
+    # a oneshot: inactive once done, and its runtime directory stays for Airflow to read
+    assert host.unit_property(unit, "ActiveState") == "inactive"
+    assert host.unit_property(unit, "Result") == "success"
+    st = host.run(
+        ["stat", "-c", "%n %a %U %G", "/run/airflow-aws", "/run/airflow-aws/credentials.json"]
+    ).stdout.split("\n")
+    assert "/run/airflow-aws 755 root root" in st
+    assert "/run/airflow-aws/credentials.json 640 root airflow" in st
+    read = host.run(["runuser", "-u", "airflow", "--", "cat", "/run/airflow-aws/credentials.json"])
+    assert read.stdout == '{"Version": 1}'
+    timer = host.systemctl("cat", "airflow-agent-task-credentials.timer").stdout
+    assert "OnUnitActiveSec=5min" in timer
 
 
 def test_worker_unit_stops_gracefully(host: SystemdHost) -> None:

@@ -10,6 +10,7 @@ listed here *and* granted in the template, and a grant that no code path needs f
 - OTHER_ACTIONS: the other programs on the instance that use the role's credentials
   (Airflow itself, the CodeDeploy agent, cfn-init, the SSM agent) -> their actions.
 - ROLE_CONSUMERS: instance role -> the jobs/programs that run on it.
+- TASK_ROLE_CONSUMERS: the programs that act as the stack's task role (Airflow and its tasks).
 - UNSCOPED_ACTIONS: actions whose service supports no resource-level permission, so the only
   honest Resource is "*". Everything else must be granted on this stack's ARNs only.
 
@@ -41,6 +42,9 @@ AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
     ),
     # agent/jobs/bootstrap.py runs env sync and role detection: nothing of its own
     "bootstrap": (),
+    # agent/jobs/task_credentials/job.py: AssumeRole on the stack's task role (the only role
+    # Airflow's processes get; they cannot reach IMDS), on every role
+    "task credentials": ("sts:AssumeRole",),
 }
 
 OTHER_ACTIONS: Dict[str, Tuple[str, ...]] = {
@@ -77,6 +81,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "env sync",
         "role",
         "bootstrap",
+        "task credentials",
         "variables sync",
         "airflow remote logs",
         "airflow config secrets",
@@ -88,6 +93,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "env sync",
         "role",
         "bootstrap",
+        "task credentials",
         "airflow remote logs (read)",
         "airflow config secrets",
         "codedeploy agent",
@@ -98,6 +104,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "env sync",
         "role",
         "bootstrap",
+        "task credentials",
         "lifecycle watch",
         "airflow remote logs",
         "airflow config secrets",
@@ -106,6 +113,10 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "ssm agent",
     ),
 }
+
+# What Airflow's own processes and their tasks do with AWS, on every role: granted to the task
+# role (agent/jobs/task_credentials), which they act as through the agent-written AWS config.
+TASK_ROLE_CONSUMERS: Tuple[str, ...] = ("airflow remote logs", "airflow config secrets")
 
 # No resource-level permissions in these services' authorization (Service Authorization
 # Reference): the Resource must be "*".
@@ -130,6 +141,11 @@ def consumer_actions(name: str) -> Tuple[str, ...]:
 def allowed_actions(role: str) -> FrozenSet[str]:
     """Every action an instance of `role` may be granted."""
     return frozenset(a for c in ROLE_CONSUMERS[role] for a in consumer_actions(c))
+
+
+def task_role_actions() -> FrozenSet[str]:
+    """Every action the task role may be granted (never an Auto Scaling or SSM one)."""
+    return frozenset(a for c in TASK_ROLE_CONSUMERS for a in consumer_actions(c))
 
 
 def agent_actions() -> FrozenSet[str]:

@@ -1,0 +1,1 @@
+"""Task role credentials for Airflow: the agent (root) assumes the task role, Airflow reads it."""
