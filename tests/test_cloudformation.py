@@ -890,6 +890,8 @@ def _scoped_resources(template, resolver) -> Dict[str, Set[str]]:
         },
         "s3": {logs, f"{logs}/logs/*", f"{bundles}/*", artifact},
         "kms": {resolver.get_att("SecretsKey", "Arn")},
+        # the task role the agent assumes for Airflow's processes (agent/jobs/task_credentials)
+        "sts": {resolver.get_att("TaskRole", "Arn")},
     }
 
 

@@ -459,6 +459,41 @@ def test_check_migrations_waits_for_an_unmigrated_schema_and_passes_a_migrated_o
     assert passed.returncode == 0, passed.stderr[-2000:]
 
 
+# -- the task role -------------------------------------------------------------------------------
+
+
+def test_task_role_grants_what_airflow_calls_and_none_of_the_instances_powers(template, resolver):
+    from agent.platform import iam_actions
+
+    props = template["Resources"]["TaskRole"]["Properties"]
+    stmts = [
+        s for p in props["Policies"] for s in statements(resolver.resolve(p["PolicyDocument"]))
+    ]
+    granted = {a for st in stmts for a in as_list(st["Action"])}
+    assert granted == set(iam_actions.task_role_actions())
+    for st in stmts:
+        assert "*" not in as_list(st["Resource"]), st.get("Sid")
+    # nothing of the instances' own powers: Auto Scaling, SSM, EC2, assuming roles
+    assert not {a for a in granted if a.split(":")[0] in ("autoscaling", "ssm", "ec2", "sts")}
+    # the secrets Airflow reads on any role, the api secret key included (log servers)
+    values = ssm_values(template, resolver)
+    prefix = json.loads(values["secrets/backend_kwargs"])["config_prefix"]
+    task = "TaskRole"
+    for name, value in values.items():
+        if name.endswith("_secret"):
+            arn = secret_arn_named(template, resolver, f"{prefix}/{value}")
+            assert any(
+                arn in as_list(st["Resource"])
+                and "secretsmanager:GetSecretValue" in as_list(st["Action"])
+                for st in stmts
+            ), (task, name)
+    # every instance role may assume it, and only it
+    arn = resolver.get_att("TaskRole", "Arn")
+    for role in ROLES:
+        assert role_allows(template, resolver, role, "sts:AssumeRole", arn), role
+        assert not role_allows(template, resolver, role, "sts:AssumeRole", arn + "-other"), role
+
+
 # -- the AMI --------------------------------------------------------------------------------------
 
 
