@@ -18,6 +18,7 @@ import pytest
 from agent.config import config_from_dict
 from agent.errors import DeadlineError
 from agent.jobs.confapply.daemon import Confapply
+from agent.jobs.confapply.state import ConfapplyDoc
 from agent.jobs.drain.undrain import Undrainer
 from agent.jobs.lifecycle.drain import record_terminating
 from agent.state import StateStore
@@ -309,7 +310,7 @@ def test_confapply_restarts_a_running_worker_and_a_terminating_one_never(tmp_pat
 
 def test_confapply_waiting_too_long_for_the_record_is_a_failed_apply_retried_later(tmp_path):
     cfg = make_cfg(tmp_path, marker=True, confapply={"unit_timeout": 0.1})
-    import agent.jobs.confapply.daemon as daemon
+    import agent.jobs.confapply.worker as daemon
 
     systemctl = UnitSystemctl("active")
     old = daemon.RESTART_SLACK
@@ -321,6 +322,44 @@ def test_confapply_waiting_too_long_for_the_record_is_a_failed_apply_retried_lat
         daemon.RESTART_SLACK = old
     assert not outcome.ok and "held by pid" in outcome.failed["airflow-worker"]
     assert systemctl.calls == []
+
+
+def test_a_worker_held_running_on_the_old_file_is_restarted_once_it_may_run(tmp_path):
+    cfg = make_cfg(tmp_path, marker=True)
+    store = StateStore(cfg.state_dir)
+    note_drain_phase(cfg, store, "paused")  # a rebalance: up, not consuming, old file
+    systemctl = UnitSystemctl("active")
+    c = confapply(cfg, systemctl)
+    assert c.apply("h" * 64).skipped == ["airflow-worker"]
+    c._record("h" * 64, c.apply("h" * 64))
+    assert store.read(ConfapplyDoc).held_pids == {"airflow-worker": 42}
+    c.check("still paused")  # nothing until the record lets it run
+    assert systemctl.calls == []
+    with WorkerRecord(cfg).hold("undrain") as held:
+        held.require_start("undrain")
+    # a restarted confapply remembers it too (confapply.json)
+    c = confapply(cfg, systemctl)
+    c.applied_hash = None
+    c.dirty = False
+    c.check("periodic re-check")
+    assert systemctl.calls == ["restart airflow-worker"]
+    assert store.read(ConfapplyDoc).held_pids == {}
+    c.check("again")
+    assert systemctl.calls == ["restart airflow-worker"]
+
+
+def test_a_held_worker_that_was_stopped_meanwhile_is_not_restarted_again(tmp_path):
+    cfg = make_cfg(tmp_path, marker=True)
+    note_drain_phase(cfg, StateStore(cfg.state_dir), "cancelling")
+    systemctl = UnitSystemctl("active")
+    c = confapply(cfg, systemctl)
+    c.apply("h" * 64)
+    assert c.held_pids == {"airflow-worker": 42}
+    with WorkerRecord(cfg).hold("undrain") as held:
+        held.require_start("undrain")
+    systemctl.main_pid = lambda unit: 43  # drained, stopped and started: a new process
+    c._resume_held()
+    assert systemctl.calls == [] and c.held_pids == {}
 
 
 # -- drain, undrain, lifecycle -----------------------------------------------------------------

@@ -16,7 +16,8 @@ Rules (pure parts in `agent.jobs.confapply.plan`):
 - the Celery worker is restarted only while its record (agent.worker.state) says it is meant
   to run, decided and restarted under the record's lock: a paused, draining, drained or
   terminating worker is left alone (it reads the new file when next started), and the log and
-  STATUS= say so;
+  STATUS= say so; one left *running* on the old file (paused) is restarted by the first check
+  after its record lets it run again, if it is still the same process (`held_pids`);
 - the hash is recorded as applied only when every restart succeeded; after an apply the files
   are hashed again and a change made meanwhile is applied at once; a failure is retried at the
   next event or after `recheck_interval` (also a safety net for a missed event), and until an
@@ -49,26 +50,21 @@ from agent.jobs.confapply.plan import (
     units_to_restart,
 )
 from agent.jobs.confapply.state import ConfapplyDoc, read_contents, watched_paths
+from agent.jobs.confapply.worker import HELD, RESTART_SLACK, WorkerHold
 from agent.runtime.daemon import Daemon, DaemonRuntime
 from agent.state import StateStore
-from agent.worker.state import WorkerRecord
 
 log = logging.getLogger(__name__)
 
 # filesystem events that can mean new content; opened/closed-without-write are our own reads
 _CONTENT_EVENTS = ("created", "modified", "moved", "deleted", "closed")
-# how long past `unit_timeout` one restart may block the loop (systemctl itself, the start
-# limit's reset-failed) before the watchdog stops vouching for it
-RESTART_SLACK = 60.0
-# _restart_worker's answer when the worker's record says it must not run now
-HELD = "held by the worker's state"
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     """confapply takes no options of its own: it is the daemon."""
 
 
-class Confapply(Daemon):
+class Confapply(WorkerHold, Daemon):
     def __init__(self, cfg, role: str, systemctl, runtime: DaemonRuntime, state=None):
         self.cfg = cfg
         self.role = role
@@ -89,6 +85,8 @@ class Confapply(Daemon):
         self.checks = 0
         self.status_text = "starting"
         self.held_note = ""  # why the last apply left the worker alone, for STATUS=
+        # worker unit -> MainPID it had when a hold kept it from being restarted
+        self.held_pids = dict(doc.held_pids)
         self._observer = None
 
     # -- events (observer thread) ----------------------------------------------------------
@@ -189,35 +187,6 @@ class Confapply(Daemon):
                 break
         return outcome
 
-    def _is_worker(self, unit: str) -> bool:
-        def bare(name: str) -> str:
-            return name[: -len(".service")] if name.endswith(".service") else name
-
-        return self.role == "worker" and bare(unit) == bare(self.cfg.drain.worker_unit)
-
-    def _restart_worker(self, unit: str) -> Optional[str]:
-        """Restart the Celery worker only while its record says it is meant to run, deciding
-        and restarting under the record's lock (agent.worker.state): a drain that has begun,
-        a pause, a drained or terminating worker is left alone; it reads the new file when it
-        is next started. HELD when left alone."""
-        wait = self.cfg.confapply.unit_timeout + RESTART_SLACK
-        try:
-            with (
-                self.rt.busy(wait),
-                WorkerRecord(self.cfg, self.state).hold("confapply", wait=wait) as held,
-            ):
-                if held.may_run:
-                    return self._restart_one(unit)
-                self.held_note = (
-                    f"{unit} not restarted: worker state {held.describe()}; "
-                    "it reads the new config when it is next started"
-                )
-        except AgentError as exc:  # the lock stayed held: retried like a failed restart
-            return str(exc)
-        log.info("%s", self.held_note)
-        self.rt.status(self.held_note[:200])
-        return HELD
-
     def _refresh_role(self) -> None:
         # `role --apply` may switch the role while this (shared) unit keeps running
         from agent.jobs.role import current_role
@@ -235,6 +204,8 @@ class Confapply(Daemon):
     def check(self, reason: str) -> None:
         """Hash; when it differs from the applied hash, restart; repeat until stable or failed."""
         self._refresh_role()
+        if self.held_pids:
+            self._resume_held()
         while not self.rt.stopping:
             self.rt.beat()
             h = content_hash(read_contents(self.files))
@@ -291,6 +262,7 @@ class Confapply(Daemon):
                 last_result="ok",
                 last_restarted=list(outcome.restarted),
                 last_skipped=list(outcome.skipped),
+                held_pids=dict(self.held_pids),
             )
         )
 

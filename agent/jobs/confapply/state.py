@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 from agent.jobs.confapply.plan import content_hash, watched_files
 from agent.state import StateDoc, register
@@ -36,6 +36,8 @@ class ConfapplyDoc(StateDoc):
     pending_hash: Optional[str] = None  # the hash a failed apply was for
     last_restarted: List[str] = field(default_factory=list)
     last_skipped: List[str] = field(default_factory=list)
+    # worker unit -> its MainPID when the worker's record kept confapply from restarting it
+    held_pids: Dict[str, int] = field(default_factory=dict)
 
 
 # status shows it as the "config hash" line (applied vs now), not as a document line
