@@ -149,6 +149,8 @@ def daemon(steps):
     result("stopped")
 
 
+if job == "worker-gate":  # the worker's ExecCondition, as airflow: open unless the test closed it
+    sys.exit(1 if os.path.exists("/run/aea-gate-closed") else 0)
 step("state-dir", lambda: None)
 if job == "env sync":
     step("write-env", write_env)
@@ -338,10 +340,10 @@ def test_airflow_units_start_as_airflow(host: SystemdHost, unit: str) -> None:
     assert creds in host.unit_property(unit, "Wants")
     assert creds in host.unit_property(unit, "After")
     assert creds not in host.unit_property(unit, "Requires")
-    assert host.unit_property(unit, "IPAddressDeny").split() == [
+    assert set(host.unit_property(unit, "IPAddressDeny").split()) == {
         "169.254.169.254/32",
         "fd00:ec2::254/128",
-    ]
+    }
     env = host.unit_property(unit, "Environment").split()
     for item in (
         "AWS_CONFIG_FILE=/run/airflow-aws/config",
@@ -370,6 +372,24 @@ def test_task_credentials_unit_writes_a_file_airflow_reads(host: SystemdHost) ->
     assert read.stdout == '{"Version": 1}'
     timer = host.systemctl("cat", "airflow-agent-task-credentials.timer").stdout
     assert "OnUnitActiveSec=5min" in timer
+
+
+def test_worker_unit_starts_only_through_its_boot_gate(host: SystemdHost) -> None:
+    unit = "airflow-worker.service"
+    assert "airflow-agent worker-gate" in host.unit_property(unit, "ExecCondition")
+    host.write_file("/run/aea-gate-closed", "")
+    try:
+        proc = host.systemctl("start", unit, check=False)
+        assert proc.returncode == 0, proc.stderr  # a skipped start is no failure
+        # inactive, not failed: no Restart= loop, nothing for an operator to reset
+        assert host.unit_property(unit, "ActiveState") == "inactive"
+        assert host.unit_property(unit, "Result") == "exec-condition"
+        assert host.unit_property(unit, "NRestarts") == "0"
+    finally:
+        host.run(["rm", "-f", "/run/aea-gate-closed"])
+    host.systemctl("start", unit)
+    host.wait_active(unit)
+    host.systemctl("stop", unit)
 
 
 def test_worker_unit_stops_gracefully(host: SystemdHost) -> None:
