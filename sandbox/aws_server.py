@@ -5,6 +5,14 @@ The wrapper adds what moto lacks (TESTING.md): it answers Auto Scaling's
 N errors (throttling, AccessDenied, ...) for any action; and it records every call's service
 and action so tests and benchmarks can count API calls. Control endpoints live under `/_rig/`.
 
+IAM (issue 11): `/_rig/iam/credentials` issues credentials of an IAM role of the embedded AWS
+(what an instance's IMDS serves); a request signed with them is allowed only if that role's
+policies, as they are in the embedded IAM at that moment, allow each action on each resource
+ARN the request needs (sandbox/stack/iam_request.py, evaluated by sandbox/stack/iam_policy.py);
+otherwise it is refused with AccessDenied naming the action and the resource, in the error
+shape of the service's protocol, and the refusal is recorded (`/_rig/iam/denials`). Any other
+key (the harness's own `testing`) is not checked, so existing users are unchanged.
+
 Run as `python -m sandbox.aws_server --port-file F`; drive it with `AwsServer`.
 """
 
@@ -14,6 +22,8 @@ import argparse
 import io
 import json
 import re
+import secrets
+import string
 import threading
 import time
 import urllib.parse
@@ -25,6 +35,8 @@ from sandbox.tiers import heavy
 
 _LIFECYCLE_ACTIONS = ("RecordLifecycleActionHeartbeat", "CompleteLifecycleAction")
 _SCOPE_RE = re.compile(r"Credential=[^/]+/\d+/[^/]+/([^/]+)/aws4_request")
+_KEY_RE = re.compile(r"Credential=([^/]+)/\d+/([^/]+)/")
+ACCOUNT = "123456789012"
 
 
 class RigApp:
@@ -36,6 +48,10 @@ class RigApp:
         self.faults: Dict[str, List[Dict[str, Any]]] = {}
         self.calls: List[Dict[str, Any]] = []
         self.lifecycle: List[Dict[str, Any]] = []
+        # access key id -> {"role": name, "session": name} for credentials issued per role
+        self.principals: Dict[str, Dict[str, str]] = {}
+        self.denials: List[Dict[str, Any]] = []
+        self.unevaluated: List[Dict[str, Any]] = []
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -72,10 +88,19 @@ class RigApp:
                 return self._json(start_response, "200 OK", {"ok": True})
             if path == "/_rig/lifecycle":
                 return self._json(start_response, "200 OK", self.lifecycle)
+            if path == "/_rig/iam/credentials" and method == "POST":
+                return self._json(start_response, "200 OK", self._issue(payload))
+            if path == "/_rig/iam/denials":
+                return self._json(start_response, "200 OK", self.denials)
+            if path == "/_rig/iam/unevaluated":
+                return self._json(start_response, "200 OK", self.unevaluated)
             if path == "/_rig/reset":
                 self.faults.clear()
                 self.calls.clear()
                 self.lifecycle.clear()
+                self.principals.clear()
+                self.denials.clear()
+                self.unevaluated.clear()
         if path == "/_rig/reset":
             # moto's own reset, through its app, so every backend is cleared
             inner = dict(environ)
@@ -91,13 +116,80 @@ class RigApp:
             return self._json(start_response, "200 OK", {"ok": True})
         return self._json(start_response, "404 Not Found", {"error": path})
 
+    def _issue(self, payload: Dict[str, Any]) -> Dict[str, str]:
+        """Credentials of IAM role payload["role"] (session payload["session"])."""
+        alphabet = string.ascii_uppercase + string.digits
+        key = "ASIA" + "".join(secrets.choice(alphabet) for _ in range(16))
+        self.principals[key] = {"role": payload["role"], "session": payload.get("session", "rig")}
+        return {
+            "AccessKeyId": key,
+            "SecretAccessKey": secrets.token_urlsafe(30),
+            "Token": secrets.token_urlsafe(60),
+        }
+
+    def _authorize(self, environ, service: str, action: str, params: Dict[str, Any]):
+        """None if allowed (or not a role's key), else (code-less) refusal details."""
+        from sandbox.stack import iam_policy, iam_request
+
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        found = _KEY_RE.search(auth) or _KEY_RE.search(
+            "Credential=" + query.get("X-Amz-Credential", [""])[0]
+        )
+        principal = self.principals.get(found.group(1)) if found else None
+        if principal is None:
+            return None
+        region = found.group(2)
+        from moto.iam.models import iam_backends
+
+        try:
+            role = iam_backends[ACCOUNT]["global"].get_role(principal["role"])
+            statements = iam_policy.role_statements(role)
+        except Exception:
+            statements = []  # the role is gone: nothing is allowed
+        who = f"arn:aws:sts::{ACCOUNT}:assumed-role/{principal['role']}/{principal['session']}"
+        for verb, arn, context in iam_request.checks(
+            service, action, params, environ, ACCOUNT, region
+        ):
+            decision = iam_policy.evaluate(statements, verb, arn, context)
+            if decision.unevaluated:
+                with self.lock:
+                    self.unevaluated.append(
+                        {
+                            "role": principal["role"],
+                            "action": verb,
+                            "resource": arn,
+                            "conditions": decision.unevaluated,
+                        }
+                    )
+            if not decision.allowed:
+                refusal = {
+                    "time": time.time(),
+                    "role": principal["role"],
+                    "session": principal["session"],
+                    "action": verb,
+                    "resource": arn,
+                    "message": (
+                        f"User: {who} is not authorized to perform: {verb} on resource: {arn} "
+                        f"{decision.reason}"
+                    ),
+                }
+                with self.lock:
+                    self.denials.append(refusal)
+                return refusal
+        return None
+
     @staticmethod
-    def _identify(environ, body: bytes) -> tuple[str, str, Dict[str, str]]:
+    def _identify(environ, body: bytes) -> tuple[str, str, Dict[str, Any]]:
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         scope = _SCOPE_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
         service = scope.group(1) if scope else ""
         if target:
-            return service, target.rsplit(".", 1)[-1], {}
+            try:
+                payload = json.loads(body or b"{}")
+            except ValueError:
+                payload = {}
+            return service, target.rsplit(".", 1)[-1], payload if isinstance(payload, dict) else {}
         params = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
         ctype = environ.get("CONTENT_TYPE", "")
         if "x-www-form-urlencoded" in ctype:
@@ -105,8 +197,21 @@ class RigApp:
         return service, params.get("Action", ""), params
 
     @staticmethod
-    def _error(start_response, json_protocol: bool, fault: Dict[str, Any]):
+    def _error(start_response, json_protocol: bool, fault: Dict[str, Any], service: str = ""):
         status = f"{fault['status']} Error"
+        if service in ("s3", "ec2") and not json_protocol:
+            # S3's REST errors and EC2's query errors have shapes of their own
+            inner = f"<Code>{fault['code']}</Code><Message>{_xml(fault['message'])}</Message>"
+            request_id = uuid.uuid4()
+            data = (
+                f"<Error>{inner}<RequestId>{request_id}</RequestId></Error>"
+                if service == "s3"
+                else f"<Response><Errors><Error>{inner}</Error></Errors>"
+                f"<RequestID>{request_id}</RequestID></Response>"
+            ).encode()
+            headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(data)))]
+            start_response(status, headers)
+            return [data]
         if json_protocol:
             data = json.dumps({"__type": fault["code"], "message": fault["message"]}).encode()
             headers = [
@@ -116,7 +221,7 @@ class RigApp:
         else:
             data = (
                 "<ErrorResponse><Error><Type>Sender</Type>"
-                f"<Code>{fault['code']}</Code><Message>{fault['message']}</Message>"
+                f"<Code>{fault['code']}</Code><Message>{_xml(fault['message'])}</Message>"
                 f"</Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
             ).encode()
             headers = [("Content-Type", "text/xml")]
@@ -144,6 +249,19 @@ class RigApp:
             return self._control(environ, start_response, path, body)
         service, action, params = self._identify(environ, body)
         json_protocol = bool(environ.get("HTTP_X_AMZ_TARGET"))
+        refusal = self._authorize(environ, service, action, params)
+        if refusal is not None:
+            code = {"ec2": "UnauthorizedOperation", "s3": "AccessDenied"}.get(
+                service, "AccessDenied"
+            )
+            if json_protocol:
+                code = "AccessDeniedException"
+            fault = {
+                "code": code,
+                "status": 400 if json_protocol else 403,
+                "message": refusal["message"],
+            }
+            return self._error(start_response, json_protocol, fault, service)
         with self.lock:
             call = {"service": service, "action": action, "time": time.time()}
             if action in _LIFECYCLE_ACTIONS:
@@ -166,6 +284,10 @@ class RigApp:
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         return self.moto_app(environ, start_response)
+
+
+def _xml(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 @heavy("aws")
@@ -203,6 +325,17 @@ class AwsServer(ServerProcess):
 
     def lifecycle_actions(self) -> List[Dict[str, Any]]:
         return self.get("/_rig/lifecycle")
+
+    def issue_credentials(self, role: str, session: str = "rig") -> Dict[str, str]:
+        """Credentials whose every request is checked against IAM role `role`'s policies."""
+        return self.post("/_rig/iam/credentials", {"role": role, "session": session})
+
+    def denials(self) -> List[Dict[str, Any]]:
+        """Every request refused by IAM so far: role, session, action, resource, message."""
+        return self.get("/_rig/iam/denials")
+
+    def unevaluated_conditions(self) -> List[Dict[str, Any]]:
+        return self.get("/_rig/iam/unevaluated")
 
     def client(self, service: str) -> Any:
         """A boto3 client of `service` on this server (for seeding and inspecting state)."""

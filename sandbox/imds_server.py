@@ -240,6 +240,32 @@ class ImdsServer(ServerProcess):
     def set_tags(self, tags: Dict[str, str]) -> None:
         self.post("/_rig/set", {"tags": tags})
 
+    def set_role_credentials(
+        self, role: str, credentials: Dict[str, str], profile_arn: Optional[str] = None
+    ) -> None:
+        """Serve `credentials` (from AwsServer.issue_credentials) as the instance role `role`:
+        iam/security-credentials lists only it, and the default test role stops answering."""
+        values: Dict[str, Optional[str]] = {
+            "meta-data/iam/security-credentials": role,
+            "meta-data/iam/security-credentials/airflow-agent-role": None,
+            f"meta-data/iam/security-credentials/{role}": json.dumps(
+                {
+                    "Code": "Success",
+                    "LastUpdated": "2026-01-01T00:00:00Z",
+                    "Type": "AWS-HMAC",
+                    "AccessKeyId": credentials["AccessKeyId"],
+                    "SecretAccessKey": credentials["SecretAccessKey"],
+                    "Token": credentials["Token"],
+                    "Expiration": "2099-01-01T00:00:00Z",
+                }
+            ),
+        }
+        if profile_arn:
+            values["meta-data/iam/info"] = json.dumps(
+                {"Code": "Success", "InstanceProfileArn": profile_arn, "InstanceProfileId": "AIPA0"}
+            )
+        self.set_paths(values)
+
     def fault(self, path: str, kind: Optional[str], raw: str = "") -> None:
         """Make GET latest/<path> answer `kind` (see the module docstring); None ends it."""
         self.post("/_rig/fault", {"path": path, "fault": kind, "raw": raw})

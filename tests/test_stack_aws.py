@@ -1,0 +1,289 @@
+"""The template created in the embedded AWS (sandbox/stack/aws_resources.py) and its IAM enforced
+(sandbox/aws_server.py with sandbox/stack/iam_policy.py): issue 11 Build 1 and 2.
+
+- Everything an instance reads exists with the template's own values: every SSM parameter,
+  every secret (GenerateSecretString honoured; dynamic references resolved to the generated
+  values), the roles with their policies, profiles, launch templates, groups with instances at
+  the desired capacity (`--workers`), the lifecycle hook, CodeDeploy; the types not created are
+  named with a reason.
+- Credentials issued for an instance role (served by the strict IMDS) are held to that role's
+  policies: an allowed call passes, a resource outside them is refused with AccessDenied naming
+  action and resource in the service's own error shape; the rig's admin key passes.
+- A copy of the template without the worker's read of the broker secret: the worker role's
+  read of it is refused, naming the action and the secret's ARN.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import boto3
+import botocore.exceptions
+import pytest
+import yaml
+
+from sandbox.aws_server import AwsServer
+from sandbox.cfn_template import load_template
+from sandbox.imds_server import ImdsServer
+from sandbox.stack.aws_resources import NOT_CREATED, create_in_aws
+from sandbox.stack.model import TEMPLATE, StackModel
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def stack(aws_server):
+    aws_server.reset()
+    model = StackModel.load(workers=3)
+    report = create_in_aws(model, aws_server)
+    yield model, report, aws_server
+    aws_server.reset()
+
+
+def role_client(aws: AwsServer, model: StackModel, role: str, service: str, session="i-test"):
+    creds = aws.issue_credentials(model.instance_role_for(role), session)
+    return boto3.client(
+        service,
+        endpoint_url=aws.url,
+        region_name=REGION,
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["Token"],
+    )
+
+
+def refused(call, *args, **kwargs) -> str:
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        call(*args, **kwargs)
+    return err.value
+
+
+# -- Build 1: the template's resources -------------------------------------------------------
+
+
+def test_every_ssm_parameter_with_the_templates_value(stack):
+    model, _report, aws = stack
+    ssm = aws.client("ssm")
+    params = [r for r, res in model.resources.items() if res["Type"] == "AWS::SSM::Parameter"]
+    assert len(params) >= 10
+    for rid in params:
+        got = ssm.get_parameter(Name=model.prop(rid, "Name"))["Parameter"]
+        assert got["Value"] == str(model.prop(rid, "Value")), rid
+        assert got["Type"] == model.prop(rid, "Type")
+    execution_api = model.prop("ParamExecutionApi", "Value")
+    assert model.endpoints()["LoadBalancer"] in execution_api
+
+
+def test_every_secret_with_generated_strings_honoured(stack):
+    model, _report, aws = stack
+    sm = aws.client("secretsmanager")
+    secrets = [
+        r for r, res in model.resources.items() if res["Type"] == "AWS::SecretsManager::Secret"
+    ]
+    values = {}
+    for rid in secrets:
+        got = sm.get_secret_value(SecretId=model.prop(rid, "Name"))
+        assert got["ARN"] == model.ref(rid)
+        values[rid] = got["SecretString"]
+        described = sm.describe_secret(SecretId=got["ARN"])
+        assert described["KmsKeyId"] == model.ref("SecretsKey")
+    master = json.loads(values["DbMasterSecret"])
+    assert master["username"] == "airflow"  # SecretStringTemplate kept
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", master["password"])  # length, no punctuation
+    # the target attachment added the database stand-in's connection fields, as CloudFormation does
+    assert master["host"] == model.endpoints()["Database"] and master["port"] == 5432
+    token = json.loads(values["BrokerAuthSecret"])["token"]
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", token)
+    assert re.fullmatch(r"[A-Za-z0-9]{64}", values["JwtSecret"])
+    assert values["JwtSecret"] != values["ApiSecretKeySecret"]
+    # dynamic references resolved to the generated values, endpoints to the stand-ins' names
+    broker = model.endpoints()["Broker"]
+    assert values["BrokerUrlSecret"] == f"rediss://:{token}@{broker}:6379/0?ssl_cert_reqs=required"
+    assert (
+        f"airflow:{master['password']}@{model.endpoints()['Database']}:5432/"
+        in values["DbConnSecret"]
+    )
+    assert values["FernetKeySecret"] == model.parameters["FernetKey"]
+
+
+def test_roles_profiles_and_their_policies_are_the_templates(stack):
+    model, _report, aws = stack
+    iam = aws.client("iam")
+    for role in ("scheduler", "webserver", "worker"):
+        name = model.instance_role_for(role)
+        role_rid = next(r for r in model.resources if model.physical.get(r) == name)
+        for policy in model.prop(role_rid, "Policies"):
+            got = iam.get_role_policy(RoleName=name, PolicyName=policy["PolicyName"])
+            assert got["PolicyDocument"] == policy["PolicyDocument"]
+        profile = model.physical[model.instance_profile_for(role)]
+        roles = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]
+        assert [r["RoleName"] for r in roles] == [name]
+
+
+def test_groups_launch_their_instances_with_the_launch_templates(stack):
+    model, _report, aws = stack
+    asg, ec2 = aws.client("autoscaling"), aws.client("ec2")
+    expected = {"scheduler": 1, "webserver": 2, "worker": 3}  # --workers 3
+    for role, count in expected.items():
+        name = model.ref(model.group_for(role))
+        group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][
+            0
+        ]
+        assert len(group["Instances"]) == count, role
+        assert group["LaunchTemplate"]["LaunchTemplateId"] == model.ref(
+            model.launch_template_for(role)
+        )
+        tags = {t["Key"]: t["Value"] for t in group["Tags"]}
+        assert tags["airflow:role"] == role
+        lt = ec2.describe_launch_template_versions(
+            LaunchTemplateId=group["LaunchTemplate"]["LaunchTemplateId"]
+        )["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        assert lt["IamInstanceProfile"]["Arn"] == model.get_att(
+            model.instance_profile_for(role), "Arn"
+        )
+    hooks = asg.describe_lifecycle_hooks(AutoScalingGroupName=model.ref("WorkerGroup"))
+    (hook,) = hooks["LifecycleHooks"]
+    assert hook["LifecycleHookName"] == model.prop("WorkerTerminationHook", "LifecycleHookName")
+    assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    cd = aws.client("codedeploy")
+    dg = cd.get_deployment_group(
+        applicationName=model.ref("CodeDeployApplication"),
+        deploymentGroupName=model.ref("CodeDeployGroup"),
+    )["deploymentGroupInfo"]
+    # moto answers each group as a bare name, which botocore cannot parse into {"name": ...}:
+    # the count, the role and the configuration are what can be read back
+    assert len(dg["autoScalingGroups"]) == len(expected)
+    assert dg["serviceRoleArn"] == model.get_att("CodeDeployServiceRole", "Arn")
+    assert dg["deploymentConfigName"] == model.prop("CodeDeployGroup", "DeploymentConfigName")
+
+
+def test_types_not_created_are_named_with_the_reason(stack):
+    model, report, _aws = stack
+    skipped = {rid: (rtype, why) for rid, rtype, why in report.skipped}
+    for rid, res in model.resources.items():
+        if res["Type"] in NOT_CREATED:
+            assert skipped[rid] == (res["Type"], NOT_CREATED[res["Type"]])
+        else:
+            assert rid not in skipped, f"{rid} ({res['Type']}) skipped: {skipped.get(rid)}"
+    lines = "\n".join(report.lines())
+    assert "Database: PostgreSQL 15 stand-in" in lines and "HAProxy" in lines
+
+
+# -- Build 2: IAM enforced -------------------------------------------------------------------
+
+
+def test_a_roles_allowed_calls_pass(stack):
+    model, _report, aws = stack
+    path = f"/airflow/{model.stack_name}/"
+    ssm = role_client(aws, model, "worker", "ssm")
+    got = ssm.get_parameters_by_path(Path=path, Recursive=True, WithDecryption=True)
+    assert got["Parameters"]
+    sm = role_client(aws, model, "worker", "secretsmanager")
+    # GetSecretValue, and the kms:Decrypt it needs through Secrets Manager (kms:ViaService)
+    assert sm.get_secret_value(SecretId=model.ref("BrokerUrlSecret"))["SecretString"].startswith(
+        "rediss://"
+    )
+    asg = role_client(aws, model, "worker", "autoscaling")
+    admin = aws.client("autoscaling")  # the worker may not describe groups: the harness looks
+    instance = admin.describe_auto_scaling_groups(AutoScalingGroupNames=[model.ref("WorkerGroup")])[
+        "AutoScalingGroups"
+    ][0]["Instances"][0]["InstanceId"]
+    asg.complete_lifecycle_action(
+        AutoScalingGroupName=model.ref("WorkerGroup"),
+        LifecycleHookName=model.prop("WorkerTerminationHook", "LifecycleHookName"),
+        InstanceId=instance,
+        LifecycleActionResult="CONTINUE",
+    )
+    s3 = role_client(aws, model, "worker", "s3")
+    s3.put_object(Bucket=model.ref("LogsBucket"), Key="logs/dag/run/task/1.log", Body=b"x")
+    assert (
+        s3.get_object(Bucket=model.ref("LogsBucket"), Key="logs/dag/run/task/1.log")["Body"].read()
+        == b"x"
+    )
+    assert role_client(aws, model, "worker", "ec2").describe_tags()["Tags"] is not None
+    assert not [d for d in aws.denials() if d["session"] == "i-test"]
+
+
+def test_resources_outside_the_roles_policy_are_refused_naming_action_and_resource(stack):
+    model, _report, aws = stack
+    account_region = f"{REGION}:123456789012"
+    ssm = role_client(aws, model, "worker", "ssm", "i-refused")
+    err = refused(ssm.get_parameters_by_path, Path="/airflow/other-stack/")
+    arn = f"arn:aws:ssm:{account_region}:parameter/airflow/other-stack/"
+    assert err.response["Error"]["Code"] == "AccessDeniedException"
+    assert f"not authorized to perform: ssm:GetParametersByPath on resource: {arn}" in str(err)
+    # the worker does not read the admin password nor the variables (scheduler/webserver only)
+    sm = role_client(aws, model, "worker", "secretsmanager", "i-refused")
+    err = refused(sm.get_secret_value, SecretId=model.prop("VariablesSecret", "Name"))
+    assert f"secretsmanager:GetSecretValue on resource: {model.ref('VariablesSecret')}" in str(err)
+    # a lifecycle action on another group: the query protocol's shape (AccessDenied)
+    asg = role_client(aws, model, "worker", "autoscaling", "i-refused")
+    err = refused(
+        asg.complete_lifecycle_action,
+        AutoScalingGroupName=model.ref("SchedulerGroup"),
+        LifecycleHookName="x",
+        InstanceId="i-0",
+        LifecycleActionResult="CONTINUE",
+    )
+    assert err.response["Error"]["Code"] == "AccessDenied"
+    assert "autoscaling:CompleteLifecycleAction on resource: arn:aws:autoscaling:" in str(err)
+    assert f"autoScalingGroupName/{model.ref('SchedulerGroup')}" in str(err)
+    # the webserver only reads logs: S3's own error shape
+    s3 = role_client(aws, model, "webserver", "s3", "i-refused")
+    err = refused(s3.put_object, Bucket=model.ref("LogsBucket"), Key="logs/x", Body=b"x")
+    assert err.response["Error"]["Code"] == "AccessDenied"
+    assert f"s3:PutObject on resource: arn:aws:s3:::{model.ref('LogsBucket')}/logs/x" in str(err)
+    denials = [(d["action"], d["role"]) for d in aws.denials() if d["session"] == "i-refused"]
+    assert denials == [
+        ("ssm:GetParametersByPath", model.instance_role_for("worker")),
+        ("secretsmanager:GetSecretValue", model.instance_role_for("worker")),
+        ("autoscaling:CompleteLifecycleAction", model.instance_role_for("worker")),
+        ("s3:PutObject", model.instance_role_for("webserver")),
+    ]
+    # the rig's own admin key is not held to any role
+    aws.client("ssm").get_parameters_by_path(Path="/airflow/other-stack/")
+
+
+def test_instance_credentials_come_from_the_imds_role_path(stack, monkeypatch):
+    model, _report, aws = stack
+    role = model.instance_role_for("webserver")
+    with ImdsServer() as imds:
+        imds.set_role_credentials(role, aws.issue_credentials(role, "i-imds"))
+        for key in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+        ):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url + "/")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        session = boto3.Session(region_name=REGION)
+        sm = session.client("secretsmanager", endpoint_url=aws.url)
+        admin = sm.get_secret_value(SecretId=model.ref("AdminPasswordSecret"))
+        assert json.loads(admin["SecretString"])["username"] == "admin"
+        err = refused(sm.get_secret_value, SecretId=model.ref("BrokerUrlSecret"))
+        assert f"assumed-role/{role}/i-imds is not authorized" in str(err)
+
+
+def test_a_template_copy_without_the_workers_broker_secret_grant(tmp_path):
+    template = load_template(TEMPLATE)
+    policy = template["Resources"]["WorkerRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+    stmt = next(s for s in policy["Statement"] if s["Sid"] == "AirflowConfigSecrets")
+    stmt["Resource"] = [r for r in stmt["Resource"] if r != {"Ref": "BrokerUrlSecret"}]
+    copy = tmp_path / "airflow-cluster.yaml"
+    copy.write_text(yaml.safe_dump(template, sort_keys=False))
+    with AwsServer() as aws:
+        model = StackModel.load(copy)
+        create_in_aws(model, aws)
+        sm = role_client(aws, model, "worker", "secretsmanager", "i-worker")
+        err = refused(sm.get_secret_value, SecretId=model.prop("BrokerUrlSecret", "Name"))
+        assert err.response["Error"]["Code"] == "AccessDeniedException"
+        assert (
+            f"not authorized to perform: secretsmanager:GetSecretValue on resource: "
+            f"{model.ref('BrokerUrlSecret')}"
+        ) in str(err)
+        # the grants left in place still work
+        assert sm.get_secret_value(SecretId=model.ref("DbConnSecret"))["SecretString"]
