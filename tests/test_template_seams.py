@@ -504,3 +504,72 @@ def test_no_parameter_re_resolves_on_every_stack_update(template):
         assert not spec["Type"].startswith("AWS::SSM::Parameter::Value"), name
     assert template["Parameters"]["ImageId"]["Type"] == "AWS::EC2::Image::Id"
     assert "Default" not in template["Parameters"]["ImageId"]
+
+
+# -- the cfn-hup hook on a real systemd -----------------------------------------------------------
+
+_HOOK_CFN_INIT_STUB = """#!/bin/sh
+# stands in for cfn-init's `update`: rewrites the role file agent.yaml links to when asked
+echo "cfn-init $*" >> /var/log/hook-calls
+if [ -e /run/change-agent-yaml ]; then
+    echo "# revision $(cat /run/change-agent-yaml)" >> /etc/airflow-agent/roles/worker.yaml
+fi
+"""
+
+_HOOK_AGENT_STUB = """#!/bin/sh
+echo "airflow-agent $*" >> /var/log/hook-calls
+"""
+
+_DAEMON_UNIT = """[Unit]
+Description=stand-in for {name}
+[Service]
+ExecStart=/bin/sleep infinity
+"""
+
+
+def test_cfn_hup_hook_restarts_running_agent_daemons_only_when_agent_yaml_changed(
+    template, resolver, tmp_path
+):
+    """The hook script as cfn-hup runs it, with the real systemctl of a systemd 252 host."""
+    from sandbox.systemd_host import SystemdHost
+
+    init = template["Resources"]["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
+    action = "/usr/local/sbin/airflow-agent-cfn-update"
+    script = resolver.resolve(init["configure"]["files"][action]["content"])
+    daemons = [
+        "airflow-agent-confapply",
+        "airflow-agent-lifecycle",
+        "airflow-agent-variables-watch",
+    ]
+    with SystemdHost(tmp_path, name="aea-cfn-hup-hook") as host:
+        host.write_file(action, script, mode=0o700)
+        host.write_file("/opt/aws/bin/cfn-init", _HOOK_CFN_INIT_STUB, mode=0o755)
+        host.write_file("/usr/local/bin/airflow-agent", _HOOK_AGENT_STUB, mode=0o755)
+        host.write_file("/etc/airflow-agent/roles/worker.yaml", "cluster: airflow-test\n")
+        host.run(["ln", "-s", "roles/worker.yaml", "/etc/airflow-agent/agent.yaml"])
+        for name in daemons:
+            host.write_file(f"/etc/systemd/system/{name}.service", _DAEMON_UNIT.format(name=name))
+        host.systemctl("daemon-reload")
+        # confapply runs; lifecycle runs too (a worker); variables-watch is not this role's
+        host.systemctl("start", "airflow-agent-confapply", "airflow-agent-lifecycle")
+
+        def pids() -> Dict[str, int]:
+            return {name: host.main_pid(name) for name in daemons}
+
+        before = pids()
+        assert before["airflow-agent-confapply"] and before["airflow-agent-lifecycle"]
+        # metadata changed, this instance's agent.yaml did not: nothing restarts
+        host.run([action])
+        assert pids() == before
+        # agent.yaml changed: the running daemons restart, the stopped one stays stopped, and
+        # env sync runs after them
+        host.write_file("/run/change-agent-yaml", "2\n")
+        host.run([action])
+        after = pids()
+        for name in ("airflow-agent-confapply", "airflow-agent-lifecycle"):
+            assert after[name] and after[name] != before[name], name
+        assert after["airflow-agent-variables-watch"] == 0
+        assert host.unit_property("airflow-agent-variables-watch", "ActiveState") == "inactive"
+        calls = host.read_file("/var/log/hook-calls").decode().splitlines()
+        assert [c.split()[0] for c in calls] == ["cfn-init", "airflow-agent"] * 2
+        assert calls[-1] == "airflow-agent env sync"
