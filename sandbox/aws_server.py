@@ -283,7 +283,23 @@ class RigApp:
         # moto reads the body itself, so hand it a fresh stream holding what we consumed
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
+        if service == "sts" and action == "AssumeRole":
+            return self._assume_role(environ, start_response, params)
         return self.moto_app(environ, start_response)
+
+    def _assume_role(self, environ, start_response, params: Dict[str, Any]):
+        """moto's AssumeRole, with the credentials it issues held to the assumed role's policies
+        (as those of instance roles are): the role is the last part of RoleArn."""
+        out = b"".join(self.moto_app(environ, start_response))
+        key = re.search(rb"<AccessKeyId>([^<]+)</AccessKeyId>", out)
+        role = str(params.get("RoleArn", "")).rsplit("/", 1)[-1]
+        if key and role:
+            with self.lock:
+                self.principals[key.group(1).decode()] = {
+                    "role": role,
+                    "session": str(params.get("RoleSessionName", "assumed")),
+                }
+        return [out]
 
 
 def _xml(text: str) -> str:

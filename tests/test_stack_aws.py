@@ -287,3 +287,27 @@ def test_a_template_copy_without_the_workers_broker_secret_grant(tmp_path):
         ) in str(err)
         # the grants left in place still work
         assert sm.get_secret_value(SecretId=model.ref("DbConnSecret"))["SecretString"]
+
+
+def test_task_role_credentials_from_assume_role_are_held_to_the_task_role(stack):
+    model, _report, aws = stack
+    sts = role_client(aws, model, "worker", "sts", "i-task")
+    got = sts.assume_role(RoleArn=model.get_att("TaskRole", "Arn"), RoleSessionName="airflow-tasks")
+    creds = got["Credentials"]
+    task = boto3.Session(
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["SessionToken"],
+        region_name=REGION,
+    )
+    s3 = task.client("s3", endpoint_url=aws.url)
+    s3.put_object(Bucket=model.ref("LogsBucket"), Key="logs/task.log", Body=b"x")
+    ssm = task.client("ssm", endpoint_url=aws.url)
+    err = refused(ssm.get_parameters_by_path, Path=f"/airflow/{model.stack_name}/")
+    task_role = model.ref("TaskRole")
+    assert f"assumed-role/{task_role}/airflow-tasks is not authorized" in str(err)
+    # an instance role may assume only the task role
+    err = refused(
+        sts.assume_role, RoleArn=model.get_att("SchedulerRole", "Arn"), RoleSessionName="xx"
+    )
+    assert "sts:AssumeRole on resource: " + model.get_att("SchedulerRole", "Arn") in str(err)

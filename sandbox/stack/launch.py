@@ -1,0 +1,330 @@
+"""`python -m sandbox up`: the stack of cloudformation/airflow-cluster.yaml, launched locally.
+
+`Stack(template, params, workers).up()` does what CloudFormation and EC2 would, in the
+template's order:
+1. the embedded AWS (moto behind sandbox/aws_server.py, IAM enforced) gets every resource an
+   instance reads (sandbox/stack/aws_resources.py); the agent's package goes to the artifact
+   bucket the parameters name (a prerequisite of the template, as in a real account);
+2. the private link (a switch namespace, 10.77.0.1), the embedded AWS forwarded onto it, and
+   the stand-ins of RDS, ElastiCache (before any group: the groups depend on them);
+3. each Auto Scaling group's instances (the ones moto launched for it), group by group in
+   CloudFormation's dependency order (the scheduler group first: the others DependsOn it):
+   one systemd test host per instance with its own IMDS (instance id, placement, the group's
+   tags, lifecycle state, credentials of the instance role of its launch template's profile),
+   built by the launch template's own UserData (sandbox/stack/instance.py); the ALB's
+   stand-in (HAProxy) once its targets (the webserver group's instances) exist.
+`scale_in(instance)` is a scale-in through the termination lifecycle hook; `update(model)`
+a stack update through each instance's cfn-hup; `down()` ends everything, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from sandbox.aws_server import AwsServer
+from sandbox.imds_server import ImdsServer
+from sandbox.proc import wait_for
+from sandbox.stack.aws_resources import CreatedReport, create_in_aws
+from sandbox.stack.model import ROLE_TAG, TEMPLATE, StackModel
+from sandbox.tiers import heavy
+
+RUN_DIR = Path(os.environ.get("AEA_SANDBOX_RUN", "/run/aea-sandbox"))
+STATE_FILE = "stack.json"
+
+
+@dataclass
+class Member:
+    """One instance of the stack: moto's instance, its IMDS and its systemd test host."""
+
+    instance_id: str
+    role: str
+    group: str
+    zone: str
+    imds: ImdsServer
+    instance: Any = None  # sandbox.stack.instance.Instance once started
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.instance_id[-6:]}"
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+@heavy("systemd", "airflow", "aws", "redis")
+class Stack:
+    def __init__(
+        self,
+        template: Path = TEMPLATE,
+        params: Any = None,
+        workers: Optional[int] = None,
+        run_dir: Optional[Path] = None,
+        progress: Callable[[str], None] = say,
+    ):
+        self.template, self.params, self.workers = Path(template), params, workers
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="aea-stack-"))
+        self.progress = progress
+        self.aws: Optional[AwsServer] = None
+        self.model: Optional[StackModel] = None
+        self.report: Optional[CreatedReport] = None
+        self.switch: Any = None
+        self.ca: Any = None
+        self.standins: Dict[str, Any] = {}
+        self.members: List[Member] = []
+        self.timings: Dict[str, float] = {}
+        self.aws_at = ""
+
+    # -- up ------------------------------------------------------------------------------------
+
+    def up(self) -> Stack:
+        return self.start()
+
+    def start(self) -> Stack:
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _timed(self, what: str, fn: Callable[[], Any]) -> Any:
+        t = time.monotonic()
+        out = fn()
+        self.timings[what] = time.monotonic() - t
+        return out
+
+    def _up(self) -> None:
+        from sandbox.stack.instance import agent_package
+        from sandbox.stack.network import Switch
+        from sandbox.stack.standins import Broker, Postgres
+        from sandbox.stack.tls import SandboxCa
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.aws = AwsServer().start()
+        self.model = model = StackModel.load(self.template, self.params, workers=self.workers)
+        self.progress(f"stack {model.stack_name}: creating the template's resources")
+        self.report = self._timed("aws", lambda: create_in_aws(model, self.aws))
+        self.progress(
+            f"  {len(self.report.created)} created, {len(self.report.skipped)} stood in for "
+            f"or not created ({self.timings['aws']:.1f}s)"
+        )
+        s3 = self.aws.client("s3")
+        bucket, key = model.parameters["ArtifactBucket"], model.parameters["AgentPackageKey"]
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key=key, Body=agent_package())
+        self.ca = SandboxCa(self.run_dir / "ca").create()
+        self.switch = Switch().start()
+        self.aws_at = self.switch.forward(self.aws.port)
+        self.progress(f"private link up; the embedded AWS at {self.aws_at}")
+        for name, cls in (("database", Postgres), ("broker", Broker)):
+            self.standins[name] = self._timed(
+                name, lambda cls=cls: cls.from_model(model, self.switch, self.ca).start()
+            )
+            self.progress(f"  {name} stand-in up ({self.timings[name]:.1f}s)")
+        for group_rid in self.group_order():
+            self._launch_group(group_rid)
+        self.write_state()
+
+    def group_order(self) -> List[str]:
+        """The Auto Scaling groups in the order CloudFormation creates them."""
+        assert self.model is not None
+        return [
+            rid
+            for rid in self.model.creation_order()
+            if self.model.resources[rid]["Type"] == "AWS::AutoScaling::AutoScalingGroup"
+        ]
+
+    def role_of(self, group_rid: str) -> str:
+        assert self.model is not None
+        tags = self.model.prop(group_rid, "Tags") or []
+        return next(t["Value"] for t in tags if t["Key"] == ROLE_TAG)
+
+    def _launch_group(self, group_rid: str) -> None:
+        from sandbox.stack.instance import Instance
+
+        assert self.model is not None and self.aws is not None
+        role, name = self.role_of(group_rid), self.model.ref(group_rid)
+        group = self.aws.client("autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=[name]
+        )["AutoScalingGroups"][0]
+        self.progress(f"group {name}: {len(group['Instances'])} instance(s)")
+        for inst in group["Instances"]:
+            member = Member(
+                inst["InstanceId"], role, name, inst["AvailabilityZone"], ImdsServer().start()
+            )
+            self.members.append(member)
+            self._serve_imds(member, group)
+            t = time.monotonic()
+            member.instance = Instance(
+                member.name, role, self.model, self.switch, self.aws_at, member.imds, self.ca,
+                shared_dir=self.run_dir / member.name,
+            ).start()  # fmt: skip
+            self.timings[member.name] = time.monotonic() - t
+            self.progress(
+                f"  {member.name} ({member.instance_id}) at {member.instance.address}: "
+                f"{self.model.configset_for(role)} configSet applied, cfn-signal 0 "
+                f"({self.timings[member.name]:.0f}s)"
+            )
+        if self._needs_load_balancer(group_rid):
+            self._start_load_balancer(group_rid)
+
+    def _needs_load_balancer(self, group_rid: str) -> bool:
+        assert self.model is not None
+        return bool(self.model.prop(group_rid, "TargetGroupARNs"))
+
+    def _start_load_balancer(self, group_rid: str) -> None:
+        from sandbox.stack.standins import LoadBalancer
+
+        assert self.model is not None
+        name = self.model.ref(group_rid)
+        targets = [m.instance.address for m in self.members if m.group == name]
+        self.standins["load balancer"] = lb = LoadBalancer.from_model(
+            self.model, self.switch, targets
+        ).start()
+        wait_for(lambda: self._all_healthy(lb), 300, "the load balancer's targets to be healthy")
+        self.progress(f"  load balancer stand-in: {len(targets)} healthy target(s)")
+
+    @staticmethod
+    def _all_healthy(lb: Any) -> bool:
+        health = lb.target_health() or {}
+        return bool(health) and all(v == "UP" or v.startswith("UP") for v in health.values())
+
+    def _serve_imds(self, member: Member, group: Dict[str, Any]) -> None:
+        """What EC2's IMDS answers this instance (TESTING.md's strict IMDSv2)."""
+        assert self.model is not None and self.aws is not None
+        model, region = self.model, self.model.pseudo["AWS::Region"]
+        role_name = model.instance_role_for(member.role)
+        creds = self.aws.issue_credentials(role_name, session=member.instance_id)
+        profile_arn = model.get_att(model.instance_profile_for(member.role), "Arn")
+        member.imds.set_role_credentials(role_name, creds, profile_arn)
+        doc = {
+            "instanceId": member.instance_id,
+            "region": region,
+            "availabilityZone": member.zone,
+            "accountId": model.pseudo["AWS::AccountId"],
+        }
+        member.imds.set_paths(
+            {
+                "meta-data/instance-id": member.instance_id,
+                "meta-data/placement/region": region,
+                "meta-data/placement/availability-zone": member.zone,
+                "meta-data/autoscaling/target-lifecycle-state": "InService",
+                "dynamic/instance-identity/document": json.dumps(doc),
+            }
+        )
+        member.imds.set_tags(self.instance_tags(member, group))
+
+    def instance_tags(self, member: Member, group: Dict[str, Any]) -> Dict[str, str]:
+        """The launch template's instance tags, the group's propagated tags, the group name."""
+        assert self.model is not None
+        data = self.model.prop(self.model.launch_template_for(member.role), "LaunchTemplateData")
+        tags: Dict[str, str] = {}
+        for spec in data.get("TagSpecifications", []):
+            if spec.get("ResourceType") == "instance":
+                tags.update({t["Key"]: str(t["Value"]) for t in spec.get("Tags", [])})
+        tags.update({t["Key"]: t["Value"] for t in group.get("Tags", []) if t["PropagateAtLaunch"]})
+        tags["aws:autoscaling:groupName"] = member.group
+        return tags
+
+    # -- what happens to a running stack -------------------------------------------------------
+
+    def role_members(self, role: str) -> List[Member]:
+        return [m for m in self.members if m.role == role and m.instance is not None]
+
+    def scale_in(self, member: Member, timeout: float = 600) -> Dict[str, Any]:
+        """Auto Scaling terminates `member` with the termination hook in place: Terminating:Wait
+        (IMDS target-lifecycle-state Terminated) until the agent's one CompleteLifecycleAction,
+        then the instance is terminated (moto) and its host stopped."""
+        assert self.aws is not None
+        before = len(self.aws.lifecycle_actions())
+        member.imds.set(**{"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
+
+        def completed() -> List[Dict[str, Any]]:
+            acts = self.aws.lifecycle_actions()[before:]
+            return [a for a in acts if a["action"] == "CompleteLifecycleAction"]
+
+        done = wait_for(completed, timeout, f"{member.name}: CompleteLifecycleAction")
+        self.aws.client("autoscaling").terminate_instance_in_auto_scaling_group(
+            InstanceId=member.instance_id, ShouldDecrementDesiredCapacity=True
+        )
+        return {"completions": done, "journal": member.instance.journal()}
+
+    def remove(self, member: Member) -> None:
+        if member.instance is not None:
+            member.instance.stop()
+        member.imds.stop()
+        self.members.remove(member)
+        self.write_state()
+
+    def update(self, model: StackModel) -> Dict[str, Dict[str, Any]]:
+        """A stack update of the instances' metadata: every instance's cfn-hup hook runs."""
+        model.physical, model.attributes = self.model.physical, self.model.attributes
+        model.secret_values, model.ssm_values = self.model.secret_values, self.model.ssm_values
+        model.endpoint_hosts = self.model.endpoint_hosts
+        results = {m.name: m.instance.apply_update(model) for m in self.members}
+        self.model = model
+        return results
+
+    # -- state, down -------------------------------------------------------------------------
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "stack": self.model.stack_name if self.model else None,
+            "aws": self.aws.url if self.aws else None,
+            "instances": [
+                {
+                    "name": m.name,
+                    "instance_id": m.instance_id,
+                    "role": m.role,
+                    "group": m.group,
+                    "address": getattr(m.instance, "address", None),
+                    "host_pid": getattr(getattr(m.instance, "host", None), "pid", None),
+                }
+                for m in self.members
+            ],
+        }
+
+    def write_state(self) -> None:
+        path = self.run_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=1))
+        os.replace(tmp, path)
+
+    def down(self) -> None:
+        """End everything this stack started, newest first, each by its PID."""
+        for member in reversed(self.members):
+            if member.instance is not None:
+                member.instance.stop()
+            member.imds.stop()
+        self.members = []
+        for standin in reversed(list(self.standins.values())):
+            standin.stop()
+        self.standins = {}
+        if self.switch is not None:
+            self.switch.stop()
+            self.switch = None
+        if self.aws is not None:
+            self.aws.stop()
+            self.aws = None
+        if self.ca is not None:
+            self.ca.remove()
+            self.ca = None
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def cleanup_run_dir(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
