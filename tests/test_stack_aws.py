@@ -26,7 +26,7 @@ import yaml
 from sandbox.aws_server import AwsServer
 from sandbox.cfn_template import load_template
 from sandbox.imds_server import ImdsServer
-from sandbox.stack.aws_resources import NOT_CREATED, create_in_aws
+from sandbox.stack.aws_resources import NOT_CREATED, create_in_aws, update_in_aws
 from sandbox.stack.model import TEMPLATE, StackModel
 
 REGION = "us-east-1"
@@ -311,3 +311,35 @@ def test_task_role_credentials_from_assume_role_are_held_to_the_task_role(stack)
         sts.assume_role, RoleArn=model.get_att("SchedulerRole", "Arn"), RoleSessionName="xx"
     )
     assert "sts:AssumeRole on resource: " + model.get_att("SchedulerRole", "Arn") in str(err)
+
+
+def updated_template(tmp_path, revision: str = "sandbox-2", timeout: str = "45"):
+    """A copy of the template: ConfigRevision's default bumped and one Airflow setting added
+    ([core] dagbag_import_timeout as an SSM parameter of the stack)."""
+    template = load_template(TEMPLATE)
+    template["Parameters"]["ConfigRevision"]["Default"] = revision
+    template["Resources"]["ParamDagbagImportTimeout"] = {
+        "Type": "AWS::SSM::Parameter",
+        "Properties": {
+            "Name": {"Fn::Sub": "/airflow/${AWS::StackName}/core/dagbag_import_timeout"},
+            "Type": "String",
+            "Value": timeout,
+        },
+    }
+    path = tmp_path / "airflow-cluster-updated.yaml"
+    path.write_text(yaml.safe_dump(template, sort_keys=False))
+    return path
+
+
+def test_a_stack_update_writes_what_changed_and_keeps_the_rest(stack, tmp_path):
+    model, _report, aws = stack
+    new = StackModel.load(updated_template(tmp_path), workers=3)
+    changed = update_in_aws(model, new, aws)
+    path = f"/airflow/{model.stack_name}/core/dagbag_import_timeout"
+    assert changed == [("ParamDagbagImportTimeout", f"created {path}")]
+    assert aws.client("ssm").get_parameter(Name=path)["Parameter"]["Value"] == "45"
+    # the generated values and physical ids are the same stack's
+    assert new.parameters["FernetKey"] == model.parameters["FernetKey"]
+    assert new.ref("BrokerUrlSecret") == model.ref("BrokerUrlSecret")
+    text = new.init_metadata("worker")["configure"]["files"]["/etc/airflow-agent/roles/worker.yaml"]
+    assert "# config revision: sandbox-2" in text["content"]

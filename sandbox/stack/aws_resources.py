@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from sandbox.stack.aws_resources_more import HANDLERS_MORE
 from sandbox.stack.model import StackModel
+from sandbox.stack.parameters import sandbox_overrides
 
 # types the sandbox does not create, and why (what stands in for them)
 NOT_CREATED = {
@@ -310,3 +311,54 @@ HANDLERS: Dict[str, Callable[..., Any]] = {
     "AWS::IAM::ManagedPolicy": _managed_policy,
     **HANDLERS_MORE,
 }
+
+
+def update_in_aws(old: StackModel, new: StackModel, aws) -> List[Tuple[str, str]]:
+    """A stack update of what the instances read: SSM parameters whose value changed are
+    overwritten, secrets whose SecretString changed get a new version (as CloudFormation
+    updates them in place). `new` takes over `old`'s physical ids and generated values.
+    Returns (logical id, what changed). Anything else that differs is refused by name."""
+    for attr in ("physical", "attributes", "secret_values", "ssm_values", "endpoint_hosts"):
+        setattr(new, attr, getattr(old, attr))
+    generated = {
+        k for k, v in sandbox_overrides().items() if isinstance(v, dict) and "generate" in v
+    }
+    for name, value in old.parameters.items():
+        # taken from the embedded AWS, or made at launch: the update keeps the previous value
+        if isinstance(new.parameters.get(name), dict) or name in generated:
+            new.parameters[name] = value
+    changed: List[Tuple[str, str]] = []
+    for rid in new.creation_order():
+        rtype = new.resources[rid]["Type"]
+        if rid not in old.resources or not old.active(rid):
+            if rtype not in HANDLERS:
+                raise ValueError(f"stack update adds {rid} ({rtype}): not created by the sandbox")
+            new.physical[rid] = HANDLERS[rtype](new, aws, rid, CreatedReport())
+            changed.append((rid, f"created {new.physical[rid]}"))
+            continue
+        before, after = old.properties(rid), new.properties(rid)
+        if before == after:
+            continue
+        if (
+            rtype == "AWS::SSM::Parameter"
+            and set(before) == set(after)
+            and before["Name"] == after["Name"]
+        ):
+            aws.client("ssm").put_parameter(
+                Name=after["Name"], Value=str(after["Value"]), Type=after["Type"], Overwrite=True
+            )
+            new.ssm_values[after["Name"]] = str(after["Value"])
+            changed.append((rid, f"{after['Name']} = {after['Value']}"))
+        elif rtype == "AWS::SecretsManager::Secret" and "SecretString" in after:
+            aws.client("secretsmanager").put_secret_value(
+                SecretId=new.ref(rid), SecretString=after["SecretString"]
+            )
+            new.secret_values[new.ref(rid)] = after["SecretString"]
+            changed.append((rid, "new secret version"))
+        elif rtype not in HANDLERS:
+            changed.append((rid, "not created in the embedded AWS: nothing to update"))
+        else:
+            raise ValueError(
+                f"stack update changes {rid} ({rtype}): not implemented by the sandbox"
+            )
+    return changed

@@ -163,6 +163,7 @@ class Stack:
             self.members.append(member)
             self._serve_imds(member, group)
             t = time.monotonic()
+            (self.run_dir / member.name).mkdir(parents=True, exist_ok=True)
             member.instance = Instance(
                 member.name, role, self.model, self.switch, self.aws_at, member.imds, self.ca,
                 shared_dir=self.run_dir / member.name,
