@@ -244,7 +244,7 @@ def load_metadata(stack: str, resource: str) -> Dict[str, Any]:
     if doc.get("stack") not in (stack, doc.get("stack_id")):
         raise InitFailed(f"stack {stack} is not {doc.get('stack')}")
     try:
-        return doc["resources"][resource]["AWS::CloudFormation::Init"]
+        return doc["resources"][resource]["Metadata"]["AWS::CloudFormation::Init"]
     except KeyError:
         raise InitFailed(f"resource {resource} has no AWS::CloudFormation::Init") from None
 

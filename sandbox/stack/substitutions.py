@@ -78,6 +78,15 @@ UNIT_DROPINS = {
     ),
 }
 
+# Commands run in each host before its UserData (inside its overlay only).
+HOST_ADJUSTMENTS = (
+    (
+        ("chmod", "0711", "/root"),
+        "the prebuilt venvs' python lives under /root/.pyenv: the airflow user must traverse "
+        "/root to run them (on an instance the venvs use /usr/bin/python3.11)",
+    ),
+)
+
 # cfn-init / cfn-hup themselves: no Python 3 aws-cfn-bootstrap 2.0 on any registry reachable
 # here, so /opt/aws/bin/cfn-init is sandbox/stack/cfn_init_apply.py and /opt/aws/bin/cfn-hup is
 # sandbox/stack/cfn_hup.py; they read the stack's resolved metadata from METADATA_FILE, which
@@ -87,8 +96,14 @@ CONTEXT_FILE = "/var/lib/aea-sandbox/cfn/context.json"
 SIGNAL_FILE = "/var/lib/aea-sandbox/cfn/signals.jsonl"
 BOOTSTRAP_WHY = (
     "cfn-init/cfn-hup 2.0 are on no reachable registry; the sandbox's own implement the "
-    "template's subset and read the resolved metadata from a file the supervisor writes"
+    "template's subset and read the resolved metadata from a file the supervisor writes; "
+    "cfn-hup also takes SIGUSR1 as 'check now', so a stack update does not wait out its "
+    "interval (minutes); cfn-signal records its arguments for the supervisor"
 )
+# Also on every instance: the sandbox CA (sandbox/stack/tls.py) in the system trust store,
+# since the broker's and database's certificates are signed by it instead of Amazon's CAs;
+# and /etc/hosts naming the template's endpoints (10.77.0.1) and the ip-10-77-0-N hostnames,
+# as the VPC's DNS would.
 
 _NETWORK = re.compile(r"https?://|\bcurl\b|\bwget\b|\bdnf\b|\byum\b|\bpip3? install\b")
 
