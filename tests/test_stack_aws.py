@@ -28,6 +28,7 @@ from sandbox.cfn_template import load_template
 from sandbox.imds_server import ImdsServer
 from sandbox.stack.aws_resources import NOT_CREATED, create_in_aws, update_in_aws
 from sandbox.stack.model import TEMPLATE, StackModel
+from sandbox.stack.scenario import updated_template
 
 REGION = "us-east-1"
 
@@ -311,24 +312,6 @@ def test_task_role_credentials_from_assume_role_are_held_to_the_task_role(stack)
         sts.assume_role, RoleArn=model.get_att("SchedulerRole", "Arn"), RoleSessionName="xx"
     )
     assert "sts:AssumeRole on resource: " + model.get_att("SchedulerRole", "Arn") in str(err)
-
-
-def updated_template(tmp_path, revision: str = "sandbox-2", timeout: str = "45"):
-    """A copy of the template: ConfigRevision's default bumped and one Airflow setting added
-    ([core] dagbag_import_timeout as an SSM parameter of the stack)."""
-    template = load_template(TEMPLATE)
-    template["Parameters"]["ConfigRevision"]["Default"] = revision
-    template["Resources"]["ParamDagbagImportTimeout"] = {
-        "Type": "AWS::SSM::Parameter",
-        "Properties": {
-            "Name": {"Fn::Sub": "/airflow/${AWS::StackName}/core/dagbag_import_timeout"},
-            "Type": "String",
-            "Value": timeout,
-        },
-    }
-    path = tmp_path / "airflow-cluster-updated.yaml"
-    path.write_text(yaml.safe_dump(template, sort_keys=False))
-    return path
 
 
 def test_a_stack_update_writes_what_changed_and_keeps_the_rest(stack, tmp_path):

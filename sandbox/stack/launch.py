@@ -190,7 +190,17 @@ class Stack:
         self.standins["load balancer"] = lb = LoadBalancer.from_model(
             self.model, self.switch, targets
         ).start()
-        wait_for(lambda: self._all_healthy(lb), 300, "the load balancer's targets to be healthy")
+        try:
+            wait_for(
+                lambda: self._all_healthy(lb), 300, "the load balancer's targets to be healthy"
+            )
+        except TimeoutError as exc:
+            tails = "\n".join(
+                f"--- {m.name} ---\n{m.instance.journal()[-2500:]}"
+                for m in self.members
+                if m.group == name
+            )
+            raise TimeoutError(f"{exc}: {lb.target_health()}\n{tails}") from exc
         self.progress(f"  load balancer stand-in: {len(targets)} healthy target(s)")
 
     @staticmethod
@@ -265,14 +275,16 @@ class Stack:
         self.members.remove(member)
         self.write_state()
 
-    def update(self, model: StackModel) -> Dict[str, Dict[str, Any]]:
-        """A stack update of the instances' metadata: every instance's cfn-hup hook runs."""
-        model.physical, model.attributes = self.model.physical, self.model.attributes
-        model.secret_values, model.ssm_values = self.model.secret_values, self.model.ssm_values
-        model.endpoint_hosts = self.model.endpoint_hosts
-        results = {m.name: m.instance.apply_update(model) for m in self.members}
+    def update(self, model: StackModel) -> Dict[str, Any]:
+        """A stack update: what changed in the embedded AWS (update_in_aws), then the new
+        metadata reaches every instance through its cfn-hup, whose hook action runs."""
+        from sandbox.stack.aws_resources import update_in_aws
+
+        assert self.model is not None and self.aws is not None
+        changed = update_in_aws(self.model, model, self.aws)
+        hooks = {m.name: m.instance.apply_update(model) for m in self.members}
         self.model = model
-        return results
+        return {"changed": changed, "hooks": hooks}
 
     # -- state, down -------------------------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""The launched stack (issue 11 Build 5): cloudformation/airflow-cluster.yaml as it ships, with
+the example's parameters, one scheduler, two api-servers behind the load balancer's stand-in and
+two workers, every instance built by its launch template's UserData, IAM enforced. One stack
+for the whole module (it takes minutes); the tests run in order on it:
+
+- the schema is migrated once, on the scheduler, before any api-server or worker starts;
+- the admin logs in with the template's credentials (one password, from its secret) on both
+  api-servers and through the load balancer;
+- a DAG bundle deployed to every instance through codedeploy/appspec.yml; with tasks in flight
+  on a worker, a second one: the tasks' live log is read through the api-server from the
+  worker's log server, the worker drains (none killed: every task success on try 1);
+- Variables put in the template's variables secret reach Airflow;
+- a stack update (ConfigRevision + one Airflow setting, in a copy of the template) lands on
+  every instance through its cfn-hup hook;
+- a worker scale-in through the termination lifecycle hook: drained, then exactly one
+  CompleteLifecycleAction;
+- with the real template, no request was refused and no journal holds an AccessDenied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from sandbox.stack.airflow_api import AirflowApi
+from sandbox.stack.launch import Stack
+from sandbox.stack.model import StackModel
+from sandbox.stack.scenario import (
+    DAG,
+    admin_credentials,
+    deploy_everywhere,
+    revision,
+    unit_last_logged_at,
+    unit_started_at,
+    updated_template,
+)
+
+pytestmark = [pytest.mark.systemd, pytest.mark.airflow, pytest.mark.aws, pytest.mark.redis]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stack")
+    s = Stack(workers=2, run_dir=run_dir).up()
+    yield s
+    s.down()
+
+
+@pytest.fixture(scope="module")
+def api(stack) -> AirflowApi:
+    """The API through the load balancer's DNS name, from the scheduler instance, logged in."""
+    lb = stack.model.endpoints()["LoadBalancer"]
+    client = AirflowApi(stack.role_members("scheduler")[0], f"http://{lb}")
+    client.login(*admin_credentials(stack))
+    return client
+
+
+def test_the_schema_is_migrated_once_before_api_servers_and_workers_start(stack):
+    (scheduler,) = stack.role_members("scheduler")
+    # the scheduler configSet's `airflow db migrate` (a transient unit), finished at:
+    migrated = unit_last_logged_at(scheduler, "airflow-db-migrate.service")
+    assert migrated is not None, scheduler.instance.journal()[-3000:]
+    for member in stack.role_members("webserver") + stack.role_members("worker"):
+        # nothing but the scheduler group migrated
+        assert unit_last_logged_at(member, "airflow-db-migrate.service") is None, member.name
+        unit = "airflow-api-server" if member.role == "webserver" else "airflow-worker"
+        started = unit_started_at(member, unit)
+        assert started is None or started > migrated, (member.name, started, migrated)
+    for member in stack.role_members("webserver"):
+        assert unit_started_at(member, "airflow-api-server") is not None, member.name
+
+
+def test_the_admin_logs_in_on_every_api_server_with_one_password(stack, api):
+    user, password = admin_credentials(stack)
+    port = int(stack.model.prop("ApiServerTargetGroup", "Port"))
+    scheduler = stack.role_members("scheduler")[0]
+    for member in stack.role_members("webserver"):
+        direct = AirflowApi(scheduler, f"http://{member.instance.address}:{port}")
+        token = direct.login(user, password)
+        assert token
+        assert direct.ok("GET", "/api/v2/monitor/health")["metadatabase"]["status"] == "healthy"
+        status, _ = AirflowApi(scheduler, direct.base).call(
+            "POST", "/auth/token", {"username": user, "password": password + "x"}
+        )
+        assert status in (401, 403)
+    assert api.ok("GET", "/api/v2/version")["version"]
+
+
+def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stack, api, tmp_path):
+    first = deploy_everywhere(stack, revision(tmp_path / "v1", "v1"), "d-V1")
+    assert all(d.succeeded for d in first.values()), {n: d.message for n, d in first.items()}
+    api.wait_dag(DAG)
+    api.trigger(DAG, "inflight", {"seconds": 45})
+    running = api.wait_running(DAG, "inflight", 2)
+    # the live log of a running task, served by the worker's log server via the api-server
+    log = api.task_log(DAG, "inflight", running[0]["task_id"], running[0]["try_number"])
+    assert re.search(r"sandbox task t\d on ip-10-77-0-\d+", log), log[-2000:]
+    second = deploy_everywhere(stack, revision(tmp_path / "v2", "v2"), "d-V2")
+    assert all(d.succeeded for d in second.values()), {n: d.message for n, d in second.items()}
+    stops = [e for d in second.values() for e in d.events if e.event == "ApplicationStop"]
+    assert stops and all(e.ok for e in stops)
+    assert api.wait_run(DAG, "inflight")["state"] == "success"
+    tis = api.task_instances(DAG, "inflight")
+    assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
+
+
+def test_variables_come_from_the_templates_secret(stack, api):
+    sm = stack.aws.client("secretsmanager")
+    sm.put_secret_value(
+        SecretId=stack.model.ref("VariablesSecret"),
+        SecretString=json.dumps({"sandbox_greeting": "hello from the secret"}),
+    )
+    from sandbox.proc import wait_for
+
+    wait_for(
+        lambda: api.variable("sandbox_greeting") == "hello from the secret",
+        180,
+        "the variable to reach Airflow",
+        interval=3,
+    )
+
+
+def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, tmp_path):
+    new = StackModel.load(updated_template(tmp_path), workers=2)
+    result = stack.update(new)
+    assert (
+        "ParamDagbagImportTimeout",
+        f"created /airflow/{new.stack_name}/core/dagbag_import_timeout",
+    ) in result["changed"]
+    for member in stack.members:
+        assert result["hooks"][member.name]["rc"] == 0
+        h = member.instance.host
+        env = h.read_file("/etc/sysconfig/airflow.env").decode()
+        assert "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT=45" in env, member.name
+        agent_yaml = h.read_file("/etc/airflow-agent/agent.yaml").decode()
+        assert "# config revision: sandbox-2" in agent_yaml, member.name
+
+
+def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):
+    member = stack.role_members("worker")[-1]
+    result = stack.scale_in(member)
+    mine = [
+        a
+        for a in stack.aws.lifecycle_actions()
+        if a["action"] == "CompleteLifecycleAction"
+        and a["params"].get("InstanceId") == member.instance_id
+    ]
+    assert len(mine) == 1, mine
+    assert mine[0]["params"]["LifecycleActionResult"] == "CONTINUE"
+    state = member.instance.host.unit_property("airflow-worker", "ActiveState")
+    assert state in ("inactive", "failed") and state != "failed", state
+    assert "drain" in result["journal"].lower()
+    stack.remove(member)
+
+
+def test_no_access_denied_with_the_real_template(stack):
+    assert stack.aws.denials() == []
+    for member in stack.members:
+        assert "AccessDenied" not in member.instance.journal(), member.name
