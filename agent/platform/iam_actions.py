@@ -45,6 +45,13 @@ AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # agent/jobs/task_credentials/job.py: AssumeRole on the stack's task role (the only role
     # Airflow's processes get; they cannot reach IMDS), on every role
     "task credentials": ("sts:AssumeRole",),
+    # agent/jobs/drain/broker.py via agent/airflow/option_sources.py: the worker's
+    # AIRFLOW__CELERY__BROKER_URL_SECRET through Airflow's Secrets Manager backend settings
+    # (drain, ValidateService ping, lifecycle busy counts), with the instance role
+    "drain broker settings": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
+    # agent/jobs/worker_db/job.py (scheduler, after db migrate): the worker user's secret and the
+    # master URL through Airflow's sql_alchemy_conn_secret
+    "worker db user": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
 }
 
 OTHER_ACTIONS: Dict[str, Tuple[str, ...]] = {
@@ -82,6 +89,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "role",
         "bootstrap",
         "task credentials",
+        "worker db user",
         "variables sync",
         "airflow remote logs",
         "airflow config secrets",
@@ -105,6 +113,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "role",
         "bootstrap",
         "task credentials",
+        "drain broker settings",
         "lifecycle watch",
         "airflow remote logs",
         "airflow config secrets",
