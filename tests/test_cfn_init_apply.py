@@ -27,6 +27,7 @@ from sandbox.stack import substitutions as subst
 from sandbox.stack.cfn_init_apply import Applier, InitFailed
 from sandbox.stack.model import StackModel
 
+REPO = Path(__file__).resolve().parents[1]
 CONTEXT = {"wheelhouse": "/wh", "airflow_venv": "/venvs/airflow", "airflow_version": "3.3.2"}
 
 
@@ -223,3 +224,19 @@ def test_a_download_without_substitution_and_another_airflow_are_refused(
         Applier(
             {"c": {"packages": {"yum": {"gcc": []}}}}, CONTEXT, root=str(tmp_path)
         ).apply_config("c")
+
+
+def test_a_template_copy_with_an_unimplemented_init_key_is_refused(tmp_path: Path) -> None:
+    """Issue 11's acceptance, on a copy of the template: the Init the launch would apply
+    (the model's, as `up` and Instance.start() check it before booting) is refused, naming
+    the key; the unchanged template passes."""
+    text = (REPO / "cloudformation" / "airflow-cluster.yaml").read_text()
+    marker = "\n        configure:\n"
+    assert text.count(marker) == 1
+    copy_path = tmp_path / "airflow-cluster.yaml"
+    copy_path.write_text(
+        text.replace(marker, marker + "          users:\n            aea-extra: {groups: [x]}\n")
+    )
+    with pytest.raises(UnsupportedInitKey, match=r"configure\.users: config key not implemented"):
+        check_init(StackModel.load(copy_path).init_metadata("worker"))
+    check_init(StackModel.load().init_metadata("worker"))

@@ -2,7 +2,8 @@
 
 Two systemd test hosts joined by the switch exchange TCP over 10.77.0.0/24, reach a machine
 port forwarded to 10.77.0.1, and each serves its own IMDS at 169.254.169.254; the machine's own
-network namespace never gains a link or an address, during or after.
+network namespace never gains a link or an address, during or after. And the sandbox's
+cfn-init, as installed in an instance, drives services on a real systemd as cfn-init does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.stack.instance import install_cfn_tools, write_metadata
 from sandbox.stack.network import GATEWAY, Switch
 from sandbox.systemd_host import SystemdHost, wait_for
 
@@ -93,3 +95,62 @@ def test_two_hosts_talk_over_the_link_and_the_machine_is_untouched(tmp_path: Pat
         srv.server_close()
     assert _machine_net() == before, "the machine's namespace changed"
     assert switch.proc is not None and switch.proc.poll() is not None
+
+
+UNIT = "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"
+
+
+def test_cfn_init_services_on_a_real_systemd(tmp_path: Path) -> None:
+    """The sandbox's cfn-init (the /opt/aws/bin/cfn-init a launched instance runs): a service
+    is enabled and started; re-applying unchanged metadata restarts nothing; a change of one of
+    its `files`, or a run of one of its `commands`, restarts it; ensureRunning/enabled false
+    stop and disable it."""
+    init: dict = {
+        "configSets": {"one": ["c"]},
+        "c": {
+            "files": {
+                "/etc/systemd/system/aea-svc.service": {"content": UNIT, "mode": "000644"},
+                "/etc/aea/svc.conf": {"content": "v1\n", "mode": "000600"},
+            },
+            "commands": {"10-when-asked": {"command": "true", "test": "test -e /etc/aea/ask"}},
+            "services": {
+                "systemd": {
+                    "aea-svc": {
+                        "enabled": "true",
+                        "ensureRunning": True,
+                        "files": ["/etc/aea/svc.conf"],
+                        "commands": ["10-when-asked"],
+                    }
+                }
+            },
+        },
+    }
+    cmd = ["/opt/aws/bin/cfn-init", "-v", "--stack", "s", "--resource", "R", "--configsets", "one"]
+    with SystemdHost(tmp_path, name="aea-cfninit") as h:
+        install_cfn_tools(h, {})
+
+        def apply() -> int:
+            write_metadata(h, "s", "arn:s", "R", init)
+            h.run(cmd)
+            return h.main_pid("aea-svc.service")
+
+        first = apply()
+        assert first > 0
+        assert h.systemctl("is-enabled", "aea-svc.service").stdout.strip() == "enabled"
+        assert apply() == first, "unchanged metadata restarted the service"
+        init["c"]["files"]["/etc/aea/svc.conf"]["content"] = "v2\n"
+        second = apply()
+        assert second not in (0, first), "a changed file did not restart it"
+        h.run(["touch", "/etc/aea/ask"])
+        third = apply()
+        assert third not in (0, second), "a command that ran did not restart it"
+        init["c"]["services"]["systemd"]["aea-svc"].update(enabled=False, ensureRunning="false")
+        assert apply() == 0
+        assert h.systemctl("is-enabled", "aea-svc.service", check=False).stdout.strip() == (
+            "disabled"
+        )
+        # a failing command fails cfn-init (cfn-signal -e $? reports it)
+        init["c"]["commands"]["20-fails"] = {"command": "echo nope >&2; exit 9"}
+        write_metadata(h, "s", "arn:s", "R", init)
+        p = h.run(cmd, check=False)
+        assert p.returncode == 1 and "command 20-fails failed (rc 9):\nnope" in p.stderr

@@ -98,6 +98,29 @@ CFN_SIGNAL = (
 )
 
 
+def install_cfn_tools(host: SystemdHost, context: Dict[str, str]) -> None:
+    """/opt/aws/bin/cfn-init, cfn-hup, cfn-signal stand-ins, and the substitutions' context."""
+    host.write_file(subst.CONTEXT_FILE, json.dumps(context, indent=1), mode=0o600)
+    for tool, module in (
+        ("cfn-init", "sandbox.stack.cfn_init_apply"),
+        ("cfn-hup", "sandbox.stack.cfn_hup"),
+    ):
+        host.write_file(f"/opt/aws/bin/{tool}", _python_wrapper(module), mode=0o755)
+    host.write_file("/opt/aws/bin/cfn-signal", CFN_SIGNAL, mode=0o755)
+
+
+def write_metadata(
+    host: SystemdHost, stack: str, stack_id: str, resource: str, init: Dict[str, Any]
+) -> None:
+    """The stack's metadata where the stand-ins read it (root only: it is the stack's)."""
+    doc = {
+        "stack": stack,
+        "stack_id": stack_id,
+        "resources": {resource: {"Metadata": {"AWS::CloudFormation::Init": init}}},
+    }
+    host.write_file(subst.METADATA_FILE, json.dumps(doc, indent=1), mode=0o600)
+
+
 @heavy("systemd")
 class Instance:
     def __init__(
@@ -176,28 +199,19 @@ class Instance:
             "airflow_venv": str(AIRFLOW_VENV),
             "airflow_version": airflow_version(),
         }
-        self.host.write_file(subst.CONTEXT_FILE, json.dumps(context, indent=1), mode=0o600)
         self.write_metadata(init)
-        for tool, module in (
-            ("cfn-init", "sandbox.stack.cfn_init_apply"),
-            ("cfn-hup", "sandbox.stack.cfn_hup"),
-        ):
-            self.host.write_file(f"/opt/aws/bin/{tool}", _python_wrapper(module), mode=0o755)
-        self.host.write_file("/opt/aws/bin/cfn-signal", CFN_SIGNAL, mode=0o755)
+        install_cfn_tools(self.host, context)
 
     def write_metadata(self, init: Dict[str, Any]) -> None:
         """The stack's metadata as cfn-init/cfn-hup read it (root only: it is the stack's)."""
         assert self.host is not None
-        doc = {
-            "stack": self.model.stack_name,
-            "stack_id": self.model.pseudo["AWS::StackId"],
-            "resources": {
-                self.model.init_resource(self.role): {
-                    "Metadata": {"AWS::CloudFormation::Init": init}
-                }
-            },
-        }
-        self.host.write_file(subst.METADATA_FILE, json.dumps(doc, indent=1), mode=0o600)
+        write_metadata(
+            self.host,
+            self.model.stack_name,
+            self.model.pseudo["AWS::StackId"],
+            self.model.init_resource(self.role),
+            init,
+        )
 
     def _run_user_data(self, timeout: float) -> None:
         assert self.host is not None
