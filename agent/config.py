@@ -8,6 +8,7 @@ naming the dotted key and the file. The defaults here are the contract in the RE
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from agent.airflow.config_options import AirflowOptionsConfig
 from agent.config_schema import build
 from agent.errors import ConfigError
 from agent.jobs.env_sync.plan import refused_variable
@@ -156,15 +158,6 @@ class DeployConfig:
 
 
 @dataclass
-class AirflowOptionsConfig:
-    # an Airflow option's `_CMD` form (e.g. AIRFLOW__CELERY__BROKER_URL_CMD) runs as this user,
-    # as Airflow runs it; null: the agent refuses that form. Never root: the command comes
-    # from the env file, which the SSM parameter writers control
-    command_user: Optional[str] = "airflow"
-    command_timeout: float = 60.0
-
-
-@dataclass
 class AwsConfig:
     region: Optional[str] = None
     max_attempts: int = 6  # total attempts per call, the first included
@@ -179,6 +172,16 @@ class ImdsConfig:
     timeout: float = 1.0
     attempts: int = 3
     token_ttl: int = 21600
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The file a config was loaded from; sha256 of its bytes (None: absent, so defaults);
+    named by --config or $AIRFLOW_AGENT_CONFIG (then an absent file is an error)."""
+
+    path: str
+    sha256: Optional[str]
+    named: bool
 
 
 @dataclass
@@ -201,6 +204,8 @@ class AgentConfig:
     imds: ImdsConfig = field(default_factory=ImdsConfig)
     # where the config came from, for error messages; not a YAML key
     source: str = field(default="<defaults>", metadata={"internal": True})
+    # set by load_config (not a field: no key, not in asdict); the daemons watch it
+    loaded_from = None  # Optional[ConfigFile]
 
     def units_for(self, role: str) -> List[str]:
         """The role's Airflow units, in start order."""
@@ -348,22 +353,45 @@ def load_config(path: Optional[str] = None) -> AgentConfig:
     """Load agent.yaml from `path`, $AIRFLOW_AGENT_CONFIG or the default path.
 
     A missing file at the *default* path means defaults (a fresh instance before cfn-init);
-    a missing file that was named explicitly is an error.
+    a missing file that was named explicitly is an error. `cfg.loaded_from` records the file
+    and the hash of what was read.
     """
     named = path or os.environ.get(CONFIG_ENV_VAR)
     resolved = resolve_config_path(path)
+    data = read_config_file(resolved, bool(named))
+    if data is None:
+        cfg = config_from_dict({}, source=f"{resolved} (absent; defaults)")
+    else:
+        cfg = parse_config(data, resolved)
+    cfg.loaded_from = ConfigFile(resolved, config_sha256(data), bool(named))
+    return cfg
+
+
+def config_sha256(data: Optional[bytes]) -> Optional[str]:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def read_config_file(path: str, named: bool) -> Optional[bytes]:
+    """The file's bytes; None when it is absent and was not named."""
     try:
-        text = Path(resolved).read_text(encoding="utf-8")
+        return Path(path).read_bytes()
     except FileNotFoundError:
         if named:
-            raise ConfigError(f"{resolved}: config file not found") from None
-        return config_from_dict({}, source=f"{resolved} (absent; defaults)")
+            raise ConfigError(f"{path}: config file not found") from None
+        return None
     except OSError as exc:
-        raise ConfigError(f"{resolved}: cannot read config: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+
+
+def parse_config(data: bytes, path: str) -> AgentConfig:
     try:
-        data = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        parsed = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{resolved}: not valid YAML{where}") from None
-    return config_from_dict(data, source=resolved)
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return config_from_dict(parsed, source=path)

@@ -10,6 +10,7 @@ use a real NOTIFY_SOCKET and real time, for what only they show.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from typing import Callable, List, Optional, Tuple
 
 import pytest
 
+from agent.config import config_from_dict, load_config
 from agent.platform.notify import Notifier
+from agent.runtime.config_watch import CHECK_INTERVAL, EXIT_CONFIG_CHANGED, SETTLE
 from agent.runtime.daemon import Clock, Daemon, DaemonRuntime, Liveness, watchdog_interval
 from sandbox.notify_socket import NotifySocket
 
@@ -422,3 +425,138 @@ def test_real_time_pings_stop_on_a_hang_and_stopping_is_the_last_message(notify_
     # the pinger starts before the first pass (which may be long); READY=1 after it
     assert msgs.count("READY=1") == 1 and msgs[-1] == "STOPPING=1"
     assert msgs.count("STOPPING=1") == 1
+
+
+# -- agent.yaml changes: the runtime ends the daemon for systemd to start it on the new file --
+
+
+def loaded(tmp_path, text: str = "cluster: one\n", name: str = "agent.yaml"):
+    """A real config file and the AgentConfig load_config made of it."""
+    path = tmp_path / name
+    path.write_text(text)
+    return path, load_config(str(path))
+
+
+class Configured(Scripted):
+    def __init__(self, cfg, script: Callable[[int], float]):
+        super().__init__(script)
+        self.cfg = cfg  # as confapply, lifecycle watch and variables watch keep theirs
+
+
+def test_a_changed_agent_yaml_ends_the_daemon_with_the_restart_code_within_a_sleep(tmp_path):
+    path, cfg = loaded(tmp_path)
+    clock, notifier, rt = make()
+    clock.at(1030.0, lambda: path.write_text("cluster: two\n"))
+    d = Configured(cfg, lambda n: 600.0)
+    assert run(rt, clock, d) == EXIT_CONFIG_CHANGED == 75
+    # noticed in the 600 s sleep: seen at the first check after the write, acted on at the
+    # next one (the settle rule), STOPPING=1 and close() as on SIGTERM
+    assert d.passes == [1000.0]
+    assert 1030.0 + SETTLE <= clock.t <= 1030.0 + 2 * CHECK_INTERVAL
+    assert notifier.lines()[-1] == "STOPPING=1" and d.closed == 1
+    assert rt.config_changed and not rt.stopping
+
+
+def test_touch_and_identical_rewrites_change_nothing(tmp_path):
+    path, cfg = loaded(tmp_path)
+    clock, _notifier, rt = make()
+    for t in (1010.0, 1020.0, 1031.0):
+        clock.at(t, lambda: (path.write_text("cluster: one\n"), os.utime(path)))
+    clock.at(1100.0, rt.request_stop)
+    d = Configured(cfg, lambda n: 5.0)
+    assert run(rt, clock, d) == 0
+    assert len(d.passes) == 20 and not rt.config_changed
+
+
+def test_the_change_is_checked_before_each_pass_too(tmp_path):
+    """A daemon that never sleeps still sees it before a pass (never during one), and acts only
+    once the same new content has stood for SETTLE seconds."""
+    path, cfg = loaded(tmp_path)
+    clock, _notifier, rt = make()
+    written = []
+
+    def script(n: int) -> float:
+        if n == 2:
+            path.write_text("cluster: two\n")
+            written.append(clock.now())
+        clock.advance(0.25)  # a pass that takes its time
+        return 0.0
+
+    d = Configured(cfg, script)
+    assert run(rt, clock, d) == EXIT_CONFIG_CHANGED
+    # seen before pass 3; passes went on until it had stood SETTLE seconds, then no more
+    assert clock.t - written[0] >= SETTLE
+    assert len(d.passes) == 2 + int(SETTLE / 0.25)
+
+
+def test_content_that_does_not_load_keeps_the_daemon_running_and_says_so(tmp_path, caplog):
+    path, cfg = loaded(tmp_path)
+    clock, notifier, rt = make()
+    clock.at(1010.0, lambda: path.write_text("cluster: [unclosed\n"))
+    clock.at(1030.0, lambda: path.write_text("drain: {timeout: -1}\n"))
+    clock.at(1050.0, lambda: path.write_text("cluster: one\n"))  # reverted: all quiet again
+    clock.at(1070.0, rt.request_stop)
+    d = Configured(cfg, lambda n: 5.0)
+    with caplog.at_level(logging.ERROR):
+        assert run(rt, clock, d) == 0
+    assert not rt.config_changed
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2  # once per distinct bad content, not once per check
+    assert "not valid YAML" in errors[0] and "drain.timeout" in errors[1]
+    lines = notifier.lines()
+    assert any("cannot be loaded; still on the old one" in m for m in lines)
+    assert "cannot be loaded" not in lines[-2]  # the revert cleared it
+
+
+def test_a_half_written_file_is_not_acted_on_until_it_settles(tmp_path):
+    path, cfg = loaded(tmp_path)
+    clock, _notifier, rt = make()
+    # an in-place rewrite seen mid-way (valid YAML, but not the final content), then final
+    clock.at(1009.5, lambda: path.write_text("cluster: tw\n"))
+    clock.at(1010.5, lambda: path.write_text("cluster: two\n"))
+    d = Configured(cfg, lambda n: 600.0)
+    assert run(rt, clock, d) == EXIT_CONFIG_CHANGED
+    assert clock.t >= 1010.5 + SETTLE
+
+
+def test_a_repointed_symlink_counts_and_a_config_from_no_file_is_not_watched(tmp_path):
+    one = tmp_path / "roles" / "worker.yaml"
+    one.parent.mkdir()
+    one.write_text("cluster: w\n")
+    (tmp_path / "roles" / "scheduler.yaml").write_text("cluster: s\n")
+    link = tmp_path / "agent.yaml"
+    link.symlink_to(one)
+    cfg = load_config(str(link))
+    clock, _notifier, rt = make()
+
+    def repoint() -> None:
+        link.unlink()
+        link.symlink_to(tmp_path / "roles" / "scheduler.yaml")
+
+    clock.at(1020.0, repoint)
+    assert run(rt, clock, Configured(cfg, lambda n: 600.0)) == EXIT_CONFIG_CHANGED
+    # config_from_dict (tests, no file): nothing to watch, the sleep is one wait
+    clock, _notifier, rt = make()
+    clock.at(1500.0, rt.request_stop)
+    d = Configured(config_from_dict({}), lambda n: 600.0)
+    assert run(rt, clock, d) == 0 and rt.config_watch is None
+
+
+def test_a_named_file_that_disappears_is_a_problem_and_an_unnamed_one_means_defaults(
+    tmp_path, monkeypatch
+):
+    path, cfg = loaded(tmp_path)  # named: --config
+    clock, notifier, rt = make()
+    clock.at(1010.0, path.unlink)
+    clock.at(1060.0, rt.request_stop)
+    assert run(rt, clock, Configured(cfg, lambda n: 5.0)) == 0
+    assert any("cannot be loaded" in m for m in notifier.lines())
+    # the default path, absent at start (defaults): cfn-init writing it later is a change
+    default = tmp_path / "default.yaml"
+    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", str(default))
+    monkeypatch.delenv("AIRFLOW_AGENT_CONFIG", raising=False)
+    cfg = load_config()
+    assert cfg.loaded_from.sha256 is None and not cfg.loaded_from.named
+    clock, _notifier, rt = make()
+    clock.at(1010.0, lambda: default.write_text("cluster: written\n"))
+    assert run(rt, clock, Configured(cfg, lambda n: 600.0)) == EXIT_CONFIG_CHANGED

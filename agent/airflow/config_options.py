@@ -98,6 +98,16 @@ Runner = Callable[[str, str], str]  # (variable, command) -> stdout
 Lookup = Callable[["SecretsManagerConfig", str], Optional[str]]  # (backend, secret id) -> value
 
 
+@dataclass
+class AirflowOptionsConfig:
+    """agent.yaml `airflow_config`: an option's `_CMD` form (e.g.
+    AIRFLOW__CELERY__BROKER_URL_CMD) runs as `command_user`, as Airflow runs it; null refuses
+    that form. Never root: the command comes from the env file (agent.config checks)."""
+
+    command_user: Optional[str] = "airflow"
+    command_timeout: float = 60.0
+
+
 class OptionError(AgentError):
     """An Airflow option's form cannot be resolved the way Airflow would."""
 

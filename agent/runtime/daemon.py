@@ -18,7 +18,13 @@ rest, the same way for all of them:
 - the sleep between passes wakes early on stop, or on `nudge()` (an event another thread of
   the daemon saw, e.g. a file change);
 - time comes from an injected `Clock` (now, wait on an event, a periodic callback), so tests
-  can run the whole loop, pinger included, on virtual time.
+  can run the whole loop, pinger included, on virtual time;
+- agent.yaml is watched (agent/runtime/config_watch.py): the file the daemon's config was
+  loaded from (`config=`, else the daemon's own `cfg`) is hashed before each pass and every
+  `CHECK_INTERVAL` s of the sleep; once it holds different content that loads, the loop ends
+  as on SIGTERM (the pass in progress finishes, STOPPING=1, `close()`) and `run()` returns
+  `EXIT_CONFIG_CHANGED` (75), which the units' `Restart=` answers by starting the daemon on the
+  new file. Content that does not load is reported (log, STATUS=) and the daemon keeps running.
 
 The notify variables are removed from os.environ once the notifier holds its socket, so the
 processes a daemon starts (systemctl, the Airflow bridge) do not inherit them.
@@ -36,6 +42,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from agent.errors import EXIT_OK
 from agent.platform.notify import Notifier, detach_from_children
+from agent.runtime.config_watch import CHECK_INTERVAL, EXIT_CONFIG_CHANGED, ConfigWatch
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +132,8 @@ class Liveness:
 
 
 class Daemon:
-    """What a daemon supplies; `DaemonRuntime.run()` drives it."""
+    """What a daemon supplies; `DaemonRuntime.run()` drives it. A daemon whose `cfg` (an
+    AgentConfig) came from a file has that file watched (see the module docstring)."""
 
     def start(self) -> None:
         """Before the first pass (e.g. start watching files)."""
@@ -152,8 +160,12 @@ class DaemonRuntime:
         clock: Optional[Clock] = None,
         watchdog_usec: Any = _FROM_ENV,
         watchdog_fallback: Optional[float] = None,
+        config: Any = None,
     ):
         self.name = name
+        self.config = config
+        self.config_watch: Optional[ConfigWatch] = None
+        self.config_changed = False
         self.clock = clock or Clock()
         if watchdog_usec is _FROM_ENV:
             watchdog_usec = os.environ.get("WATCHDOG_USEC")
@@ -220,10 +232,50 @@ class DaemonRuntime:
             if not self._halted and self.liveness.alive():
                 self.notifier.watchdog()
 
+    def _watch_config(self, daemon: Daemon) -> None:
+        cfg = self.config if self.config is not None else getattr(daemon, "cfg", None)
+        loaded = getattr(cfg, "loaded_from", None)
+        if loaded is not None:
+            self.config_watch = ConfigWatch(loaded, self.clock.now)
+            log.info("%s: restarts when %s changes", self.name, loaded.path)
+
+    def _config_changed(self) -> bool:
+        if self.config_watch is None or not self.config_watch.check():
+            return False
+        log.info(
+            "%s: %s changed; stopping (exit %d) so systemd starts it on the new one",
+            self.name,
+            self.config_watch.loaded.path,
+            EXIT_CONFIG_CHANGED,
+        )
+        self.config_changed = True
+        return True
+
+    def _sleep(self, delay: float) -> None:
+        """The wait between passes: wakes on stop or nudge, and looks at agent.yaml meanwhile."""
+        if self.config_watch is None:
+            self.clock.wait(self._wake, delay)
+            return
+        end = self.clock.now() + delay
+        while True:
+            remaining = end - self.clock.now()
+            if remaining <= 0:
+                return
+            if self.clock.wait(self._wake, min(remaining, CHECK_INTERVAL)):
+                return
+            if self._config_changed():
+                return
+
+    def _status_text(self, daemon: Daemon) -> str:
+        text = daemon.status()
+        problem = self.config_watch.problem if self.config_watch is not None else ""
+        return f"{text}; {problem}" if text and problem else (text or problem)
+
     def run(self, daemon: Daemon) -> int:
         previous = self._install_signals()
         halt = threading.Event()
         self._halted = False
+        self._watch_config(daemon)
         try:
             daemon.start()
             if self.interval:
@@ -234,8 +286,10 @@ class DaemonRuntime:
                 # cleared before the pass, so a nudge during it is not lost
                 self._wake.clear()
                 self.liveness.beat()
+                if self.config_changed or (not first and self._config_changed()):
+                    break
                 delay = daemon.step()
-                text = daemon.status()
+                text = self._status_text(daemon)
                 if first:
                     first = False
                     self._status = text
@@ -251,7 +305,7 @@ class DaemonRuntime:
                 if self._stop.is_set():
                     break
                 with self.liveness.waiting():
-                    self.clock.wait(self._wake, max(0.0, delay))
+                    self._sleep(max(0.0, delay))
             if self.signal_received is not None:
                 log.info("%s: stopping on signal %d", self.name, self.signal_received)
         except Exception as exc:
@@ -267,4 +321,4 @@ class DaemonRuntime:
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
-        return EXIT_OK
+        return EXIT_CONFIG_CHANGED if self.config_changed else EXIT_OK
