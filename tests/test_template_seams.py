@@ -252,6 +252,36 @@ def test_one_admin_from_the_admin_secret_on_every_api_server(template, resolver)
     assert outputs["AdminPasswordSecretArn"]["Value"] == arn
 
 
+def unit_settings(unit: str) -> Dict[str, List[str]]:
+    """[Service] settings of a unit file in systemd/: name -> every value given."""
+    out: Dict[str, List[str]] = {}
+    section = None
+    for line in (SYSTEMD_DIR / f"{unit}.service").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_the_api_server_unit_may_open_the_passwords_file_read_write(template, resolver):
+    # SimpleAuthManager opens its passwords file with "a+"/"r+": under ProtectSystem=strict
+    # (or full) /etc is read-only unless ReadWritePaths= names the file's directory
+    target = Path(ssm_values(template, resolver)["core/simple_auth_manager_passwords_file"])
+    settings = unit_settings("airflow-api-server")
+    protect = (settings.get("ProtectSystem") or ["no"])[-1]
+    writable = [
+        Path(p.lstrip("-")) for value in settings.get("ReadWritePaths", []) for p in value.split()
+    ]
+    if protect in ("strict", "full") or (protect == "yes" and target.parts[1] in ("usr", "boot")):
+        assert any(target.parent == w or w in target.parent.parents for w in writable), (
+            f"{target} is read-only for airflow-api-server (ProtectSystem={protect}, "
+            f"ReadWritePaths={settings.get('ReadWritePaths')})"
+        )
+
+
 LOGIN_PROBE = """
 import json, sys
 from fastapi.testclient import TestClient
