@@ -1,10 +1,11 @@
-"""`make demo`: the agent's main jobs end to end on a local sandbox with embedded AWS.
+"""`make demo`: cloudformation/airflow-cluster.yaml launched locally (sandbox/demo_stack.py):
+what the template created, what each instance did, a deployment with tasks in flight, a stack
+update, a scale-in, with figures. Everything started here is stopped here.
 
-Part 1 (always): embedded AWS + strict IMDSv2, a realistic set of Airflow parameters
-(SecureStrings among them), `env sync` shown with values redacted, one parameter changed and
-the diff shown, a re-run showing "unchanged". Later parts run the sandbox instance (a real
-systemd in private namespaces) when their modules are present: confapply restarts and a
-CodeDeploy deployment that drains a worker. Everything started here is stopped here.
+`python -m sandbox.demo parts` runs the earlier single-instance demo instead: `env sync` on
+embedded AWS + strict IMDSv2 with a realistic parameter set (values redacted, a change shown as
+a diff, a refused suspicious result), then confapply restarts and a CodeDeploy drain on one
+sandbox instance (sandbox/demo_confapply.py, sandbox/demo_deploy.py).
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def env_sync_demo(aws: AwsServer, imds: ImdsServer, work: Path) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["parts"]:
+        return parts()
+    from sandbox import demo_stack
+
+    return demo_stack.main()
+
+
+def parts() -> int:
     work = Path(tempfile.mkdtemp(prefix="airflow-agent-demo-"))
     try:
         with AwsServer() as aws, ImdsServer() as imds:

@@ -24,6 +24,8 @@ import re
 
 import pytest
 
+from agent.platform.envfile import parse_env
+from sandbox.proc import wait_for
 from sandbox.stack.airflow_api import AirflowApi
 from sandbox.stack.launch import Stack
 from sandbox.stack.model import StackModel
@@ -112,8 +114,7 @@ def test_variables_come_from_the_templates_secret(stack, api):
         SecretId=stack.model.ref("VariablesSecret"),
         SecretString=json.dumps({"sandbox_greeting": "hello from the secret"}),
     )
-    from sandbox.proc import wait_for
-
+    # the scheduler's variables watch polls the secret every variables.watch_interval (30 s)
     wait_for(
         lambda: api.variable("sandbox_greeting") == "hello from the secret",
         180,
@@ -132,8 +133,8 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, tmp_path)
     for member in stack.members:
         assert result["hooks"][member.name]["rc"] == 0
         h = member.instance.host
-        env = h.read_file("/etc/sysconfig/airflow.env").decode()
-        assert "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT=45" in env, member.name
+        env = parse_env(h.read_file("/etc/sysconfig/airflow.env"))
+        assert env.get("AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT") == "45", member.name
         agent_yaml = h.read_file("/etc/airflow-agent/agent.yaml").decode()
         assert "# config revision: sandbox-2" in agent_yaml, member.name
 
@@ -149,13 +150,13 @@ def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):
     ]
     assert len(mine) == 1, mine
     assert mine[0]["params"]["LifecycleActionResult"] == "CONTINUE"
-    state = member.instance.host.unit_property("airflow-worker", "ActiveState")
-    assert state in ("inactive", "failed") and state != "failed", state
+    assert member.instance.host.unit_property("airflow-worker", "ActiveState") == "inactive"
     assert "drain" in result["journal"].lower()
     stack.remove(member)
 
 
 def test_no_access_denied_with_the_real_template(stack):
     assert stack.aws.denials() == []
+    assert stack.aws.unevaluated_conditions() == []  # every condition of the template evaluated
     for member in stack.members:
         assert "AccessDenied" not in member.instance.journal(), member.name

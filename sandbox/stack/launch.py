@@ -68,8 +68,10 @@ class Stack:
         workers: Optional[int] = None,
         run_dir: Optional[Path] = None,
         progress: Callable[[str], None] = say,
+        extra: Optional[Dict[str, Any]] = None,
     ):
         self.template, self.params, self.workers = Path(template), params, workers
+        self.extra = extra
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="aea-stack-"))
         self.progress = progress
         self.aws: Optional[AwsServer] = None
@@ -109,7 +111,9 @@ class Stack:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.aws = AwsServer().start()
-        self.model = model = StackModel.load(self.template, self.params, workers=self.workers)
+        self.model = model = StackModel.load(
+            self.template, self.params, workers=self.workers, extra=self.extra
+        )
         self.progress(f"stack {model.stack_name}: creating the template's resources")
         self.report = self._timed("aws", lambda: create_in_aws(model, self.aws))
         self.progress(

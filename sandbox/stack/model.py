@@ -96,9 +96,11 @@ class StackModel(StackQueries):
         overrides: Union[None, Path, Dict[str, Any]] = None,
         stack_name: str = STACK_NAME,
         workers: Optional[int] = None,
+        extra: Optional[Dict[str, Any]] = None,
     ) -> StackModel:
         """The model of `template_path` with the example's parameter values (or `params`), the
-        sandbox overrides on top, and `workers` as the worker group's desired capacity."""
+        sandbox overrides on top, `extra` values on top of those (a test's), and `workers` as
+        the worker group's desired capacity."""
         values: Dict[str, Any] = {}
         if params is None or isinstance(params, (str, Path)):
             values.update(read_parameters(params or EXAMPLE_PARAMETERS))
@@ -108,6 +110,7 @@ class StackModel(StackQueries):
             values.update(sandbox_overrides(overrides or SANDBOX_PARAMETERS))
         else:
             values.update(overrides)
+        values.update(extra or {})
         if workers is not None:
             values["WorkerDesiredCapacity"] = str(workers)
             if int(values.get("WorkerMaxSize", workers)) < workers:
