@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from sandbox.cfn_init import UnsupportedInitKey
 from sandbox.stack.launch import RUN_DIR, STATE_FILE, Stack
+from sandbox.stack.model import StackError
 
 
 def _state(run_dir: Path) -> Optional[dict]:
@@ -71,6 +73,9 @@ def up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted: the stack is ended")
         return 130
+    except (StackError, UnsupportedInitKey) as exc:
+        print(f"sandbox up: refused: {exc}", file=sys.stderr)
+        return 2
     finally:
         stack.down()
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from sandbox.aws_server import AwsServer
+from sandbox.cfn_init import check_init
 from sandbox.imds_server import ImdsServer
 from sandbox.proc import wait_for
 from sandbox.stack.aws_resources import CreatedReport, create_in_aws
@@ -109,11 +110,14 @@ class Stack:
         from sandbox.stack.standins import Broker, Postgres
         from sandbox.stack.tls import SandboxCa
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.aws = AwsServer().start()
         self.model = model = StackModel.load(
             self.template, self.params, workers=self.workers, extra=self.extra
         )
+        # an Init the sandbox's cfn-init cannot apply is refused before anything starts
+        for group_rid in self.group_order():
+            check_init(model.init_metadata(self.role_of(group_rid)))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.aws = AwsServer().start()
         self.progress(f"stack {model.stack_name}: creating the template's resources")
         self.report = self._timed("aws", lambda: create_in_aws(model, self.aws))
         self.progress(
