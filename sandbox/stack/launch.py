@@ -19,6 +19,7 @@ a stack update through each instance's cfn-hup; `down()` ends everything, by PID
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ from sandbox.tiers import heavy
 
 RUN_DIR = Path(os.environ.get("AEA_SANDBOX_RUN", "/run/aea-sandbox"))
 STATE_FILE = "stack.json"
+# instances of one group boot concurrently (off until the link's attach is thread-safe)
+PARALLEL = False
 
 
 @dataclass
@@ -164,26 +167,39 @@ class Stack:
             AutoScalingGroupNames=[name]
         )["AutoScalingGroups"][0]
         self.progress(f"group {name}: {len(group['Instances'])} instance(s)")
+        members = []
         for inst in group["Instances"]:
             member = Member(
                 inst["InstanceId"], role, name, inst["AvailabilityZone"], ImdsServer().start()
             )
             self.members.append(member)
             self._serve_imds(member, group)
-            t = time.monotonic()
             (self.run_dir / member.name).mkdir(parents=True, exist_ok=True)
             member.instance = Instance(
                 member.name, role, self.model, self.switch, self.aws_at, member.imds, self.ca,
                 shared_dir=self.run_dir / member.name,
-            ).start()  # fmt: skip
-            self.timings[member.name] = time.monotonic() - t
-            self.progress(
-                f"  {member.name} ({member.instance_id}) at {member.instance.address}: "
-                f"{self.model.configset_for(role)} configSet applied, cfn-signal 0 "
-                f"({self.timings[member.name]:.0f}s)"
-            )
+            )  # fmt: skip
+            members.append(member)
+        # an Auto Scaling group launches its instances at once
+        workers = len(members) if PARALLEL else 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(self._boot, m) for m in members]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
         if self._needs_load_balancer(group_rid):
             self._start_load_balancer(group_rid)
+
+    def _boot(self, member: Member) -> None:
+        assert self.model is not None
+        t = time.monotonic()
+        member.instance.start()
+        self.timings[member.name] = time.monotonic() - t
+        self.progress(
+            f"  {member.name} ({member.instance_id}) at {member.instance.address}: "
+            f"{self.model.configset_for(member.role)} configSet applied, cfn-signal 0 "
+            f"({self.timings[member.name]:.0f}s)"
+        )
 
     def _needs_load_balancer(self, group_rid: str) -> bool:
         assert self.model is not None
