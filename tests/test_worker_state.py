@@ -190,15 +190,17 @@ def test_the_gate_reads_the_public_copy_when_the_record_is_out_of_reach(tmp_path
     assert gate_decision(cfg)[0] is False
 
 
-def test_a_public_directory_others_can_write_is_refused(tmp_path):
+def test_a_public_directory_others_can_write_is_not_written_and_the_record_still_is(
+    tmp_path, caplog
+):
     cfg = make_cfg(tmp_path)
     gate_path(cfg).parent.mkdir(mode=0o777)
     os.chmod(gate_path(cfg).parent, 0o777)
-    with (
-        pytest.raises(Exception, match="cannot write the worker gate file"),
-        WorkerRecord(cfg).hold("test") as held,
-    ):
-        held.require_start("x")
+    with WorkerRecord(cfg).hold("test") as held:
+        held.require_start("x")  # a drain must not fail half-way over the copy
+    assert not gate_path(cfg).exists()
+    assert "cannot write the worker gate file" in caplog.text
+    assert record(cfg).state == sp.RUNNING
 
 
 def test_a_damaged_record_holds_the_worker(tmp_path):
@@ -405,8 +407,8 @@ def test_lifecycle_marks_terminating_and_a_failure_to_does_not_stop_the_drain(tm
     assert record(cfg).terminating == sp.SPOT  # the first cause stays
     (tmp_path / "b").mkdir()
     broken = make_cfg(tmp_path / "b", marker=True)
-    gate_path(broken).parent.mkdir(mode=0o777)
-    os.chmod(gate_path(broken).parent, 0o777)  # the public copy cannot be written
+    # the record cannot be touched at all (its lock file cannot be opened): logged, not raised
+    (tmp_path / "b" / "state" / "worker.lock").mkdir(parents=True)
     record_terminating(broken, StateStore(broken.state_dir), "terminate", "target:Terminated")
     assert "cannot mark the worker terminating" in caplog.text
 
