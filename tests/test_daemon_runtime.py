@@ -560,3 +560,16 @@ def test_a_named_file_that_disappears_is_a_problem_and_an_unnamed_one_means_defa
     clock, _notifier, rt = make()
     clock.at(1010.0, lambda: default.write_text("cluster: written\n"))
     assert run(rt, clock, Configured(cfg, lambda n: 600.0)) == EXIT_CONFIG_CHANGED
+
+
+def test_a_problem_found_while_sleeping_shows_in_status_at_once(tmp_path):
+    path, cfg = loaded(tmp_path)
+    clock, notifier, rt = make()
+    clock.at(1010.0, lambda: path.write_text("units: {chef: [x]}\n"))
+    clock.at(1100.0, rt.request_stop)
+    d = Configured(cfg, lambda n: 600.0)
+    assert run(rt, clock, d) == 0
+    shown = [(t, m) for t, m in notifier.sent if "cannot be loaded" in m]
+    assert shown and 1010.0 <= shown[0][0] <= 1010.0 + CHECK_INTERVAL
+    assert shown[0][1] == f"STATUS=1; {path} changed but cannot be loaded; still on the old one"
+    assert d.passes == [1000.0]

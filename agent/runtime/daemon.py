@@ -166,6 +166,7 @@ class DaemonRuntime:
         self.config = config
         self.config_watch: Optional[ConfigWatch] = None
         self.config_changed = False
+        self._daemon: Optional[Daemon] = None
         self.clock = clock or Clock()
         if watchdog_usec is _FROM_ENV:
             watchdog_usec = os.environ.get("WATCHDOG_USEC")
@@ -265,6 +266,9 @@ class DaemonRuntime:
                 return
             if self._config_changed():
                 return
+            if self._daemon is not None:
+                # a problem found (or gone) while sleeping shows now, not after the next pass
+                self.status(self._status_text(self._daemon))
 
     def _status_text(self, daemon: Daemon) -> str:
         text = daemon.status()
@@ -275,6 +279,7 @@ class DaemonRuntime:
         previous = self._install_signals()
         halt = threading.Event()
         self._halted = False
+        self._daemon = daemon
         self._watch_config(daemon)
         try:
             daemon.start()
