@@ -8,20 +8,19 @@ naming the dotted key and the file. The defaults here are the contract in the RE
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
-
 from agent.airflow.config_options import AirflowOptionsConfig
+from agent.config_file import ConfigFile, config_sha256, parse_yaml, read_config_file
 from agent.config_schema import build
 from agent.errors import ConfigError
 from agent.jobs.env_sync.plan import refused_variable
+from agent.jobs.task_credentials.config import TaskCredentialsConfig, check_task_credentials
+from agent.jobs.worker_db.config import WorkerDbConfig, check_worker_db
 
 DEFAULT_CONFIG_PATH = "/etc/airflow-agent/agent.yaml"
 CONFIG_ENV_VAR = "AIRFLOW_AGENT_CONFIG"
@@ -34,10 +33,22 @@ DEFAULT_UNITS: Dict[str, List[str]] = {
     "worker": ["airflow-worker"],
 }
 
+# every role refreshes the task role's credentials (agent.jobs.task_credentials)
+_TASK_CREDENTIALS = "airflow-agent-task-credentials.timer"
 DEFAULT_AGENT_UNITS: Dict[str, List[str]] = {
-    "scheduler": ["airflow-agent-env", "airflow-agent-confapply", "airflow-agent-variables.timer"],
-    "webserver": ["airflow-agent-env", "airflow-agent-confapply"],
-    "worker": ["airflow-agent-env", "airflow-agent-confapply", "airflow-agent-lifecycle"],
+    "scheduler": [
+        "airflow-agent-env",
+        "airflow-agent-confapply",
+        "airflow-agent-variables.timer",
+        _TASK_CREDENTIALS,
+    ],
+    "webserver": ["airflow-agent-env", "airflow-agent-confapply", _TASK_CREDENTIALS],
+    "worker": [
+        "airflow-agent-env",
+        "airflow-agent-confapply",
+        "airflow-agent-lifecycle",
+        _TASK_CREDENTIALS,
+    ],
 }
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -174,16 +185,6 @@ class ImdsConfig:
     token_ttl: int = 21600
 
 
-@dataclass(frozen=True)
-class ConfigFile:
-    """The file a config was loaded from; sha256 of its bytes (None: absent, so defaults);
-    named by --config or $AIRFLOW_AGENT_CONFIG (then an absent file is an error)."""
-
-    path: str
-    sha256: Optional[str]
-    named: bool
-
-
 @dataclass
 class AgentConfig:
     cluster: str = "prod"
@@ -202,6 +203,8 @@ class AgentConfig:
     airflow_config: AirflowOptionsConfig = field(default_factory=AirflowOptionsConfig)
     aws: AwsConfig = field(default_factory=AwsConfig)
     imds: ImdsConfig = field(default_factory=ImdsConfig)
+    task_credentials: TaskCredentialsConfig = field(default_factory=TaskCredentialsConfig)
+    worker_db: WorkerDbConfig = field(default_factory=WorkerDbConfig)
     # where the config came from, for error messages; not a YAML key
     source: str = field(default="<defaults>", metadata={"internal": True})
     # set by load_config (not a field: no key, not in asdict); the daemons watch it
@@ -234,6 +237,8 @@ POSITIVE_KEYS = (
     "deploy.validate_timeout",
     "deploy.check_timeout",
     "airflow_config.command_timeout",
+    "task_credentials.refresh_before",
+    "worker_db.timeout",
     "aws.max_attempts",
     "aws.connect_timeout",
     "aws.read_timeout",
@@ -326,6 +331,9 @@ def _validate(cfg: AgentConfig) -> None:
         fail("imds.token_ttl", "must be 1..21600 seconds")
     if not cfg.systemctl:
         fail("systemctl", "must be a command")
+    for bad in (check_task_credentials(cfg.task_credentials), check_worker_db(cfg.worker_db)):
+        if bad:
+            fail(*bad)
     if cfg.airflow_config.command_user in ("root", "0", ""):
         fail(
             "airflow_config.command_user",
@@ -367,31 +375,6 @@ def load_config(path: Optional[str] = None) -> AgentConfig:
     return cfg
 
 
-def config_sha256(data: Optional[bytes]) -> Optional[str]:
-    return None if data is None else hashlib.sha256(data).hexdigest()
-
-
-def read_config_file(path: str, named: bool) -> Optional[bytes]:
-    """The file's bytes; None when it is absent and was not named."""
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        if named:
-            raise ConfigError(f"{path}: config file not found") from None
-        return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-
-
 def parse_config(data: bytes, path: str) -> AgentConfig:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    return config_from_dict(parsed, source=path)
+    """A config from a file's bytes (ConfigError naming the file and what is wrong)."""
+    return config_from_dict(parse_yaml(data, path), source=path)

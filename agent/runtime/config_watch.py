@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, Tuple
 
-from agent.config import ConfigFile, config_sha256, parse_config, read_config_file
+from agent.config import parse_config
+from agent.config_file import ConfigFile, config_sha256, read_config_file
 from agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
