@@ -297,7 +297,8 @@ def test_agent_yaml_names_the_templates_resources(template, resolver, role):
         assert match_group(cfg.role.groups, group)[1] == r
     asg_tags = {t["Key"]: t["Value"] for t in res[f"{LOGICAL[role]}Group"]["Properties"]["Tags"]}
     assert asg_tags[cfg.role.tag] == role
-    # jobs that name resources
+    # jobs that name resources: every role hands Airflow the task role's credentials
+    assert cfg.task_credentials.role_arn == resolver.get_att("TaskRole", "Arn")
     if role == "scheduler":
         assert cfg.variables.secret_id == resolver.ref("VariablesSecret")
     else:
@@ -712,7 +713,8 @@ def test_cfn_init_metadata_is_in_one_place_and_roles_differ_only_in_their_own_pa
     common = None
     for role, text in texts.items():
         data = yaml.safe_load(text)
-        assert set(data) - {"cluster", "role", "units", "env"} == role_specific[role], role
+        common_keys = {"cluster", "role", "units", "env", "task_credentials"}
+        assert set(data) - common_keys == role_specific[role], role
         assert data["role"].pop("override") == role
         assert data.pop("units") == {role: DEFAULT_UNITS[role]}
         required = data["env"].pop("required")
