@@ -114,6 +114,15 @@ def write_credentials():
     os.rename(tmp, "/run/airflow-aws/credentials.json")
 
 
+def write_gate():
+    # the worker record's public copy, as agent/worker/state.py writes it (temp + rename)
+    tmp = "/var/lib/airflow-agent-gate/.worker.tmp"
+    with open(tmp, "w") as f:
+        f.write("terminating\n")
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, "/var/lib/airflow-agent-gate/worker")
+
+
 def tcp_socket():
     socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
     socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
@@ -158,7 +167,8 @@ if job == "env sync":
 elif job == "confapply":
     daemon([("read-env", read_env), ("restart", systemctl("restart", "aea-dummy.service"))])
 elif job == "lifecycle watch":
-    daemon([("tcp", tcp_socket), ("stop", systemctl("stop", "aea-dummy.service"))])
+    daemon([("tcp", tcp_socket), ("stop", systemctl("stop", "aea-dummy.service")),
+            ("write-gate", write_gate)])
 elif job == "variables sync":
     step("as-airflow", as_airflow)
     step("tcp", tcp_socket)
@@ -222,9 +232,18 @@ def test_install_units_creates_user_and_directories(host: SystemdHost) -> None:
     assert host.run(["id", "-un", "airflow"]).stdout.strip() == "airflow"
     assert host.run(["getent", "group", "airflow"]).returncode == 0
     modes = host.run(
-        ["stat", "-c", "%n %a %U %G", "/var/lib/airflow-agent", "/airflow", "/etc/sysconfig"]
+        [
+            "stat",
+            "-c",
+            "%n %a %U %G",
+            "/var/lib/airflow-agent",
+            "/var/lib/airflow-agent-gate",
+            "/airflow",
+            "/etc/sysconfig",
+        ]
     ).stdout.split("\n")
     assert "/var/lib/airflow-agent 700 root root" in modes
+    assert "/var/lib/airflow-agent-gate 755 root root" in modes  # the worker record's public copy
     assert "/airflow 755 airflow airflow" in modes
     for unit in AGENT_UNITS + AIRFLOW_UNITS + TIMERS:
         assert host.unit_property(unit, "LoadState") == "loaded", unit
@@ -287,7 +306,7 @@ def test_lifecycle_unit_can_stop_units(host: SystemdHost) -> None:
         10,
         "lifecycle stub ready",
     )
-    _assert_all_ok(res, ["state-dir", "tcp", "stop"])
+    _assert_all_ok(res, ["state-dir", "tcp", "stop", "write-gate"])
     assert host.unit_property("aea-dummy.service", "ActiveState") == "inactive"
     host.systemctl("stop", "airflow-agent-lifecycle.service")
 
