@@ -1,5 +1,9 @@
 """The agent resolves an option's env forms exactly as Airflow 3.3.2 does (the real Airflow).
 
+The second test: with the Amazon provider's real SecretsManagerBackend (Airflow venv) and the
+agent's own implementation both reading the embedded AWS, Airflow's `conf.get` and the agent
+return the same secret for every shape of backend kwargs (the template's included).
+
 Every combination of the plain, `_CMD` and `_SECRET` variables (present, absent, empty) for a
 sensitive option and a non-sensitive one is given to Airflow's own `conf.get` in the Airflow
 venv, with a real command and its secrets-backend read answering `secret:<key>`; the agent's
@@ -15,12 +19,17 @@ import json
 import shlex
 import subprocess
 
+import pytest
+
 from agent.airflow.config_options import (
     SECRETS_MANAGER_BACKEND,
     SENSITIVE_OPTIONS,
     AirflowOptions,
+    OptionError,
     env_var_name,
 )
+from agent.airflow.option_sources import secrets_manager_lookup
+from agent.config import config_from_dict
 from sandbox.airflow_cluster import AIRFLOW_VENV
 
 OPTIONS = [("celery", "broker_url"), ("database", "sql_alchemy_conn"), ("core", "executor")]
@@ -99,3 +108,82 @@ def test_precedence_and_sensitivity_match_airflow():
     assert mismatches == []
     # the cases cover every form winning
     assert {"plain-value", "", "/home/x/x", "from-a-command\n", "secret:the_key"} <= set(ours)
+
+
+# -- the Secrets Manager backend: the agent reads the secret Airflow's provider reads ----------
+
+PROVIDER_SIDE = r"""
+import json, os, sys
+from airflow.configuration import conf
+print(json.dumps(conf.get("celery", "broker_url", fallback=None)))
+"""
+
+
+@pytest.mark.parametrize(
+    "kwargs, secret_id",
+    [
+        # the template's (cloudformation/airflow-cluster.yaml ParamSecretsBackendKwargs)
+        (
+            {
+                "config_prefix": "airflow/st/config",
+                "connections_prefix": None,
+                "variables_prefix": None,
+                "region_name": "us-east-1",
+            },
+            "airflow/st/config/broker_url",
+        ),
+        ({"config_prefix": "airflow/st/config//"}, "airflow/st/config/broker_url"),
+        ({"config_prefix": "p", "sep": ":"}, "p:broker_url"),
+        ({"config_prefix": ""}, "broker_url"),
+        ({}, "airflow/config/broker_url"),
+        (
+            {"config_prefix": "airflow/st/config", "config_lookup_pattern": "^BROKER"},
+            "airflow/st/config/broker_url",
+        ),
+        ({"config_prefix": "airflow/st/config", "config_lookup_pattern": "^fernet"}, None),
+    ],
+)
+def test_the_agent_reads_the_secret_the_amazon_provider_reads(aws, kwargs, secret_id):
+    sm = aws.client("secretsmanager")
+    candidates = {
+        "airflow/st/config/broker_url",
+        "p:broker_url",
+        "broker_url",
+        "airflow/config/broker_url",
+    }
+    for n, name in enumerate(sorted(candidates)):
+        sm.create_secret(Name=name, SecretString=f"redis://:pw{n}@h{n}:6379/0")
+    env = {
+        "AIRFLOW__CELERY__BROKER_URL_SECRET": "broker_url",
+        "AIRFLOW__SECRETS__BACKEND": SECRETS_MANAGER_BACKEND,
+        "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps(kwargs),
+    }
+    proc = subprocess.run(
+        [str(AIRFLOW_VENV / "bin" / "python"), "-c", PROVIDER_SIDE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            env,
+            PATH="/usr/bin:/bin",
+            AIRFLOW_HOME="/nonexistent-airflow-home",
+            AWS_CONFIG_FILE="/dev/null",
+            AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+            **aws.client_env(),
+        ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    airflow_value = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cfg = config_from_dict({"aws": {"max_attempts": 2}})
+    options = AirflowOptions(env, "t", lookup_secret=secrets_manager_lookup(cfg))
+    if secret_id is None:
+        # the provider does not look it up: Airflow falls back to its default broker URL, the
+        # agent refuses to guess
+        assert airflow_value == "redis://redis:6379/0"
+        with pytest.raises(OptionError, match="does not look it up"):
+            options.get("celery", "broker_url")
+        return
+    expected = sm.get_secret_value(SecretId=secret_id)["SecretString"]
+    assert airflow_value == expected
+    assert options.get("celery", "broker_url").value == expected
