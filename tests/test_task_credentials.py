@@ -264,3 +264,12 @@ def test_a_process_configured_like_airflow_acts_as_the_task_role(tmp_path, task_
     assert got["arn"].startswith("arn:aws:sts::123456789012:assumed-role/airflow-test-task/")
     assert got["arn"].endswith("/airflow-test-i-0123456789abcdef0")  # cluster + instance id
     assert got["region"] == "us-east-1"
+
+
+def test_status_shows_the_last_result_then_role_and_expiry():
+    from agent.state import registration
+
+    entry = registration(TaskCredentialsDoc)
+    assert entry.status_key == "task_credentials" and entry.shown == ("last_result",)
+    doc = {"role_arn": ROLE, "expiration": NOW, "last_result": "refreshed", "last_refresh": NOW}
+    assert entry.detail(doc) == f", role {ROLE}, expires 2027-01-15T08:00:00Z"

@@ -7,9 +7,14 @@ A failed run is recorded by the job runner in the (when, result, reason) fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from agent.jobs.task_credentials.plan import summary
 from agent.state import StateDoc, register
+
+
+def _detail(doc: Dict[str, Any]) -> str:
+    return ", " + summary(doc)
 
 
 @dataclass
@@ -35,6 +40,7 @@ register(
     TaskCredentialsDoc,
     status_key="task_credentials",
     title="task credentials",
-    shown=("role_arn", "expiration", "last_result", "last_refresh"),
+    shown=("last_result",),
+    detail=_detail,  # the role and the expiry as a date; --json has every field
     optional=True,
 )
