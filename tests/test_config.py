@@ -193,3 +193,34 @@ def test_the_lock_timeout_default_fits_the_boot_units_start_timeout():
     unit = Path(__file__).resolve().parents[1] / "systemd" / "airflow-agent-env.service"
     (start_timeout,) = re.findall(r"^TimeoutStartSec=(\d+)$", unit.read_text(), re.M)
     assert config_from_dict({}).env.lock_timeout <= int(start_timeout) / 2
+
+
+def test_load_config_records_the_file_and_the_hash_of_what_it_read(tmp_path, monkeypatch):
+    import hashlib
+
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"cluster: x\n")
+    cfg = load_config(str(path))
+    assert cfg.loaded_from.path == str(path) and cfg.loaded_from.named
+    assert cfg.loaded_from.sha256 == hashlib.sha256(b"cluster: x\n").hexdigest()
+    # the default path, absent: defaults, and "absent" is what a later change is compared with
+    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", str(tmp_path / "none.yaml"))
+    monkeypatch.delenv("AIRFLOW_AGENT_CONFIG", raising=False)
+    cfg = load_config()
+    assert (cfg.loaded_from.sha256, cfg.loaded_from.named) == (None, False)
+    # built from a dict (tests): no file
+    assert config_from_dict({}).loaded_from is None
+    path.write_bytes(b"cluster: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(path))
+
+
+def test_airflow_config_defaults_and_checks():
+    cfg = config_from_dict({})
+    assert (cfg.airflow_config.command_user, cfg.airflow_config.command_timeout) == ("airflow", 60)
+    assert (
+        config_from_dict({"airflow_config": {"command_user": None}}).airflow_config.command_user
+        is None
+    )
+    with pytest.raises(ConfigError, match="airflow_config.command_user"):
+        config_from_dict({"airflow_config": {"command_user": "root"}})
