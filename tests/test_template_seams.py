@@ -603,3 +603,19 @@ def test_cfn_hup_hook_restarts_running_agent_daemons_only_when_agent_yaml_change
         calls = host.read_file("/var/log/hook-calls").decode().splitlines()
         assert [c.split()[0] for c in calls] == ["cfn-init", "airflow-agent"] * 2
         assert calls[-1] == "airflow-agent env sync"
+
+
+# -- what the template runs exists ----------------------------------------------------------------
+
+
+def test_every_agent_command_the_template_runs_is_one_the_agent_has(template, resolver):
+    # a command cfn-init (or the cfn-hup hook) runs that the CLI does not know fails the
+    # instance's boot or every update, and only on a launched stack
+    import re
+
+    from agent.cli import COMMANDS
+
+    text = json.dumps(resolver.resolve(template["Resources"]["InstanceConfig"]["Metadata"]))
+    used = set(re.findall(r"/usr/local/bin/airflow-agent ([a-z][a-z-]*)", text))
+    assert {"env", "bootstrap"} <= used
+    assert used - set(COMMANDS) == set(), f"the agent has no command {used - set(COMMANDS)}"
