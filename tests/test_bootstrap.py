@@ -88,8 +88,21 @@ def test_worker_boot_gate_enables_but_does_not_start(host, aws_server, imds_serv
     assert (
         host.systemctl("is-enabled", "airflow-scheduler", check=False).stdout.strip() == "disabled"
     )
-    # once a revision is deployed, the next run starts it
+    # the worker's record says fresh from now on: a marker file written by hand (AIRFLOW_HOME
+    # is the airflow user's) does not open the gate; only ApplicationStart does
     host.write_file("/airflow/.deployed-revision", "r1\n")
+    proc = bootstrap(host, aws_server, imds_server, "--role", "worker")
+    assert "boot gate holds" in proc.stderr
+    assert host.unit_property("airflow-worker", "ActiveState") == "inactive"
+    ah.agent(
+        host,
+        aws_server,
+        imds_server,
+        "deploy-hook",
+        "ApplicationStart",
+    )
+    host.wait_active("airflow-worker")
+    # once the record says running, the next run starts it (here: already running)
     bootstrap(host, aws_server, imds_server, "--role", "worker")
     host.wait_active("airflow-worker")
 

@@ -262,7 +262,10 @@ def test_apply_leaves_exactly_the_roles_units_enabled(host, aws_server, imds_ser
     assert active(host) == sched
     assert json.loads(host.read_file("/var/lib/airflow-agent/role.json"))["role"] == "scheduler"
 
-    # the instance becomes a worker: scheduler units stopped and disabled, shared ones kept
+    # the instance becomes a worker: scheduler units stopped and disabled, shared ones kept.
+    # It has a revision (no worker record yet: the marker makes it "running", so it starts;
+    # tests/test_boot_gate_systemd.py covers the fresh and terminating cases)
+    host.write_file("/airflow/.deployed-revision", "d-1\n")
     pid = host.main_pid("airflow-agent-confapply")
     ah.agent(host, aws_server, imds_server, "role", "--apply", "--role", "worker")
     worker = sorted(
