@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Set
 
 import boto3
 import pytest
+import yaml
 
 from agent.config import DEFAULT_UNITS, ROLES
 from sandbox.airflow_cluster import AIRFLOW_VENV
@@ -71,14 +72,24 @@ def resolver(template) -> Resolver:
     return resolver_for(template)
 
 
-def ssm_values(template, resolver) -> Dict[str, str]:
-    """SSM parameter path below /airflow/<stack>/ -> its value."""
-    prefix = f"/airflow/{STACK}/"
+def role_agent_yaml(template, resolver, role: str) -> Dict[str, Any]:
+    """The agent.yaml the template writes for `role` (configure's roles/<role>.yaml)."""
+    init = template["Resources"]["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
+    content = init["configure"]["files"][f"/etc/airflow-agent/roles/{role}.yaml"]["content"]
+    return yaml.safe_load(resolver.resolve(content))
+
+
+def ssm_values(template, resolver, role: str = "scheduler") -> Dict[str, str]:
+    """<section>/<key> -> value of the SSM parameters under the role's env.ssm_paths: what its
+    env file is rendered from."""
+    paths = role_agent_yaml(template, resolver, role)["env"]["ssm_paths"]
     out = {}
     for res in template["Resources"].values():
         if res["Type"] == "AWS::SSM::Parameter":
             name = resolver.resolve(res["Properties"]["Name"])
-            out[name[len(prefix) :]] = resolver.resolve(res["Properties"]["Value"])
+            path = next((x for x in paths if name.startswith(x)), None)
+            if path is not None:
+                out[name[len(path) :]] = resolver.resolve(res["Properties"]["Value"])
     return out
 
 
@@ -492,10 +503,25 @@ def test_check_migrations_waits_for_an_unmigrated_schema_and_passes_a_migrated_o
 # -- the task role -------------------------------------------------------------------------------
 
 
-def test_task_role_grants_what_airflow_calls_and_none_of_the_instances_powers(template, resolver):
+def task_role_of(template, resolver, role: str) -> str:
+    """Logical id of the task role the role's agent.yaml names."""
+    arn = role_agent_yaml(template, resolver, role)["task_credentials"]["role_arn"]
+    (rid,) = [
+        rid
+        for rid, res in template["Resources"].items()
+        if res["Type"] == "AWS::IAM::Role" and resolver.get_att(rid, "Arn") == arn
+    ]
+    return rid
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_task_role_grants_what_airflow_calls_and_none_of_the_instances_powers(
+    template, resolver, role
+):
     from agent.platform import iam_actions
 
-    props = template["Resources"]["TaskRole"]["Properties"]
+    task = task_role_of(template, resolver, role)
+    props = template["Resources"][task]["Properties"]
     stmts = [
         s for p in props["Policies"] for s in statements(resolver.resolve(p["PolicyDocument"]))
     ]
@@ -505,23 +531,30 @@ def test_task_role_grants_what_airflow_calls_and_none_of_the_instances_powers(te
         assert "*" not in as_list(st["Resource"]), st.get("Sid")
     # nothing of the instances' own powers: Auto Scaling, SSM, EC2, assuming roles
     assert not {a for a in granted if a.split(":")[0] in ("autoscaling", "ssm", "ec2", "sts")}
-    # the secrets Airflow reads on any role, the api secret key included (log servers)
-    values = ssm_values(template, resolver)
+    # the secrets Airflow reads on this role (the api secret key included: log servers), and
+    # no other config secret
+    values = ssm_values(template, resolver, role)
     prefix = json.loads(values["secrets/backend_kwargs"])["config_prefix"]
-    task = "TaskRole"
-    for name, value in values.items():
-        if name.endswith("_secret"):
-            arn = secret_arn_named(template, resolver, f"{prefix}/{value}")
-            assert any(
-                arn in as_list(st["Resource"])
-                and "secretsmanager:GetSecretValue" in as_list(st["Action"])
-                for st in stmts
-            ), (task, name)
-    # every instance role may assume it, and only it
-    arn = resolver.get_att("TaskRole", "Arn")
-    for role in ROLES:
-        assert role_allows(template, resolver, role, "sts:AssumeRole", arn), role
-        assert not role_allows(template, resolver, role, "sts:AssumeRole", arn + "-other"), role
+    readable = {
+        arn
+        for st in stmts
+        if "secretsmanager:GetSecretValue" in as_list(st["Action"])
+        for arn in as_list(st["Resource"])
+    }
+    wanted = {
+        secret_arn_named(template, resolver, f"{prefix}/{value}")
+        for name, value in values.items()
+        if name.endswith("_secret")
+    }
+    assert readable == wanted, (task, readable ^ wanted)
+    # the role's instances may assume it, and no other role
+    arn = resolver.get_att(task, "Arn")
+    assert role_allows(template, resolver, role, "sts:AssumeRole", arn), role
+    assert not role_allows(template, resolver, role, "sts:AssumeRole", arn + "-other"), role
+    for other, res in template["Resources"].items():
+        if res["Type"] == "AWS::IAM::Role" and other != task:
+            other_arn = resolver.get_att(other, "Arn")
+            assert not role_allows(template, resolver, role, "sts:AssumeRole", other_arn), other
 
 
 # -- the AMI --------------------------------------------------------------------------------------
