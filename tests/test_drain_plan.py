@@ -76,6 +76,61 @@ def test_state_round_trips_and_rejects_garbage():
 )
 def test_poll_decision(active, reserved, now, on_deadline, want):
     assert plan.poll_decision(active, reserved, now, 100, on_deadline) == want
+    # no task process, or processes not countable: the same decision
+    assert plan.poll_decision(active, reserved, now, 100, on_deadline, 0) == want
+    assert plan.poll_decision(active, reserved, now, 100, on_deadline, None) == want
+
+
+def test_remote_control_idle_is_not_idle_while_task_processes_run():
+    assert plan.poll_decision(0, 0, 10, 100, "fail", tasks=1) == plan.WAIT
+    assert plan.poll_decision(0, 0, 100, 100, "fail", tasks=1) == plan.DEADLINE_FAIL
+    assert plan.poll_decision(0, 0, 100, 100, "stop", tasks=2) == plan.DEADLINE_STOP
+
+
+# (busy, tasks, silent_for, now, on_deadline) -> decision; reply_timeout 30, deadline 100
+WITNESS_CASES = [
+    # remote control answers: both witnesses must say idle
+    ((0, 0), 0, 0.0, 10, "fail", plan.IDLE),
+    ((0, 0), None, 0.0, 10, "fail", plan.IDLE),  # processes not countable: control alone
+    ((0, 0), 1, 0.0, 10, "fail", plan.WAIT),
+    ((1, 0), 0, 0.0, 10, "fail", plan.WAIT),  # accepted, not forked yet
+    ((0, 1), 0, 0.0, 10, "fail", plan.WAIT),
+    ((1, 0), 1, 0.0, 100, "fail", plan.DEADLINE_FAIL),
+    ((0, 0), 0, 0.0, 500, "fail", plan.IDLE),  # idle wins at the deadline
+    # remote control silent (a broker restart): the processes decide, however long the silence
+    (None, 2, 5.0, 10, "fail", plan.WAIT),
+    (None, 2, 3000.0, 10, "fail", plan.WAIT),
+    (None, 0, 5.0, 10, "fail", plan.IDLE),
+    (None, 0, 3000.0, 500, "stop", plan.IDLE),
+    (None, 1, 90.0, 100, "fail", plan.DEADLINE_FAIL),
+    (None, 1, 90.0, 100, "stop", plan.DEADLINE_STOP),
+    # neither witness: retry a while, then blind (the warm-stop fallback)
+    (None, None, 0.0, 10, "fail", plan.RETRY),
+    (None, None, 29.9, 10, "fail", plan.RETRY),
+    (None, None, 30.0, 10, "fail", plan.BLIND),
+    (None, None, 1.0, 100, "fail", plan.BLIND),  # at the deadline: no more retries
+]
+
+
+@pytest.mark.parametrize("busy,tasks,silent_for,now,on_deadline,want", WITNESS_CASES)
+def test_witness_decision(busy, tasks, silent_for, now, on_deadline, want):
+    assert plan.witness_decision(busy, tasks, silent_for, 30.0, now, 100, on_deadline) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    busy=st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 3))),
+    tasks=st.one_of(st.none(), st.integers(0, 3)),
+    silent_for=st.floats(0, 5000),
+    now=st.floats(0, 200),
+)
+def test_idle_never_comes_from_a_silent_broker_alone(busy, tasks, silent_for, now):
+    decision = plan.witness_decision(busy, tasks, silent_for, 30.0, now, 100, "fail")
+    if decision == plan.IDLE:
+        assert busy is not None or tasks == 0  # someone saw nothing running
+        assert busy in (None, (0, 0)) and tasks in (None, 0)  # and nobody saw something
+    if busy is None and tasks is None:
+        assert decision in (plan.RETRY, plan.BLIND)
 
 
 def test_sleep_never_passes_the_deadline():
@@ -203,7 +258,15 @@ def test_state_document_names_every_field():
         "note": "n",
         "idle_at": 150.0,
         "stopped_at": 160.0,
+        "task_processes": None,
+        "silent_since": None,
     }
+    witnessed = _state("waiting", task_processes=3, silent_since=120.5)
+    assert (witnessed.to_dict()["task_processes"], witnessed.to_dict()["silent_since"]) == (
+        3,
+        120.5,
+    )
+    assert plan.DrainState.from_dict(witnessed.to_dict()) == witnessed
     assert s.remaining(300.0) == 100.0
     assert s.remaining(450.0) == -50.0
 
@@ -220,6 +283,9 @@ def test_state_defaults_for_fields_an_older_agent_did_not_write():
         None,
         None,
     )
+    assert (s.task_processes, s.silent_since) == (None, None)
+    assert plan.DrainState.from_dict(dict(minimal, task_processes="2")).task_processes == 2
+    assert plan.DrainState.from_dict(dict(minimal, task_processes="two")) is None
     nulls = dict(minimal, method=None, queues=None, resumed=None, note=None, idle_at=None)
     assert plan.DrainState.from_dict(nulls) == s
     assert plan.DrainState.from_dict(dict(minimal, idle_at="7", stopped_at=8)).idle_at == 7.0
@@ -259,6 +325,16 @@ def test_status_lines_are_exact():
     )
     assert plan.status_line("waiting", "n", 1, 0, -30.0).endswith(", 0s to deadline")
     assert plan.status_line("stopping", "n", 3, 3, 10.0) == "draining n: stopping"
+    assert plan.status_line("waiting", "n", 2, 0, 59.9, tasks=2) == (
+        "draining n: 2 task(s) running, 0 reserved, 2 task process(es), 59s to deadline"
+    )
+    assert plan.status_line("waiting", "n", 2, 0, 59.9, tasks=2, silent_for=12.7) == (
+        "draining n: remote control silent for 12s; 2 task process(es) running, 59s to deadline"
+    )
+    assert plan.status_line("waiting", "n", 0, 0, 5.0, silent_for=3.0) == (
+        "draining n: remote control silent for 3s; uncounted task process(es) running, "
+        "5s to deadline"
+    )
 
 
 def test_a_reloading_worker_is_running():

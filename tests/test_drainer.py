@@ -16,7 +16,9 @@ from agent.jobs.drain.drainer import Drainer
 from agent.jobs.drain.plan import DrainState
 from agent.jobs.drain.undrain import Undrainer
 from agent.state import StateStore
-from agent.worker.celery_control import QueueSpec
+from agent.worker.celery_control import BrokerUnreachable, NoReply, QueueSpec
+from agent.worker.processes import Snapshot
+from agent.worker.processes_plan import TaskProcess, WorkerTree
 
 
 class Clock:
@@ -229,3 +231,164 @@ def test_the_drain_document_on_disk(tmp_path):
     on_disk = json.loads((tmp_path / "state" / "drain.json").read_text())
     assert on_disk["version"] == 1 and on_disk["phase"] == "stopped"
     assert on_disk["node"] == "celery@w1"
+
+
+# -- the second witness: the worker unit's task processes (issue 12) ---------------------------
+
+
+class SilentBroker(FakeWorker):
+    """A worker whose remote control goes silent: each `busy` answer is a count pair or an
+    exception (NoReply, BrokerUnreachable) raised in its place; the last answer repeats."""
+
+    def __init__(self, answers, queues=("default",)):
+        super().__init__(queues=queues)
+        self.answers = list(answers)
+        self.pings: List[float] = []
+
+    def _next(self, pop: bool):
+        answer = self.answers[0]
+        if pop and len(self.answers) > 1:
+            self.answers.pop(0)
+        return answer
+
+    clock: Optional[Clock] = None  # a silent ping waits its timeout (virtual time)
+
+    def ping(self, timeout=None) -> bool:
+        """Like WorkerControl.ping: an unreachable broker raises, no reply is False after the
+        wait; either consumes one answer (one poll of silence)."""
+        self.pings.append(timeout)
+        answer = self._next(pop=False)
+        if not isinstance(answer, Exception):
+            return True
+        self._next(pop=True)
+        if isinstance(answer, BrokerUnreachable):
+            raise answer
+        if self.clock is not None:
+            self.clock.sleep(timeout or 1.0)
+        return False
+
+    def busy(self):
+        answer = self._next(pop=True)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class Processes:
+    """The second witness: the count of task processes each snapshot sees (last repeats);
+    None is "cannot be counted"."""
+
+    def __init__(self, counts, clock):
+        self.counts = list(counts)
+        self.clock = clock
+        self.taken: List[float] = []
+
+    def snapshot(self) -> Snapshot:
+        n = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+        self.taken.append(self.clock.now)
+        if n is None:
+            return Snapshot("airflow-worker", None, "", "no cgroup", self.clock.now)
+        tasks = [TaskProcess(100 + i, "task", self.clock.now - 60) for i in range(n)]
+        tree = WorkerTree(main_pid=10, processes=5 + n, pool_slots=[11, 12, 13, 14], tasks=tasks)
+        return Snapshot("airflow-worker", tree, "cgroup", "", self.clock.now)
+
+
+def witnessed(r, counts, **kw):
+    r["control_factory"].clock = r["clock"]
+    return drainer(r, processes=Processes(counts, r["clock"]), **kw)
+
+
+def test_a_broker_restart_mid_drain_waits_on_the_task_processes_and_drains(tmp_path, caplog):
+    caplog.set_level("INFO")
+    lost = BrokerUnreachable("inspect active to celery@w1 via redis://127.0.0.1:1/0 failed")
+    worker = SilentBroker([(2, 0), lost, NoReply("no reply"), lost])
+    r = rig(tmp_path, worker=worker)
+    worker.clock = r["clock"]
+    # two tasks run through 6 polls (5 s apart), then one, then none
+    procs = Processes([2, 2, 2, 2, 2, 2, 1, 1, 0], r["clock"])
+    seen = []
+    d = drainer(r, processes=procs, on_progress=lambda p: seen.append((p.active, p.message)))
+    result = d.drain()
+    # not a warm stop: the drain kept counting and ended when the processes ended
+    assert (result.outcome, result.method) == ("drained", "remote-control")
+    assert r["systemctl"].calls == ["stop airflow-worker"]
+    assert result.idle_at == procs.taken[8]
+    # 8 polls 5 s apart, plus the 2 s one silent ping waited (NoReply)
+    assert result.idle_at - result.started == pytest.approx(42.0, abs=0.1)
+    assert "remote control does not answer; waiting on the task processes" in caplog.text
+    assert "falling back to a warm shutdown" not in caplog.text
+    assert "remote control silent, no task process" in caplog.text
+    silent = [m for _, m in seen if "remote control silent" in m]
+    assert any("2 task process(es) running" in m for m in silent)
+    assert any("1 task process(es) running" in m for m in silent)
+    assert (
+        2,
+        "draining celery@w1: 2 task(s) running, 0 reserved, 2 task process(es), 600s to deadline",
+    ) in seen
+    # while silent each poll pings briefly instead of waiting the full reply timeout
+    assert worker.pings[1:] and all(t == 2.0 for t in worker.pings[1:])
+    doc = drain_doc(r)
+    assert doc.phase == "stopped" and doc.task_processes == 0
+    # silent since remote control's last answer, the first poll
+    assert doc.silent_since == pytest.approx(result.started, abs=0.1)
+
+
+def test_silence_longer_than_the_reply_timeout_is_no_reason_to_stop_while_tasks_run(tmp_path):
+    worker = SilentBroker([(1, 0), NoReply("no reply")])
+    r = rig(tmp_path, worker=worker, reply_timeout=10)
+    procs = Processes([1] * 40 + [0], r["clock"])  # 200 s of silence, far past 10 s
+    result = drainer(r, processes=procs).drain()
+    assert result.outcome == "drained" and result.idle_at - result.started >= 195
+
+
+def test_remote_control_idle_is_not_idle_while_a_task_process_runs(tmp_path):
+    r = rig(tmp_path, worker=FakeWorker(busy=[(1, 0), (0, 0)]))
+    procs = Processes([1, 1, 1, 0], r["clock"])  # e.g. a runner whose supervisor died
+    result = drainer(r, processes=procs).drain()
+    assert result.outcome == "drained"
+    assert result.idle_at == procs.taken[3] and result.idle_at - result.started == (
+        pytest.approx(15.0, abs=0.1)
+    )
+
+
+def test_task_processes_at_the_deadline_fail_the_drain_with_the_worker_running(tmp_path):
+    r = rig(tmp_path, worker=SilentBroker([(1, 0), NoReply("no reply")]))
+    with pytest.raises(DeadlineError, match="1 task\\(s\\) running"):
+        witnessed(r, [1]).drain(timeout=30)
+    assert r["systemctl"].calls == [] and drain_doc(r).phase == "deadline"
+
+
+def test_neither_witness_for_the_reply_timeout_is_still_a_warm_stop(tmp_path, caplog):
+    caplog.set_level("INFO")
+    r = rig(tmp_path, worker=SilentBroker([(1, 0), NoReply("no reply")]), reply_timeout=12)
+    result = witnessed(r, [None]).drain()
+    assert (result.outcome, result.method) == ("warm-stopped", "warm-stop")
+    assert "task processes cannot be counted" in result.message
+    assert "remote control alone tells idle" in caplog.text
+
+
+def test_remote_control_coming_back_is_heard_again(tmp_path, caplog):
+    worker = SilentBroker([(1, 0), NoReply("x"), NoReply("x"), (1, 0), (0, 0)])
+    r = rig(tmp_path, worker=worker)
+    result = witnessed(r, [1, 1, 1, 1, 0]).drain()
+    assert result.outcome == "drained"
+    assert "remote control answers again" in caplog.text
+    assert drain_doc(r).silent_since is None
+
+
+def test_a_resumed_drain_with_the_broker_down_waits_on_the_processes(tmp_path):
+    down = BrokerUnreachable("broker redis://127.0.0.1:1/0 unreachable")
+    worker = SilentBroker([down])
+    r = rig(tmp_path, worker=worker)
+    now = r["clock"].now
+    queues = [{"name": "default", "exchange": "default"}]
+    StateStore(r["cfg"].state_dir).save_doc(
+        DrainState("waiting", "celery@w1", now - 50, now + 550, queues=queues)
+    )
+    result = witnessed(r, [2, 2, 1, 0]).drain()
+    assert (result.outcome, result.queues) == ("drained", ["default"])
+    assert not any(c.startswith("cancel") for c in worker.calls)  # nothing it could reach
+    # a fresh drain (consumers not cancelled yet) with the broker down is still a warm stop
+    (tmp_path / "fresh").mkdir()
+    r2 = rig(tmp_path / "fresh", worker=SilentBroker([down]))
+    assert witnessed(r2, [2, 0]).drain().outcome == "warm-stopped"

@@ -9,7 +9,10 @@ notice, an operator):
 2. ask it which queues it consumes (`inspect active_queues`) and `cancel_consumer` each one —
    every queue, never an assumed "default"; they are recorded in drain.json for `undrain`;
 3. poll `inspect active` and `inspect reserved` every `drain.poll_interval` until both are
-   empty; progress goes to the log and to systemd's STATUS=;
+   empty, and count the unit's running task processes (its cgroup, agent.worker.processes)
+   until none is left: idle needs both witnesses. When remote control stops answering (a
+   broker restart) the drain keeps waiting on the processes; progress goes to the log and to
+   systemd's STATUS= (drain.wait);
 4. `systemctl stop` the worker unit (`drain.worker_unit`): an idle worker's warm shutdown.
 
 With acks_late (Airflow's default) a message is acknowledged only after its task finished, so
@@ -21,7 +24,8 @@ later drain retries, `undrain` restores it); `stop` stops it anyway (a warm shut
 tasks get the unit's TimeoutStopSec, KillMode=mixed keeps systemd from signalling them).
 
 Fallback without remote control — a broker whose transport has none (SQS, `sqs://`), a broker
-the agent cannot reach, or a worker that does not answer within `drain.reply_timeout` — is a
+the agent cannot reach before the consumers are cancelled, or a worker whose remote control and
+task processes both stay silent for `drain.reply_timeout` — is a
 warm shutdown through `systemctl stop`, bounded by the deadline, with a warning: Celery's warm
 shutdown stops consuming and waits for running tasks, and the unit's KillMode=mixed sends
 SIGTERM to the main process only, so tasks still finish.
@@ -43,9 +47,10 @@ poll (about once a second); it must return quickly and should not raise (an exce
 logged and ignored). `drain` returns a `DrainResult` or raises `DeadlineError` (exit code 4) or
 `AgentError` (1) with a one-line message.
 
-Modules: this one is the drain procedure and the Python API; drain.shell the collaborators and
-shared steps; drain.undrain the undo; drain.broker the worker's node and broker settings;
-drain.state the document and its lock; drain.cli the command line; drain.plan the pure core.
+Modules: this one is the drain procedure and the Python API; drain.wait the wait on two
+witnesses; drain.shell the collaborators and shared steps; drain.undrain the undo;
+drain.broker the worker's node and broker settings; drain.state the document and its lock;
+drain.cli the command line; drain.plan the pure core.
 """
 
 from __future__ import annotations
@@ -57,15 +62,24 @@ from agent.errors import AgentError, ConfigError, DeadlineError
 from agent.jobs.drain import plan
 from agent.jobs.drain.broker import read_broker
 from agent.jobs.drain.control import ping_waits
-from agent.jobs.drain.shell import DrainProgress, DrainResult, DrainShell
+from agent.jobs.drain.shell import DrainProgress, DrainResult
 from agent.jobs.drain.state import DrainLock
+from agent.jobs.drain.wait import IdleWait
 from agent.worker.celery_control import BrokerUnreachable, NoReply, WorkerControl
+from agent.worker.processes import WorkerProcesses
 
 log = logging.getLogger(__name__)
 
 
-class Drainer(DrainShell):
-    """The drain procedure, and stop-consuming (a drain that does not wait)."""
+class Drainer(IdleWait):
+    """The drain procedure, and stop-consuming (a drain that does not wait).
+
+    `processes` is the second witness (agent.worker.processes.WorkerProcesses of the worker
+    unit by default): anything with `snapshot()`."""
+
+    def __init__(self, cfg, *args, processes=None, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.processes = processes or WorkerProcesses(self.systemctl, self.unit, self.clock)
 
     # -- drain -------------------------------------------------------------------------------
 
@@ -123,13 +137,17 @@ class Drainer(DrainShell):
             )
 
         with self.control_factory(settings, state.node) as control:
+            answered = True
             try:
                 self._await_reply(control, state)
             except (BrokerUnreachable, NoReply) as exc:
-                return self._warm_stop(state, str(exc))
+                if not self._can_wait_without_control(state, str(exc)):
+                    return self._warm_stop(state, str(exc))
+                answered = False
             try:
-                self.cancel_consumers(control, state)
-                idle_at = self._wait_idle(control, state)
+                if answered:  # else cancelled already: a resumed drain in phase waiting
+                    self.cancel_consumers(control, state)
+                idle_at = self.wait_idle(control, state)
             except (BrokerUnreachable, NoReply) as exc:
                 if self.condition() == plan.UNIT_STOPPED:
                     return self._already_stopped(state, f"{self.unit} stopped during the drain")
@@ -142,6 +160,21 @@ class Drainer(DrainShell):
                 outcome="stopped-at-deadline",
             )
         return self._finish_stop(state, idle_at=idle_at, until=self.clock() + cfg.stop_timeout)
+
+    def _can_wait_without_control(self, state: plan.DrainState, why: str) -> bool:
+        """A resumed drain whose consumers are already cancelled can wait on the processes."""
+        if state.phase != "waiting" or self.condition() != plan.UNIT_RUNNING:
+            return False
+        if self.processes.snapshot().count is None:
+            return False
+        log.warning(
+            "drain %s: %s; the consumers were cancelled before: waiting on the task "
+            "processes of %s (remote control is asked again each poll)",
+            state.node,
+            why,
+            self.unit,
+        )
+        return True
 
     def _await_reply(self, control: WorkerControl, state: plan.DrainState) -> None:
         """The worker may still be starting: wait for a ping reply, bounded."""
@@ -158,58 +191,6 @@ class Drainer(DrainShell):
                     f"{self.cfg.drain.reply_timeout:g}s (is drain.node_name right?)"
                 )
             log.info("drain %s: no reply to ping yet; retrying", state.node)
-
-    def _wait_idle(self, control: WorkerControl, state: plan.DrainState) -> Optional[float]:
-        """Poll until nothing is active or reserved: its time, None at a deadline with stop."""
-        last = None
-        last_reply = self.clock()
-        while True:
-            try:
-                active, reserved = control.busy()
-                last_reply = self.clock()
-            except NoReply:
-                # one missed reply is not a dead worker; reply_timeout of silence is
-                if self.condition() != plan.UNIT_RUNNING or (
-                    self.clock() - last_reply >= self.cfg.drain.reply_timeout
-                ):
-                    raise
-                log.info("drain %s: no reply to inspect; retrying", state.node)
-                continue
-            now = self.clock()
-            decision = plan.poll_decision(
-                active, reserved, now, state.deadline, self.cfg.drain.on_deadline
-            )
-            if (active, reserved) != last:
-                log.info(
-                    plan.status_line("waiting", state.node, active, reserved, state.remaining(now))
-                )
-                last = (active, reserved)
-            self.progress(state, active, reserved)
-            if decision == plan.IDLE:
-                log.info("drain %s: idle after %.1fs", state.node, now - state.started)
-                return now
-            if decision == plan.DEADLINE_FAIL:
-                self.set_phase(
-                    state, "deadline", f"{active} running, {reserved} reserved at the deadline"
-                )
-                raise DeadlineError(
-                    f"drain deadline passed with {active} task(s) running and {reserved} reserved "
-                    f"on "
-                    f"{state.node}; {self.unit} left running without consumers "
-                    f"(drain again to keep waiting, or undrain)"
-                )
-            if decision == plan.DEADLINE_STOP:
-                log.warning(
-                    "drain %s: deadline passed with %d task(s) running; stopping %s anyway "
-                    "(drain.on_deadline=stop)",
-                    state.node,
-                    active,
-                    self.unit,
-                )
-                return None
-            if self.condition() == plan.UNIT_STOPPED:
-                raise NoReply(f"{self.unit} stopped while draining")
-            self.sleep(plan.next_sleep(self.cfg.drain.poll_interval, self.clock(), state.deadline))
 
     def _finish_stop(
         self,

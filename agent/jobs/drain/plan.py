@@ -20,7 +20,7 @@ resumes it with the original start time and deadline, so a restart never extends
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 IN_PROGRESS = ("cancelling", "waiting", "stopping")
 # deadline: a drain gave up at its deadline; paused: stop_consuming() (e.g. a rebalance
@@ -57,6 +57,10 @@ class DrainState:
     note: str = ""
     idle_at: Optional[float] = None  # when the worker was seen with nothing to do
     stopped_at: Optional[float] = None  # when the unit was seen stopped
+    # the second witness: task processes last counted in the unit (None: not countable), and
+    # since when remote control has not answered (None: it answers)
+    task_processes: Optional[int] = None
+    silent_since: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -70,6 +74,8 @@ class DrainState:
             "note": self.note,
             "idle_at": self.idle_at,
             "stopped_at": self.stopped_at,
+            "task_processes": self.task_processes,
+            "silent_since": self.silent_since,
         }
 
     @classmethod
@@ -93,6 +99,8 @@ class DrainState:
                 note=str(data.get("note") or ""),
                 idle_at=_opt_float(data.get("idle_at")),
                 stopped_at=_opt_float(data.get("stopped_at")),
+                task_processes=_opt_int(data.get("task_processes")),
+                silent_since=_opt_float(data.get("silent_since")),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -107,6 +115,10 @@ class DrainState:
 
 def _opt_float(value: Any) -> Optional[float]:
     return None if value is None else float(value)
+
+
+def _opt_int(value: Any) -> Optional[int]:
+    return None if value is None else int(value)
 
 
 def begin(
@@ -169,13 +181,56 @@ DEADLINE_FAIL = "deadline-fail"
 DEADLINE_STOP = "deadline-stop"
 
 
-def poll_decision(active: int, reserved: int, now: float, deadline: float, on_deadline: str) -> str:
-    """Idle (nothing active or reserved) wins even at the deadline: stopping then kills nothing."""
-    if active == 0 and reserved == 0:
+def poll_decision(
+    active: int,
+    reserved: int,
+    now: float,
+    deadline: float,
+    on_deadline: str,
+    tasks: Optional[int] = None,
+) -> str:
+    """Idle (nothing active or reserved, and no task process when they can be counted) wins
+    even at the deadline: stopping then kills nothing."""
+    if active == 0 and reserved == 0 and not tasks:
         return IDLE
+    return _not_idle(now, deadline, on_deadline)
+
+
+def _not_idle(now: float, deadline: float, on_deadline: str) -> str:
     if now >= deadline:
         return DEADLINE_STOP if on_deadline == "stop" else DEADLINE_FAIL
     return WAIT
+
+
+# neither witness speaks: remote control silent and the processes not countable
+RETRY = "retry"  # not for long yet: ask again
+BLIND = "blind"  # for drain.reply_timeout, or at the deadline: fall back to a warm stop
+
+
+def witness_decision(
+    busy: Optional[Tuple[int, int]],
+    tasks: Optional[int],
+    silent_for: float,
+    reply_timeout: float,
+    now: float,
+    deadline: float,
+    on_deadline: str,
+) -> str:
+    """One poll of the drain's two witnesses: remote control's (active, reserved), None when
+    it did not answer; the unit's running task processes, None when they cannot be counted.
+
+    Idle needs every witness that speaks to say so, and at least one to speak: a silent or
+    reconnecting broker alone never makes a worker idle, and a count of processes alone
+    (remote control silent, as during a broker restart) can. Remote control silent with
+    processes still running is a wait, however long the silence: the tasks are there.
+    """
+    if busy is None and tasks is None:
+        return BLIND if silent_for >= reply_timeout or now >= deadline else RETRY
+    if busy is None:
+        if tasks == 0:
+            return IDLE
+        return _not_idle(now, deadline, on_deadline)
+    return poll_decision(busy[0], busy[1], now, deadline, on_deadline, tasks)
 
 
 def next_sleep(poll_interval: float, now: float, deadline: float) -> float:
@@ -184,15 +239,27 @@ def next_sleep(poll_interval: float, now: float, deadline: float) -> float:
 
 
 def status_line(
-    phase: str, node: str, active: int = 0, reserved: int = 0, remaining: float = 0.0
+    phase: str,
+    node: str,
+    active: int = 0,
+    reserved: int = 0,
+    remaining: float = 0.0,
+    tasks: Optional[int] = None,
+    silent_for: Optional[float] = None,
 ) -> str:
-    """The STATUS= text and log line of a drain in progress."""
-    if phase == "waiting":
+    """The STATUS= text and log line of a drain in progress (tasks: task processes counted;
+    silent_for: how long remote control has not answered, None when it answers)."""
+    if phase != "waiting":
+        return f"draining {node}: {phase}"
+    left = f"{max(0, int(remaining))}s to deadline"
+    if silent_for is not None:
+        seen = "uncounted" if tasks is None else str(tasks)
         return (
-            f"draining {node}: {active} task(s) running, {reserved} reserved, "
-            f"{max(0, int(remaining))}s to deadline"
+            f"draining {node}: remote control silent for {int(silent_for)}s; "
+            f"{seen} task process(es) running, {left}"
         )
-    return f"draining {node}: {phase}"
+    procs = "" if tasks is None else f", {tasks} task process(es)"
+    return f"draining {node}: {active} task(s) running, {reserved} reserved{procs}, {left}"
 
 
 # -- undrain --------------------------------------------------------------------------------
