@@ -24,6 +24,7 @@ TOP_KEYS = {
     "variables_watch",
     "systemd",
     "units",
+    "worker_tasks",
 }
 
 
@@ -236,3 +237,75 @@ def test_redact_leaves_ordinary_values_alone():
     doc = {"units": {"a": {"active": "active"}}, "count": 3, "tags": ["x.y.z", "eyJ"], "n": None}
     assert redact(doc) == doc
     assert redact({"password": None, "secret": ""}) == {"password": None, "secret": ""}
+
+
+class WorkerSystemctl:
+    """systemd answering for one running worker unit whose main process is `main_pid`."""
+
+    def __init__(self, main_pid: int):
+        self.main_pid = main_pid
+
+    def manager_unreachable_reason(self):
+        return None
+
+    def unit_states(self, units):
+        return {u: {"ActiveState": "active", "MainPID": "0"} for u in units}
+
+    def show(self, unit, *props):
+        if unit != "airflow-worker":
+            return {}
+        # no cgroup on this machine for it: status reads MainPID's descendants
+        return {"ControlGroup": "", "MainPID": str(self.main_pid), "ActiveState": "active"}
+
+
+def test_status_shows_the_workers_running_task_processes(tmp_path):
+    """A real process tree shaped like a prefork worker running one task (see
+    tests/test_processes.py): count, pid, age and the Airflow task-instance id; no title."""
+    from agent.config import config_from_dict
+    from agent.jobs import status
+    from tests.test_processes import TI, Tree
+
+    cfg = config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "env": {"file": str(tmp_path / "none.env")},
+            "role": {"override": "worker"},
+        }
+    )
+    StateStore(str(tmp_path / "state")).save_raw("role", {"role": "worker"})
+    tree = Tree("idle", "task")
+    try:
+        out = status.collect(cfg, WorkerSystemctl(tree.main.pid))
+        text = status.render(out)
+    finally:
+        tree.stop()
+    w = out["worker_tasks"]
+    assert (w["unit"], w["source"], w["running"], w["pool_slots"]) == (
+        "airflow-worker",
+        "main-pid",
+        1,
+        2,
+    )
+    (task,) = w["tasks"]
+    assert (task["kind"], task["task_instance"]) == ("task", TI) and task["age"] >= 0
+    line = next(x for x in text.splitlines() if x.startswith("worker tasks"))
+    assert f"1 running: pid {task['pid']} " in line and f"ti {TI}" in line
+    assert "celeryd" not in json.dumps(out) + text and "/bin/cat" not in text
+
+
+def test_status_without_a_worker_unit_has_no_worker_tasks(tmp_path):
+    from agent.config import config_from_dict
+    from agent.jobs import status
+
+    cfg = config_from_dict(
+        {"state_dir": str(tmp_path / "state"), "env": {"file": str(tmp_path / "none.env")}}
+    )
+    StateStore(str(tmp_path / "state")).save_raw("role", {"role": "webserver"})
+    out = status.collect(cfg, WorkerSystemctl(1))
+    assert out["worker_tasks"] is None and "worker tasks" not in status.render(out)
+    assert (
+        status.worker_tasks_line(
+            {"running": None, "error": "no cgroup", "tasks": [], "source": None}
+        )
+        == "not countable (no cgroup)"
+    )

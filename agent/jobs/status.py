@@ -14,6 +14,11 @@ an operator runs it. `--json` prints one stable object:
                 "last_error": str|null},   (confapply's hash over every watched file)
      "<status_key>": {...the document...}   for every registered document with a status key
                   (env, variables, variables_watch, drain, lifecycle),
+     "worker_tasks": null | {"unit", "source": "cgroup"|"main-pid"|null, "error", "main_pid",
+                  "processes", "pool_slots", "running": int|null (null: not countable),
+                  "tasks": [{"pid", "kind": "task"|"orphan", "age": s, "task_instance"}]}
+                  (the worker unit's running task processes, when it is one of the units;
+                  agent.worker.processes: never a process's command line)
      "systemd": {"reachable": bool, "error": str|null},
      "units": {unit: {"active": str, "sub": str, "main_pid": int, "enabled": str,
                       "result": str, "restarts": int}}}
@@ -40,6 +45,7 @@ from agent.jobs.confapply.state import ConfapplyDoc, current_hash, watched_paths
 from agent.jobs.env_sync.state import EnvDoc
 from agent.jobs.role_state import RoleDoc
 from agent.state import VERSION_KEY, Registered, StateStore, registered, registration
+from agent.worker.processes import WorkerProcesses
 
 # field names whose values are never shown (compared lower-case, "-" as "_")
 SECRET_KEYS = frozenset(
@@ -162,10 +168,32 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
         },
         "systemd": {"reachable": sd_error is None, "error": sd_error},
         "units": units,
+        "worker_tasks": _worker_tasks(cfg, systemctl, units),
     }
     for doc in _shown_documents():
         out[doc.status_key] = _load(store, doc.name)  # type: ignore[index]
     return redact(out)
+
+
+def _worker_tasks(cfg, systemctl, units: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The worker unit's task processes, read live (None: no worker unit here, or systemd
+    unreachable)."""
+    unit = cfg.drain.worker_unit
+    if unit not in units:
+        return None
+    return WorkerProcesses(systemctl, unit).snapshot().to_dict()
+
+
+def worker_tasks_line(w: Dict[str, Any]) -> str:
+    if w["running"] is None:
+        return f"not countable ({w['error'] or 'no prefork pool slots'})"
+    line = f"{w['running']} running"
+    tasks = [
+        f"pid {t['pid']} {t['age']:.0f}s"
+        + (f" ti {t['task_instance']}" if t["task_instance"] else f" {t['kind']}")
+        for t in w["tasks"]
+    ]
+    return line + (": " + ", ".join(tasks) if tasks else "") + f" ({w['source']})"
 
 
 def _env_file(cfg, synced: Optional[str]) -> Dict[str, Any]:
@@ -243,6 +271,8 @@ def render(s: Dict[str, Any]) -> str:
         if entry.optional and not doc:
             continue
         rows.append((entry.title, _document_line(entry, doc)))
+    if s.get("worker_tasks"):
+        rows.append(("worker tasks", worker_tasks_line(s["worker_tasks"])))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     if not s["systemd"]["reachable"]:
