@@ -73,9 +73,10 @@ class Stack:
         run_dir: Optional[Path] = None,
         progress: Callable[[str], None] = say,
         extra: Optional[Dict[str, Any]] = None,
+        wait_healthy: bool = True,
     ):
         self.template, self.params, self.workers = Path(template), params, workers
-        self.extra = extra
+        self.extra, self.wait_healthy = extra, wait_healthy
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="aea-stack-"))
         self.progress = progress
         self.aws: Optional[AwsServer] = None
@@ -87,6 +88,7 @@ class Stack:
         self.members: List[Member] = []
         self.timings: Dict[str, float] = {}
         self.aws_at = ""
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- up ------------------------------------------------------------------------------------
 
@@ -180,11 +182,21 @@ class Stack:
                 shared_dir=self.run_dir / member.name,
             )  # fmt: skip
             members.append(member)
-        # an Auto Scaling group launches its instances at once
-        workers = len(members) if PARALLEL else 1
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(self._boot, m) for m in members]
+        # an Auto Scaling group launches its instances at once. The pool's threads live as long
+        # as the stack: a host dies with the thread that started it (die_with_parent)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+        if PARALLEL:
+            futures = [self._pool.submit(self._boot, m) for m in members]
             errors = [f.exception() for f in futures if f.exception() is not None]
+        else:
+            errors = []
+            for m in members:
+                try:
+                    self._boot(m)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, the first one
+                    errors.append(exc)
+                    break
         if errors:
             raise errors[0]
         if self._needs_load_balancer(group_rid):
@@ -214,6 +226,8 @@ class Stack:
         self.standins["load balancer"] = lb = LoadBalancer.from_model(
             self.model, self.switch, targets
         ).start()
+        if not self.wait_healthy:  # exploring a stack whose api-servers may not come up
+            return
         try:
             wait_for(
                 lambda: self._all_healthy(lb), 300, "the load balancer's targets to be healthy"
@@ -343,6 +357,9 @@ class Stack:
                 member.instance.stop()
             member.imds.stop()
         self.members = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for standin in reversed(list(self.standins.values())):
             standin.stop()
         self.standins = {}
