@@ -98,8 +98,9 @@ def test_unit_drains_real_worker_heartbeats_and_completes_once(
     imds.set_paths({"meta-data/autoscaling/target-lifecycle-state": "Terminated"})
     try:
         wait_for(lambda: _state(rig).get("phase") == "done", 60, "the drain to finish", 0.2)
-    finally:
-        journal = rig.host.journal(UNIT)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{rig.host.journal(UNIT)}") from None
+    journal = rig.host.journal(UNIT)
     done = [a for a in aws.lifecycle_actions() if a["action"] == "CompleteLifecycleAction"]
     hbs = [a for a in aws.lifecycle_actions() if a["action"] == "RecordLifecycleActionHeartbeat"]
     assert len(done) == 1, journal
