@@ -454,3 +454,24 @@ def test_the_worker_gate_command_exit_codes(tmp_path):
     assert boot_gate.run(args, cfg) == 0
     note_drain_phase(cfg, StateStore(cfg.state_dir), "paused")
     assert boot_gate.run(args, cfg) == 1
+
+
+def test_undrain_waits_out_a_start_job_the_gate_is_skipping(tmp_path):
+    # at boot the unit's start job may be in its ExecCondition, which read "fresh", while
+    # ApplicationStart's undrain runs: undrain sees "activating", and must start it once the
+    # gate has skipped that start (inactive), not conclude that it is starting anyway
+    class Skipping(FakeSystemctl):
+        def __init__(self):
+            super().__init__("activating")
+            self.polls = 0
+
+        def active_state(self, unit: str) -> str:
+            self.polls += 1
+            if self.state == "activating" and self.polls > 3:
+                self.state = "inactive"  # the gate said no
+            return self.state
+
+    systemctl = Skipping()
+    r = rig(tmp_path, systemctl=systemctl)
+    assert drainer(r, cls=Undrainer).undrain() == "started"
+    assert systemctl.calls == ["reset-failed airflow-worker", "start airflow-worker"]

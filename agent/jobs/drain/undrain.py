@@ -43,7 +43,13 @@ class Undrainer(DrainShell):
 
     def _undrain(self, until: float) -> str:
         state = self.store.load_doc(plan.DrainState)
-        action = plan.undrain_action(state, self.condition())
+        condition = self.condition()
+        while condition == plan.UNIT_STARTING and self.clock() < until:
+            # a start job may be in the unit's ExecCondition (the boot gate), deciding from the
+            # record as it was before this undrain: see how it ends before deciding
+            self.sleep(0.2)
+            condition = self.condition()
+        action = plan.undrain_action(state, condition)
         if action == plan.WAIT_STOPPED_THEN_START:
             if not self.wait_unit_stopped(until):
                 raise DeadlineError(f"{self.unit} is still stopping; not started")
