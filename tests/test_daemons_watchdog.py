@@ -21,13 +21,14 @@ from typing import Any, Callable, List
 
 import pytest
 
-from agent.config import config_from_dict
+from agent.config import config_from_dict, load_config
 from agent.jobs.confapply.daemon import Confapply
 from agent.jobs.lifecycle.aws import LifecycleAws
 from agent.jobs.lifecycle.watch import Watcher
 from agent.jobs.variables.watch import Watch
 from agent.platform.aws import AwsClients
 from agent.platform.imds import ImdsClient
+from agent.runtime.config_watch import EXIT_CONFIG_CHANGED
 from agent.runtime.daemon import Daemon, DaemonRuntime
 from agent.state import StateStore
 from sandbox.notify_socket import NotifySocket
@@ -247,3 +248,47 @@ def test_variables_watch_watchdog_stops_when_its_loop_hangs_and_sigterm_sends_st
     assert "STATUS=synced version " in ready
     doc = json.loads((tmp_path / "state" / "variables-watch.json").read_text())
     assert doc["polls"] >= 3 and doc["failures"] == 0
+
+
+# -- agent.yaml changes ------------------------------------------------------------------------
+
+
+def test_variables_watch_ends_with_the_restart_code_when_its_agent_yaml_changes(
+    tmp_path, notify, aws
+):
+    """The real daemon class with a config loaded from a file: the runtime watches that file
+    (variables watch is the daemon the systemd test does not start)."""
+    sm = aws.client("secretsmanager")
+    sm.create_secret(Name="airflow/test/variables-cfg", SecretString="{}")
+    env_file = tmp_path / "airflow.env"
+    env_file.write_text("AIRFLOW_HOME=/nonexistent\n")
+    data = {
+        "state_dir": str(tmp_path / "state"),
+        "env": {"file": str(env_file)},
+        "variables": {"secret_id": "airflow/test/variables-cfg", "method": "cli", "user": None},
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(json.dumps(data))
+    cfg = load_config(str(path))
+    rt = DaemonRuntime("variables watch", watchdog_fallback=1.0)
+    watch = Watch(cfg, 0.5, False, rt, sm)
+    errors: List[BaseException] = []
+
+    def scenario() -> None:
+        try:
+            notify.wait_for(lambda: notify.count("READY=1") == 1, 30, "READY=1")
+            path.write_text(json.dumps(dict(data, cluster="changed")))
+            # keep reading the socket (as systemd does) until the runtime has stopped
+            notify.wait_for(lambda: notify.count("STOPPING=1") == 1, 30, "STOPPING=1")
+        except BaseException as exc:
+            errors.append(exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=scenario)
+    t.start()
+    try:
+        rc = rt.run(watch)
+    finally:
+        t.join(30)
+    assert errors == [] and rc == EXIT_CONFIG_CHANGED
+    assert notify.count("STOPPING=1") == 1 and rt.signal_received is None
