@@ -38,7 +38,11 @@ DAEMONS = [
     "airflow-agent-lifecycle.service",
     "airflow-agent-variables-watch.service",
 ]
-ONESHOTS = ["airflow-agent-env.service", "airflow-agent-variables.service"]
+ONESHOTS = [
+    "airflow-agent-env.service",
+    "airflow-agent-variables.service",
+    "airflow-agent-task-credentials.service",
+]
 MARKER = "aea-marker-4f2c9e"
 EVIL = "/opt/aea-evil"
 # a sitecustomize on the file's PYTHONPATH: any Python started with it says so, with its uid
