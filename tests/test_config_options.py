@@ -25,6 +25,7 @@ from agent.airflow.config_options import (
     SecretsManagerConfig,
     expand_vars,
     option_form,
+    secret_parts,
     secrets_manager_config,
 )
 from agent.airflow.option_sources import command_runner
@@ -312,3 +313,22 @@ def test_another_name_for_uid_0_is_refused_at_run_time(tmp_path, monkeypatch):
     with pytest.raises(OptionError, match="never runs as root"):
         run(URL + "_CMD", f"touch {marker}")
     assert not Path(marker).exists()
+
+
+def test_the_scrubber_gets_a_urls_password_not_a_url_without_one():
+    assert secret_parts("sqs://") == []
+    assert secret_parts("redis://redis.internal:6379/0") == []
+    assert secret_parts("redis://:p%40ss@h:6379/0;redis://u:two@h2/0") == [
+        "redis://:p%40ss@h:6379/0",
+        "p%40ss",
+        "p@ss",
+        "redis://u:two@h2/0",
+        "two",
+        "two",
+    ]
+    assert secret_parts("a-fernet-key=") == ["a-fernet-key="]
+    # resolving a sensitive option without credentials leaves log lines that name it readable
+    AirflowOptions({URL: "sqs://"}).get("celery", "broker_url")
+    assert scrub("broker sqs:// has no Celery remote control") == (
+        "broker sqs:// has no Celery remote control"
+    )

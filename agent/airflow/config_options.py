@@ -26,8 +26,9 @@ Amazon provider's `SecretsManagerBackend.get_config` (the only backend the templ
 other backend is an error naming it), with the agent's instance credentials and its own AWS
 endpoint: backend kwargs that would change where or as whom it calls are refused.
 
-Values obtained through forms 2 and 3 (and plain values of sensitive options) are registered
-with the log scrubber; messages name variables, secret ids and error codes, never a value.
+Values of sensitive options, whatever their form, are registered with the log scrubber (a URL's
+password, not a URL without one: see `secret_parts`); messages name variables, secret ids and
+error codes, never a value.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import json
 import logging
 import re
 import shlex
+import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from agent.errors import AgentError
 from agent.logs import register_secrets
@@ -256,7 +258,7 @@ class AirflowOptions:
         else:
             resolved = self._secret(form, section, key)
         if sensitive:
-            register_secrets([resolved.value])
+            register_secrets(secret_parts(resolved.value))
         return resolved
 
     def _command(self, form: Form) -> str:
@@ -337,6 +339,23 @@ class AirflowOptions:
                 f"{secret_id!r} (Airflow would take [{section}] {key} as not set)"
             )
         return Resolved(value, f"{form.variable} (Secrets Manager secret {secret_id})")
+
+
+def secret_parts(value: str) -> List[str]:
+    """What of a sensitive option's value the log scrubber must hide: a URL's password (and the
+    URL holding it), not a URL without one (`sqs://`, a host name: what logs name to say where);
+    anything else whole (a key, a JSON of kwargs)."""
+    if "://" not in value:
+        return [value]
+    out: List[str] = []
+    for part in value.split(";"):  # Celery's failover list
+        try:
+            password = urllib.parse.urlsplit(part.strip()).password
+        except ValueError:
+            return [value]
+        if password:
+            out += [part.strip(), password, urllib.parse.unquote(password)]
+    return out
 
 
 def split_command(variable: str, command: str) -> list:
