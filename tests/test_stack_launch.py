@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +77,20 @@ def test_the_schema_is_migrated_once_before_api_servers_and_workers_start(stack)
         assert started is None or started > migrated, (member.name, started, migrated)
     for member in stack.role_members("webserver"):
         assert unit_started_at(member, "airflow-api-server") is not None, member.name
+
+
+def test_status_lists_every_instance_and_what_runs_there(stack):
+    p = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--run-dir", str(stack.run_dir), "status"],
+        capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parents[1]),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = {ln.split()[0]: ln for ln in p.stdout.splitlines()[1:] if ln.strip()}
+    for member in stack.members:
+        assert member.instance.address in lines[member.name]
+        assert "cfn-hup" in lines[member.name].split()
+    for member in stack.role_members("webserver"):
+        assert "airflow-api-server" in lines[member.name].split()
 
 
 def test_the_admin_logs_in_on_every_api_server_with_one_password(stack, api):
