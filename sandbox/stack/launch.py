@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -34,29 +33,14 @@ from sandbox.cfn_init import check_init
 from sandbox.imds_server import ImdsServer
 from sandbox.proc import wait_for
 from sandbox.stack.aws_resources import CreatedReport, create_in_aws
+from sandbox.stack.fleet import Member, SerialSwitch
 from sandbox.stack.model import ROLE_TAG, TEMPLATE, StackModel
 from sandbox.tiers import heavy
 
 RUN_DIR = Path(os.environ.get("AEA_SANDBOX_RUN", "/run/aea-sandbox"))
 STATE_FILE = "stack.json"
-# instances of one group boot concurrently (off until the link's attach is thread-safe)
-PARALLEL = False
-
-
-@dataclass
-class Member:
-    """One instance of the stack: moto's instance, its IMDS and its systemd test host."""
-
-    instance_id: str
-    role: str
-    group: str
-    zone: str
-    imds: ImdsServer
-    instance: Any = None  # sandbox.stack.instance.Instance once started
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}-{self.instance_id[-6:]}"
+# instances of one group boot concurrently, as an Auto Scaling group launches them
+PARALLEL = True
 
 
 def say(text: str) -> None:
@@ -89,6 +73,7 @@ class Stack:
         self.timings: Dict[str, float] = {}
         self.aws_at = ""
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._serial_switch: Any = None
 
     # -- up ------------------------------------------------------------------------------------
 
@@ -135,6 +120,7 @@ class Stack:
         s3.put_object(Bucket=bucket, Key=key, Body=agent_package())
         self.ca = SandboxCa(self.run_dir / "ca").create()
         self.switch = Switch().start()
+        self._serial_switch = SerialSwitch(self.switch)
         self.aws_at = self.switch.forward(self.aws.port)
         self.progress(f"private link up; the embedded AWS at {self.aws_at}")
         for name, cls in (("database", Postgres), ("broker", Broker)):
@@ -178,7 +164,8 @@ class Stack:
             self._serve_imds(member, group)
             (self.run_dir / member.name).mkdir(parents=True, exist_ok=True)
             member.instance = Instance(
-                member.name, role, self.model, self.switch, self.aws_at, member.imds, self.ca,
+                member.name, role, self.model, self._serial_switch, self.aws_at, member.imds,
+                self.ca,
                 shared_dir=self.run_dir / member.name,
             )  # fmt: skip
             members.append(member)
@@ -186,7 +173,11 @@ class Stack:
         # as the stack: a host dies with the thread that started it (die_with_parent)
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
-        if PARALLEL:
+        if PARALLEL and len(members) > 1:
+            from sandbox.stack.instance import REPO
+            from sandbox.systemd_host import build_wheelhouse
+
+            build_wheelhouse(REPO)  # its cache filled once, before the threads read it
             futures = [self._pool.submit(self._boot, m) for m in members]
             errors = [f.exception() for f in futures if f.exception() is not None]
         else:
