@@ -5,7 +5,8 @@
   (its PID, the instances) in the run directory; SIGINT/SIGTERM end everything it started.
 - `status`: reads the state file and asks each instance's systemd what runs there.
 - `down`: signals the supervisor's PID and waits until it has ended everything.
-The run directory is $AEA_SANDBOX_RUN (default /run/aea-sandbox).
+The state file is in $AEA_SANDBOX_RUN (default /run/aea-sandbox); the instances' working
+directories in a temporary directory removed by `down`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def up(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    kwargs = {"workers": args.workers, "run_dir": args.run_dir, "params": args.params}
+    kwargs = {"workers": args.workers, "state_dir": args.run_dir, "params": args.params}
     if args.template:
         kwargs["template"] = args.template
     stack = Stack(**kwargs)
@@ -78,6 +79,7 @@ def up(args: argparse.Namespace) -> int:
         return 2
     finally:
         stack.down()
+        stack.cleanup_run_dir()
 
 
 def status(args: argparse.Namespace) -> int:

@@ -58,10 +58,14 @@ class Stack:
         progress: Callable[[str], None] = say,
         extra: Optional[Dict[str, Any]] = None,
         wait_healthy: bool = True,
+        state_dir: Optional[Path] = None,
     ):
         self.template, self.params, self.workers = Path(template), params, workers
         self.extra, self.wait_healthy = extra, wait_healthy
+        # the instances' shared directories live here (under /tmp: a test host mounts its own
+        # /run); the state file in state_dir (default: here too)
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="aea-stack-"))
+        self.state_dir = Path(state_dir or self.run_dir)
         self.progress = progress
         self.aws: Optional[AwsServer] = None
         self.model: Optional[StackModel] = None
@@ -336,7 +340,8 @@ class Stack:
         }
 
     def write_state(self) -> None:
-        path = self.run_dir / STATE_FILE
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state(), indent=1))
         os.replace(tmp, path)
@@ -363,7 +368,7 @@ class Stack:
         if self.ca is not None:
             self.ca.remove()
             self.ca = None
-        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
 
     def cleanup_run_dir(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
