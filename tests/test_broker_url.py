@@ -10,6 +10,7 @@ and never quoting the URL (it may hold a password).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,31 @@ def test_the_refused_url_imports_nothing(tmp_path):
     )
     assert "refusing to use it" in proc.stdout, proc.stdout + proc.stderr
     assert not flag.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the _CMD form runs as another user")
+def test_resolved_settings_are_kept_a_while_per_env_file_content(tmp_path, monkeypatch):
+    """A command whose every run gives a new URL shows when read_broker resolves afresh."""
+    from agent.jobs.drain import broker
+
+    env = tmp_path / "airflow.env"
+    command = "sh -c 'echo redis://h/$(cut -c1-8 /proc/sys/kernel/random/uuid)'"
+    env.write_text(f'AIRFLOW__CELERY__BROKER_URL_CMD="{command}"\n')
+    cfg = config_from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "env": {"file": str(env)},
+            "airflow_config": {"command_user": "nobody"},
+        }
+    )
+    now = [1000.0]
+    monkeypatch.setattr(broker.time, "monotonic", lambda: now[0])
+    first = read_broker(cfg).url
+    assert first.startswith("redis://h/") and len(first) == len("redis://h/") + 8
+    now[0] += broker.CACHE_SECONDS - 1
+    assert read_broker(cfg).url == first  # lifecycle's next polls: no new run
+    now[0] += 2
+    second = read_broker(cfg).url
+    assert second != first  # expired: resolved again
+    env.write_text(f'AIRFLOW__CELERY__BROKER_URL_CMD="{command}"\nX=1\n')
+    assert read_broker(cfg).url != second  # another file content: at once
