@@ -332,3 +332,14 @@ def test_the_scrubber_gets_a_urls_password_not_a_url_without_one():
     assert scrub("broker sqs:// has no Celery remote control") == (
         "broker sqs:// has no Celery remote control"
     )
+
+
+def test_without_region_name_the_backend_uses_the_env_files_default_region():
+    env = dict(BACKEND, **{URL + "_SECRET": "broker_url", "AWS_DEFAULT_REGION": "eu-north-1"})
+    lookup, seen = lookups({"airflow/prod/config/broker_url": "redis://h/0"})
+    AirflowOptions(env, "f", lookup_secret=lookup).get("celery", "broker_url")
+    assert seen[0][0].region_name == "eu-north-1"
+    env["AIRFLOW__SECRETS__BACKEND_KWARG__REGION_NAME"] = "ap-south-1"  # region_name wins
+    lookup, seen = lookups({"airflow/prod/config/broker_url": "redis://h/0"})
+    AirflowOptions(env, "f", lookup_secret=lookup).get("celery", "broker_url")
+    assert seen[0][0].region_name == "ap-south-1"

@@ -33,6 +33,7 @@ error codes, never a value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -312,7 +313,12 @@ class AirflowOptions:
         for var, value in self.env.items():
             if var.startswith(override) and len(var) > len(override):
                 kwargs[var[len(override) :].lower()] = value
-        return secrets_manager_config(kwargs, self.source)
+        backend = secrets_manager_config(kwargs, self.source)
+        if backend.region_name is None and self.env.get("AWS_DEFAULT_REGION"):
+            # without region_name the provider's boto3 takes the process's AWS_DEFAULT_REGION,
+            # which Airflow's units get from this file (a region only picks AWS's endpoint)
+            backend = dataclasses.replace(backend, region_name=self.env["AWS_DEFAULT_REGION"])
+        return backend
 
     def _secret(self, form: Form, section: str, key: str) -> Resolved:
         backend = self.backend()
