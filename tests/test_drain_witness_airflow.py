@@ -1,9 +1,10 @@
 """The drain's second witness on a real Airflow 3 cluster: the broker restarts mid-drain.
 
 Issue 12: a Redis restart in the middle of a drain broke Celery remote control, and the drain
-fell back to a warm stop. Here four real 60 s Airflow tasks run on the worker; `airflow-agent
+fell back to a warm stop. Here four real 75 s Airflow tasks run on the worker; `airflow-agent
 drain` cancels the consumers and waits; Redis is then killed and, once the drain has said it
-waits on the task processes, started again on the same port. The drain must keep counting the
+waits on the task processes, kept down for three drain.reply_timeouts (the old drain gave
+up after one) and started again on the same port. The drain must keep counting the
 four tasks from the worker unit's process tree (its cgroup) through the silence, end only when
 they end (a drain, not a warm stop), and no task may be killed or rerun (try 1, one start and
 one end each). `status --json` meanwhile shows the four task processes by their Airflow
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import pytest
 
@@ -24,6 +26,7 @@ from sandbox.proc import end_process, wait_for
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}")
 DRAIN_DOC = "/var/lib/airflow-agent/drain.json"
 RUN = "witness"
+REPLY_TIMEOUT = 5
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def cluster(tmp_path_factory, aws_server, imds_server):
         aws_server,
         imds_server,
         # a short reply timeout: the old drain gave up on a silent worker after it
-        agent_config={"drain": {"reply_timeout": 5, "poll_interval": 1}},
+        agent_config={"drain": {"reply_timeout": REPLY_TIMEOUT, "poll_interval": 1}},
     )
     c.start()
     c.start_core()
@@ -70,7 +73,7 @@ def test_a_broker_restart_mid_drain_counts_the_running_tasks_and_drains(cluster)
     assert dep.succeeded, dep.message
     c.wait_dag("headline")
     cursor = c.host.journal_cursor()
-    c.trigger("headline", RUN, {"seconds": 60})
+    c.trigger("headline", RUN, {"seconds": 75})
     wait_for(
         lambda: len([f for f in c.out_files() if f.startswith(RUN + ".")]) == 4,
         120,
@@ -112,8 +115,18 @@ def test_a_broker_restart_mid_drain_counts_the_running_tasks_and_drains(cluster)
         interval=0.5,
     )
     assert silent["phase"] == "waiting" and silent["task_processes"] == 4
-    assert t.is_alive()  # no warm stop: still draining
-    outputs.append(_status(c)[0])
+    # the outage lasts three reply timeouts: the old drain gave up after one (a warm stop)
+    during = []
+
+    def outage_over():
+        during.append((_doc(c).get("phase"), t.is_alive()))
+        return time.time() - silent["silent_since"] >= 3 * REPLY_TIMEOUT
+
+    wait_for(outage_over, 60, "an outage of three reply timeouts", interval=1)
+    assert set(during) == {("waiting", True)}, during  # still draining, no warm stop
+    text, status = _status(c)
+    outputs.append(text)
+    assert status["worker_tasks"]["running"] == 4 and status["drain"]["task_processes"] == 4
     c.redis.start()  # same port: the worker and the agent reconnect
 
     t.join(400)
