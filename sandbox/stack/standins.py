@@ -301,16 +301,37 @@ class LoadBalancer(_Process):
         wait_for(lambda: self._alive() or self.target_health() is not None, 20, "haproxy")
         return self
 
-    def target_health(self) -> Optional[Dict[str, str]]:
-        """{target address: UP/DOWN/...} from HAProxy's stats socket (None until it answers)."""
+    def _admin(self, command: str) -> Optional[str]:
+        """One command on HAProxy's stats socket; its answer (None if it does not answer)."""
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(5)
                 s.connect(str(self.dir / "stats.sock"))
-                s.sendall(b"show stat\n")
-                data = b"".join(iter(lambda: s.recv(65536), b""))
+                s.sendall(command.encode() + b"\n")
+                return b"".join(iter(lambda: s.recv(65536), b"")).decode()
         except OSError:
             return None
-        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+
+    def register(self, addr: str) -> None:
+        """Add a target while running, as the webserver group registers a launched instance
+        (HAProxy's dynamic servers take no default-server: the health check is given again)."""
+        name = f"t{len(self.targets)}"
+        self.targets.append(addr)
+        for cmd in (
+            f"add server targets/{name} {addr}:{self.target_port} check inter "
+            f"{self.interval}s rise {self.healthy} fall {self.unhealthy}",
+            f"enable health targets/{name}",
+            f"enable server targets/{name}",
+        ):
+            answer = (self._admin(cmd) or "").strip()
+            if answer and not answer.startswith("New server registered"):
+                raise RuntimeError(f"haproxy: {cmd}: {answer}")
+
+    def target_health(self) -> Optional[Dict[str, str]]:
+        """{target address: UP/DOWN/...} from HAProxy's stats socket (None until it answers)."""
+        data = self._admin("show stat")
+        if data is None:
+            return None
+        rows = csv.DictReader(io.StringIO(data.lstrip("# ")))
         names = {f"t{i}": a for i, a in enumerate(self.targets)}
         return {names[r["svname"]]: r["status"].split()[0] for r in rows if r["svname"] in names}
