@@ -573,3 +573,16 @@ def test_a_problem_found_while_sleeping_shows_in_status_at_once(tmp_path):
     assert shown and 1010.0 <= shown[0][0] <= 1010.0 + CHECK_INTERVAL
     assert shown[0][1] == f"STATUS=1; {path} changed but cannot be loaded; still on the old one"
     assert d.passes == [1000.0]
+
+
+def test_an_unexpected_error_of_the_watch_keeps_the_daemon_running(tmp_path, monkeypatch):
+    path, cfg = loaded(tmp_path)
+    clock, notifier, rt = make()
+
+    def broken(loaded):
+        raise RuntimeError("odd filesystem")
+
+    monkeypatch.setattr("agent.runtime.config_watch.config_file_change", broken)
+    clock.at(1050.0, rt.request_stop)
+    assert run(rt, clock, Configured(cfg, lambda n: 5.0)) == 0
+    assert any("cannot be loaded" in m for m in notifier.lines())

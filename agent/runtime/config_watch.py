@@ -71,7 +71,10 @@ class ConfigWatch:
 
     def check(self) -> bool:
         """True when the file changed to content that loads, seen twice `settle` s apart."""
-        change = config_file_change(self.loaded)
+        try:
+            change = config_file_change(self.loaded)
+        except Exception as exc:  # never let the watch itself end a working daemon
+            change = (self._seen[0] if self._seen else None, f"{type(exc).__name__}: {exc}")
         if change is None:
             self._seen = None
             self.problem = ""
