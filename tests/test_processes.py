@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -189,9 +190,43 @@ def test_a_stopped_unit_runs_nothing_and_an_unreadable_one_is_not_counted(tmp_pa
     assert snap.to_dict()["running"] is None and snap.to_dict()["tasks"] == []
 
 
-def test_a_pid_that_exits_between_the_listing_and_the_read_is_skipped(tree_of, tmp_path):
+def test_a_pid_that_exits_between_the_listing_and_the_read_is_skipped(
+    tree_of, tmp_path, monkeypatch
+):
+    from agent.worker import processes
+
     t = tree_of("task")
     gone = subprocess.Popen(["true"])
     gone.wait()
     cgroup(tmp_path, t.pids() + [gone.pid])
-    assert witness(tmp_path, t.main.pid).count() == 1
+    listings = [t.pids() + [gone.pid], t.pids()]  # the kernel drops it from the cgroup
+    monkeypatch.setattr(processes, "cgroup_pids", lambda path: listings.pop(0))
+    assert witness(tmp_path, t.main.pid).count() == 1 and listings == []
+
+
+def test_a_process_the_cgroup_lists_but_proc_hides_is_never_a_zero(tree_of, tmp_path):
+    """ProtectProc=invisible without CAP_SYS_PTRACE hides other users' /proc entries while
+    the cgroup still lists them: a pid listed twice but not found is hidden, not gone."""
+    t = tree_of("idle")
+    hidden = subprocess.Popen(["true"])
+    hidden.wait()  # a pid /proc does not show (as a hidden one looks)
+    cgroup(tmp_path, t.pids() + [hidden.pid])
+    snap = witness(tmp_path, t.main.pid).snapshot()
+    assert snap.count is None and "cannot see 1 process(es)" in snap.error
+    # MainPID's descendants: a main process we cannot see is not an idle worker either
+    lost = witness(tmp_path / "none", hidden.pid).snapshot()
+    assert lost.count is None and f"main process {hidden.pid}" in lost.error
+
+
+def test_start_times_come_without_proc_stat(tree_of):
+    """psutil's create_time() reads /proc/stat (hidden by ProcSubset=pid); started_at does not,
+    and agrees with it."""
+    from agent.worker.processes import started_at
+
+    before = time.time()
+    t = tree_of("idle")
+    after = time.time()
+    for pid in t.pids():
+        assert before - 0.02 <= started_at(pid) <= after + 0.02
+        # psutil's boot time is whole seconds
+        assert started_at(pid) == pytest.approx(psutil.Process(pid).create_time(), abs=1.01)

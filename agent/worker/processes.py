@@ -12,8 +12,11 @@ classification is agent.worker.processes_plan (pure). Which processes belong to 
 - without a readable cgroup, MainPID and its descendants (a reparented process is lost then;
   the snapshot says which source it used).
 
-Each process is read with psutil (parent, argv as a title to classify, start time); one that
-exits meanwhile is skipped, a zombie has finished. Nothing read here is logged or returned but
+Each process is read with psutil (parent, argv as a title to classify) and its start time from
+/proc/<pid>/stat (psutil's needs /proc/stat, hidden by ProcSubset=pid); one that exits
+meanwhile is skipped, a zombie has finished. A process the cgroup still lists but /proc does
+not show is hidden from the reader (ProtectProc=invisible without CAP_SYS_PTRACE): then nothing
+is counted (None), never a zero that is not one. Nothing read here is logged or returned but
 pids, start times, a kind and an Airflow task-instance id (see processes_plan): a process's
 argv may hold anything a task put there.
 """
@@ -24,7 +27,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
@@ -92,26 +95,44 @@ def cgroup_pids(path: str) -> List[int]:
     return sorted(set(pids))
 
 
-def read_procs(pids: Sequence[int]) -> List[Proc]:
-    """psutil's view of each pid; gone and zombie processes are left out."""
+def started_at(pid: int) -> float:
+    """When `pid` started, epoch seconds, from its /proc/<pid>/stat start time and the boot
+    clock: psutil's create_time() needs /proc/stat, which units with ProcSubset=pid (the
+    agent's lifecycle unit) do not see."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # fields after the command (which may hold spaces and parentheses): state is field 3,
+    # starttime field 22, in clock ticks since boot
+    ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
+    since_boot = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - since_boot
+
+
+def read_procs(pids: Sequence[int]) -> Tuple[List[Proc], List[int]]:
+    """psutil's view of each pid, and the pids it could not find. Zombies are left out (they
+    have finished); a pid not found has exited, or is hidden from this process (the caller
+    tells which)."""
     out: List[Proc] = []
+    unseen: List[int] = []
     for pid in pids:
         try:
             p = psutil.Process(pid)
             with p.oneshot():
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
-                ppid, started = p.ppid(), p.create_time()
+                ppid = p.ppid()
                 try:
                     title = " ".join(p.cmdline())
                 except psutil.AccessDenied:
                     title = ""  # still placed by its parent
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            started = started_at(pid)
+        except psutil.ZombieProcess:
             continue
-        except psutil.AccessDenied:
-            continue  # not ours to read (the agent runs as root; a test may not)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
+            unseen.append(pid)
+            continue
         out.append(Proc(pid, ppid, title, started))
-    return out
+    return out, unseen
 
 
 def descendant_pids(main_pid: int) -> List[int]:
@@ -138,6 +159,13 @@ class WorkerProcesses:
         self.cgroup_root = cgroup_root
 
     def snapshot(self) -> Snapshot:
+        """Never raises: what cannot be read is a snapshot without a tree, and says why."""
+        try:
+            return self._snapshot()
+        except Exception as exc:  # a daemon's loop calls this: it must not end it
+            return self._none(f"reading {self.unit}'s processes: {type(exc).__name__}: {exc}")
+
+    def _snapshot(self) -> Snapshot:
         try:
             props = self.systemctl.show(self.unit, "ControlGroup", "MainPID", "ActiveState")
         except Exception as exc:  # systemd unreachable: say so, a caller carries on
@@ -152,11 +180,23 @@ class WorkerProcesses:
             pids, source = cgroup_pids(path), "cgroup"
         elif main_pid:
             pids, source = descendant_pids(main_pid), "main-pid"
+            if not pids:
+                return self._none(f"cannot see {self.unit}'s main process {main_pid}")
         elif props.get("ActiveState") in ("inactive", "failed"):
             pids, source = [], "main-pid"  # nothing runs there: an honest zero
         else:
             return self._none(f"{self.unit} has no readable cgroup and no main process")
-        return Snapshot(self.unit, classify(read_procs(pids), main_pid), source, "", self.clock())
+        procs, unseen = read_procs(pids)
+        if unseen and path is not None:
+            # still listed after the read: not exited but hidden from us (ProtectProc=invisible
+            # or hidepid without CAP_SYS_PTRACE). Counting without them would say 0.
+            hidden = sorted(set(unseen) & set(cgroup_pids(path)))
+            if hidden:
+                return self._none(
+                    f"cannot see {len(hidden)} process(es) of {self.unit} in /proc "
+                    f"(hidden from this process: ProtectProc=/hidepid?)"
+                )
+        return Snapshot(self.unit, classify(procs, main_pid), source, "", self.clock())
 
     def _none(self, why: str) -> Snapshot:
         return Snapshot(self.unit, None, "", why, self.clock())
