@@ -80,8 +80,11 @@ def deploy_everywhere(stack: Any, rev: Path, deployment_id: str) -> Dict[str, De
     out: Dict[str, Deployment] = {}
     for member in list(stack.members):
         root = stack.run_dir / member.name / "codedeploy"
+        # the real agent is a systemd service: its hooks get the manager's DefaultEnvironment,
+        # which holds the sandbox's one override (AWS_ENDPOINT_URL; substitutions.py)
+        env = {"AWS_ENDPOINT_URL": f"http://{stack.aws_at}"}
         runner = CodeDeployRunner(
-            host_execute(member.instance.host), root, application=app, group=group
+            host_execute(member.instance.host, env), root, application=app, group=group
         )
         out[member.name] = dep = runner.deploy(rev, deployment_id)
         if not dep.succeeded:
