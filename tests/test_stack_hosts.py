@@ -154,3 +154,28 @@ def test_cfn_init_services_on_a_real_systemd(tmp_path: Path) -> None:
         write_metadata(h, "s", "arn:s", "R", init)
         p = h.run(cmd, check=False)
         assert p.returncode == 1 and "command 20-fails failed (rc 9):\nnope" in p.stderr
+
+
+def test_hosts_attach_in_parallel_threads(tmp_path: Path) -> None:
+    """A group's instances boot at once (launch.py uses threads): each gets its own address
+    and link, and all reach one another."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    with Switch() as switch, ExitStack() as stack:
+        hosts = []
+        for i in range(3):
+            (tmp_path / str(i)).mkdir()
+            hosts.append(stack.enter_context(SystemdHost(tmp_path / str(i), name=f"aea-par-{i}")))
+        with ThreadPoolExecutor(3) as pool:
+            addrs = list(pool.map(switch.attach, hosts))
+        assert sorted(addrs) == ["10.77.0.10", "10.77.0.11", "10.77.0.12"]
+        assert switch.addresses == {h.name: a for h, a in zip(hosts, addrs)}
+        hosts[0].run(["systemd-run", "--unit", "echo-upper", "python3", "-c", ECHO_UPPER,
+                      addrs[0], "9000"])  # fmt: skip
+        out = wait_for(
+            lambda: hosts[2].run(["python3", "-c", CONNECT, addrs[0], "9000", "x"]).stdout,
+            15,
+            "the third host to reach the first",
+        )
+        assert out == f"X from {addrs[2]}"

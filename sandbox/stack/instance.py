@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -42,6 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VENV = REPO / ".cache" / "airflow-venv"
 PACKAGE_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE")
 HOSTS_RANGE = range(10, 42)  # the ip-10-77-0-N names the VPC's DNS would answer
+# instances of a group boot in threads: the wheelhouse cache is built by one of them only
+_WHEELHOUSE_LOCK = threading.Lock()
 
 
 class InstanceError(RuntimeError):
@@ -150,6 +153,9 @@ class Instance:
     # -- boot --------------------------------------------------------------------------------
 
     def start(self, timeout: float = 1200) -> Instance:
+        """Boot and build the instance. Its host, IMDS bridge and forwarders die with the
+        thread that calls this (PR_SET_PDEATHSIG): call it from a thread that lives as long as
+        the instance. Several instances may start in parallel threads."""
         init = self.model.init_metadata(self.role)
         check_init(init)
         t = time.monotonic()
@@ -193,7 +199,9 @@ class Instance:
         stage = self.shared_dir / "aea-install" / "wheelhouse"
         if stage.exists():
             shutil.rmtree(stage)
-        shutil.copytree(build_wheelhouse(REPO), stage)
+        with _WHEELHOUSE_LOCK:
+            wheelhouse = build_wheelhouse(REPO)
+        shutil.copytree(wheelhouse, stage)
         context = {
             "wheelhouse": str(stage),
             "airflow_venv": str(AIRFLOW_VENV),

@@ -21,6 +21,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -46,6 +47,8 @@ class Switch:
         self.addresses: Dict[str, str] = {}  # host name -> its address on the link
         self._forwarders: List[subprocess.Popen] = []
         self._next = 0
+        # a group's instances boot in threads at once: one attach/forward at a time
+        self._lock = threading.Lock()
 
     @property
     def netns(self) -> str:
@@ -93,7 +96,11 @@ class Switch:
         return self
 
     def attach(self, host: Any) -> str:
-        """Join a SystemdHost to the link; returns its address (10.77.0.(10+N))."""
+        """Join a SystemdHost to the link; returns its address (10.77.0.(10+N)). Thread-safe."""
+        with self._lock:
+            return self._attach(host)
+
+    def _attach(self, host: Any) -> str:
         if host.pid is None:
             raise NetworkError(f"host {host.name} is not running")
         n = self._next
@@ -111,7 +118,14 @@ class Switch:
         return addr
 
     def forward(self, host_port: int, port: Optional[int] = None, timeout: float = 10) -> str:
-        """The machine's 127.0.0.1:host_port at 10.77.0.1:port (default the same port)."""
+        """The machine's 127.0.0.1:host_port at 10.77.0.1:port (default the same port).
+
+        The forwarder dies with the thread that calls this (PR_SET_PDEATHSIG): call it from a
+        thread that lives as long as the stack (the supervisor's main thread)."""
+        with self._lock:
+            return self._forward(host_port, port, timeout)
+
+    def _forward(self, host_port: int, port: Optional[int], timeout: float) -> str:
         lport = int(host_port if port is None else port)
         proc = subprocess.Popen(
             [
