@@ -27,6 +27,17 @@ JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}")
 DRAIN_DOC = "/var/lib/airflow-agent/drain.json"
 RUN = "witness"
 REPLY_TIMEOUT = 5
+# the /proc and capability settings of systemd/airflow-agent-lifecycle.service
+LIFECYCLE_SANDBOX = [
+    "-p",
+    "ProtectProc=invisible",
+    "-p",
+    "ProcSubset=pid",
+    "-p",
+    "CapabilityBoundingSet=",
+    "-p",
+    "ProtectControlGroups=yes",
+]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +116,24 @@ def test_a_broker_restart_mid_drain_counts_the_running_tasks_and_drains(cluster)
     ).split()
     assert sorted(x["task_instance"] for x in w["tasks"]) == sorted(ti_ids)
     assert {x["kind"] for x in w["tasks"]} == {"task"}
+    # inside the lifecycle unit's sandbox (it drains on a termination notice; ProcSubset=pid
+    # hides /proc/stat, which psutil's create_time needs): the same four tasks
+    sandboxed = c.host.run(
+        [
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            *LIFECYCLE_SANDBOX,
+            "/usr/local/bin/airflow-agent",
+            "status",
+            "--json",
+        ],
+        check=False,
+    )
+    outputs.append(sandboxed.stdout)
+    inside = json.loads(sandboxed.stdout)["worker_tasks"]
+    assert (inside["running"], inside["error"]) == (4, None), inside
 
     # the broker goes away mid-drain
     end_process(c.redis.proc)
