@@ -144,6 +144,14 @@ def ssm_parameter_names(template, resolver) -> List[str]:
     return sorted(resolver.resolve(p["Properties"]["Name"]) for p in params.values())
 
 
+# the second SSM path of each role: the database URL differs (workers have their own user)
+ROLE_PATH_GROUP = {"scheduler": "services", "webserver": "services", "worker": "worker"}
+
+
+def role_ssm_paths(role: str) -> List[str]:
+    return [f"/airflow/{STACK}/", f"/airflow/{STACK}-{ROLE_PATH_GROUP[role]}/"]
+
+
 def unit_file(name: str) -> Path:
     return SYSTEMD_DIR / (name if "." in name else name + ".service")
 
@@ -283,8 +291,12 @@ def test_agent_yaml_names_the_templates_resources(template, resolver, role):
     res = template["Resources"]
     # SSM: every parameter of the stack lies under env.ssm_paths and maps to one variable,
     # and every variable the agent requires is one of them
-    names = ssm_parameter_names(template, resolver)
-    assert cfg.env.ssm_paths == [f"/airflow/{STACK}/"]
+    assert cfg.env.ssm_paths == role_ssm_paths(role)
+    # every parameter of the stack is under some role's paths; this role reads its own
+    all_names = ssm_parameter_names(template, resolver)
+    every_path = {path for r in ROLES for path in role_ssm_paths(r)}
+    assert all(n.startswith(tuple(every_path)) for n in all_names), all_names
+    names = [n for n in all_names if n.startswith(tuple(cfg.env.ssm_paths))]
     mapped = map_parameters([Parameter(n, "v") for n in names], cfg.env.ssm_paths)
     assert set(cfg.env.required) <= set(mapped), set(cfg.env.required) - set(mapped)
     assert "AIRFLOW_HOME" in cfg.env.static
@@ -298,11 +310,14 @@ def test_agent_yaml_names_the_templates_resources(template, resolver, role):
     asg_tags = {t["Key"]: t["Value"] for t in res[f"{LOGICAL[role]}Group"]["Properties"]["Tags"]}
     assert asg_tags[cfg.role.tag] == role
     # jobs that name resources: every role hands Airflow the task role's credentials
-    assert cfg.task_credentials.role_arn == resolver.get_att("TaskRole", "Arn")
+    task_role = "WorkerTaskRole" if role == "worker" else "TaskRole"
+    assert cfg.task_credentials.role_arn == resolver.get_att(task_role, "Arn")
     if role == "scheduler":
         assert cfg.variables.secret_id == resolver.ref("VariablesSecret")
+        assert cfg.worker_db.secret_id == resolver.ref("WorkerDbSecret")
     else:
         assert cfg.variables.secret_id is None
+        assert cfg.worker_db.secret_id is None
     hook = res["WorkerTerminationHook"]["Properties"]
     if role == "worker":
         assert cfg.lifecycle.hook_name == resolver.resolve(hook["LifecycleHookName"])
@@ -520,7 +535,10 @@ def test_first_boot_installs_configures_and_bootstraps(template, resolver, role)
     if role == "scheduler":
         # the schema is migrated before bootstrap starts the scheduler, with the env file
         # (env sync first) read by systemd itself, as the airflow user
-        (migrate,) = own
+        migrate, worker_db = own
+        # then the workers' own database user (before any worker launches: their group
+        # depends on this one)
+        assert worker_db == "/usr/local/bin/airflow-agent worker-db-user"
         assert migrate.startswith("/usr/local/bin/airflow-agent env sync && systemd-run ")
         assert "-p EnvironmentFile=/etc/sysconfig/airflow.env -p User=airflow" in migrate
         assert migrate.endswith("/opt/airflow/venv/bin/airflow db migrate")
@@ -706,7 +724,7 @@ def test_cfn_init_metadata_is_in_one_place_and_roles_differ_only_in_their_own_pa
     assert f"# config revision: {revision}" in comments["scheduler"]
     assert comments["webserver"] == comments["worker"] == comments["scheduler"]
     role_specific = {
-        "scheduler": {"variables"},
+        "scheduler": {"variables", "worker_db"},
         "webserver": set(),
         "worker": {"drain", "lifecycle"},
     }
@@ -723,6 +741,9 @@ def test_cfn_init_metadata_is_in_one_place_and_roles_differ_only_in_their_own_pa
         assert (broker in required) == (role == "worker"), role
         for key in role_specific[role]:
             data.pop(key)
+        # checked per role with the template's resources (test_agent_yaml_names_...)
+        assert data["env"].pop("ssm_paths") == role_ssm_paths(role)
+        data.pop("task_credentials")
         rest = (data, [v for v in required if v != broker])
         common = common or rest
         assert rest == common, role
@@ -814,7 +835,10 @@ def test_airflow_resolves_every_secret_option_from_the_stacks_secrets(template, 
         for p in resources_of_type(template, "AWS::SSM::Parameter").values()
     }
     path = f"/airflow/{STACK}/"
-    env_vars = map_parameters([Parameter(n, v) for n, v in params.items()], [path])
+    view = {n: v for n, v in params.items() if n.startswith(tuple(role_ssm_paths("scheduler")))}
+    env_vars = map_parameters(
+        [Parameter(n, v) for n, v in view.items()], role_ssm_paths("scheduler")
+    )
     kwargs = json.loads(params[f"{path}secrets/backend_kwargs"])
     prefix = kwargs["config_prefix"]
     secret_names = {
@@ -823,7 +847,8 @@ def test_airflow_resolves_every_secret_option_from_the_stacks_secrets(template, 
     }
     options = []
     for name, value in params.items():
-        section, key = name[len(path) :].split("/")
+        # /airflow/<stack>[-group]/<section>/<key>
+        section, key = name.split("/")[3:]
         if key.endswith("_secret"):
             options.append((section, key[: -len("_secret")]))
             assert f"{prefix}/{value}" in secret_names, f"{name} names no secret of the stack"
@@ -859,7 +884,7 @@ def test_airflow_resolves_every_secret_option_from_the_stacks_secrets(template, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for section, key in options:
-        value = params[f"{path}{section}/{key}_secret"]
+        (value,) = [v for n, v in view.items() if n.endswith(f"/{section}/{key}_secret")]
         # Airflow ignores `<key>_secret` for options it does not treat as sensitive: then the
         # default would come back here instead of the backend's answer
         assert got[f"{section}/{key}"] == f"sqlite:///{tmp_path}/{prefix}/{value}", (section, key)
@@ -882,10 +907,11 @@ def _scoped_resources(template, resolver) -> Dict[str, Set[str]]:
     )
     return {
         "ssm": {
-            _arn("ssm", f"parameter/airflow/{STACK}"),
-            _arn("ssm", f"parameter/airflow/{STACK}/*"),
-            _arn("ec2", "instance/*"),
-        },
+            _arn("ssm", f"parameter/airflow/{STACK}{suffix}{glob}")
+            for suffix in ("", "-services", "-worker")
+            for glob in ("", "/*")
+        }
+        | {_arn("ec2", "instance/*")},
         "secretsmanager": secrets,
         "autoscaling": {
             _arn("autoscaling", f"autoScalingGroup:*:autoScalingGroupName/{STACK}-worker")
@@ -893,7 +919,7 @@ def _scoped_resources(template, resolver) -> Dict[str, Set[str]]:
         "s3": {logs, f"{logs}/logs/*", f"{bundles}/*", artifact},
         "kms": {resolver.get_att("SecretsKey", "Arn")},
         # the task role the agent assumes for Airflow's processes (agent/jobs/task_credentials)
-        "sts": {resolver.get_att("TaskRole", "Arn")},
+        "sts": {resolver.get_att("TaskRole", "Arn"), resolver.get_att("WorkerTaskRole", "Arn")},
     }
 
 
@@ -1132,12 +1158,15 @@ def test_create_stack_on_moto_then_env_sync_with_the_templates_agent_yaml(
     assert env["AIRFLOW__SECRETS__BACKEND"].endswith("SecretsManagerBackend")
     assert env["AIRFLOW_HOME"] == "/airflow"
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"
-    pages = (
-        boto3.client("ssm")
+    names = [
+        p["Name"]
+        for path in {path for r in ROLES for path in role_ssm_paths(r)}
+        for page in boto3.client("ssm")
         .get_paginator("get_parameters_by_path")
-        .paginate(Path=f"/airflow/{STACK}/", Recursive=True, PaginationConfig={"PageSize": 10})
-    )
-    names = [p["Name"] for page in pages for p in page["Parameters"]]
+        .paginate(Path=path, Recursive=True, PaginationConfig={"PageSize": 10})
+        for p in page["Parameters"]
+    ]
     assert len(names) == len(resources_of_type(template, "AWS::SSM::Parameter"))
-    mapped = map_parameters([Parameter(n, "") for n in names], [f"/airflow/{STACK}/"])
+    own = [n for n in names if n.startswith(tuple(role_ssm_paths("scheduler")))]
+    mapped = map_parameters([Parameter(n, "") for n in own], role_ssm_paths("scheduler"))
     assert set(env) == set(mapped) | {"AIRFLOW_HOME"}

@@ -106,7 +106,8 @@ def secret_arn_named(template, resolver, name: str) -> str:
 def role_allows(template, resolver, role: str, action: str, resource: str) -> bool:
     """Whether the role's own policies allow `action` on `resource` (Allow statements only:
     the template has no Deny; Action and Resource as IAM globs)."""
-    props = template["Resources"][f"{LOGICAL[role]}Role"]["Properties"]
+    rid = f"{LOGICAL[role]}Role" if role in LOGICAL else role  # a role, or a role's logical id
+    props = template["Resources"][rid]["Properties"]
     for policy in props["Policies"]:
         for st in statements(resolver.resolve(policy["PolicyDocument"])):
             assert st["Effect"] == "Allow"
@@ -555,6 +556,68 @@ def test_task_role_grants_what_airflow_calls_and_none_of_the_instances_powers(
         if res["Type"] == "AWS::IAM::Role" and other != task:
             other_arn = resolver.get_att(other, "Arn")
             assert not role_allows(template, resolver, role, "sts:AssumeRole", other_arn), other
+
+
+# -- the workers' database user ------------------------------------------------------------------
+
+
+def test_workers_use_their_own_database_user_never_the_master(template, resolver):
+    res = template["Resources"]
+    worker = ssm_values(template, resolver, "worker")
+    services = ssm_values(template, resolver, "scheduler")
+    assert ssm_values(template, resolver, "webserver") == services
+    prefix = json.loads(worker["secrets/backend_kwargs"])["config_prefix"]
+    key = "database/sql_alchemy_conn_secret"
+    worker_conn = secret_arn_named(template, resolver, f"{prefix}/{worker[key]}")
+    master_conn = secret_arn_named(template, resolver, f"{prefix}/{services[key]}")
+    assert worker_conn != master_conn
+    assert master_conn == resolver.ref("DbConnSecret")
+    # the workers' URL is the worker secret's user and password, on the same database
+    user = json.loads(
+        res["WorkerDbSecret"]["Properties"]["GenerateSecretString"]["SecretStringTemplate"]
+    )["username"]
+    (conn_id,) = [
+        r
+        for r in res
+        if res[r]["Type"] == "AWS::SecretsManager::Secret" and resolver.ref(r) == worker_conn
+    ]
+    url = res[conn_id]["Properties"]["SecretString"]["Fn::Sub"]
+    assert url.startswith(
+        f"postgresql+psycopg2://{user}:{{{{resolve:secretsmanager:${{WorkerDbSecret}}:"
+    )
+    master_url = res["DbConnSecret"]["Properties"]["SecretString"]["Fn::Sub"]
+    assert url.split("@", 1)[1] == master_url.split("@", 1)[1], "not the same database"
+    # nothing on a worker may read the master's URL or password
+    master = {master_conn, resolver.ref("DbMasterSecret")}
+    for who in ("worker", task_role_of(template, resolver, "worker")):
+        for arn in master:
+            assert not role_allows(template, resolver, who, "secretsmanager:GetSecretValue", arn)
+        assert role_allows(template, resolver, who, "secretsmanager:GetSecretValue", worker_conn)
+    # the scheduler creates the user (master URL + the worker secret) after the migration and
+    # before its signal, so before any worker launches (their group depends on the scheduler's)
+    assert role_agent_yaml(template, resolver, "scheduler")["worker_db"] == {
+        "secret_id": resolver.ref("WorkerDbSecret")
+    }
+    assert role_allows(
+        template,
+        resolver,
+        "scheduler",
+        "secretsmanager:GetSecretValue",
+        resolver.ref("WorkerDbSecret"),
+    )
+    for role in ("webserver", "worker"):
+        assert not role_allows(
+            template,
+            resolver,
+            role,
+            "secretsmanager:GetSecretValue",
+            resolver.ref("WorkerDbSecret"),
+        ), role
+    init = res["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
+    run = [resolver.resolve(cmd) for _c, _k, cmd in configset_commands(init, "scheduler")]
+    created = run.index("/usr/local/bin/airflow-agent worker-db-user")
+    migrated = [i for i, cmd in enumerate(run) if cmd.endswith("airflow db migrate")][0]
+    assert migrated < created < run.index("/usr/local/bin/airflow-agent bootstrap")
 
 
 # -- the AMI --------------------------------------------------------------------------------------
