@@ -453,8 +453,8 @@ def test_a_changed_agent_yaml_ends_the_daemon_with_the_restart_code_within_a_sle
     # next one (the settle rule), STOPPING=1 and close() as on SIGTERM
     assert d.passes == [1000.0]
     assert 1030.0 + SETTLE <= clock.t <= 1030.0 + 2 * CHECK_INTERVAL
-    assert notifier.lines()[-1] == "STOPPING=1" and d.closed == 1
-    assert rt.config_changed and not rt.stopping
+    assert notifier.lines()[-2:] == [f"STATUS={path} changed: restarting to load it", "STOPPING=1"]
+    assert d.closed == 1 and rt.config_changed and not rt.stopping
 
 
 def test_touch_and_identical_rewrites_change_nothing(tmp_path):

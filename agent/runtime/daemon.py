@@ -250,6 +250,7 @@ class DaemonRuntime:
             EXIT_CONFIG_CHANGED,
         )
         self.config_changed = True
+        self.status(f"{self.config_watch.loaded.path} changed: restarting to load it")
         return True
 
     def _sleep(self, delay: float) -> None:
