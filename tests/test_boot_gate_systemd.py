@@ -5,7 +5,8 @@
   not started, and only CodeDeploy's ApplicationStart (`deploy-hook ApplicationStart`, as the
   appspec hook runs it) starts it;
 - an instance in a warm pool (`Warmed:*` target state) is held even with a revision on disk,
-  and starts once it is InService;
+  lifecycle watch records it drained, and the launch hook's ApplicationStart starts it once it
+  leaves the pool;
 - the gate is part of the unit (`ExecCondition=airflow-agent worker-gate`, run as airflow from
   the record's public copy): a start by anyone, as a reboot's start job does, of a fresh
   (never deployed) or drained worker is skipped, the stand-in never runs;
@@ -170,6 +171,17 @@ def test_warm_pool_instance_is_held_even_with_a_revision(host, aws_server, imds_
     proc = _agent(host, aws_server, imds_server, "bootstrap", "--role", "worker", "--skip-env-sync")
     assert "warm pool (Warmed:Running)" in proc.stderr, proc.stderr
     assert _active(host) == "inactive"
+    # lifecycle watch (started by bootstrap) drains a warm-pool worker: stopped already, so at
+    # once, and its record says drained
+    host.wait_for(
+        lambda: b'"state": "drained"' in host.read_file(PUBLIC),
+        60,
+        "lifecycle watch to drain the warm-pool worker",
+    )
+    # it leaves the pool: the record, not the marker, still holds it through a bootstrap; the
+    # launch hook's deployment (ApplicationStart) starts it
     imds_server.set_paths({"meta-data/autoscaling/target-lifecycle-state": "InService"})
     _agent(host, aws_server, imds_server, "bootstrap", "--role", "worker", "--skip-env-sync")
+    assert _active(host) == "inactive"
+    _agent(host, aws_server, imds_server, "deploy-hook", "ApplicationStart", env=APP_START)
     host.wait_active("airflow-worker")
