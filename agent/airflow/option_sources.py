@@ -4,9 +4,10 @@
   root: the command string comes from the env file, which whoever writes the SSM parameters
   controls; as the Airflow user it can do nothing that writer cannot already make Airflow do),
   with the env file as its environment plus the PATH, HOME and USER a systemd unit with
-  `User=` gets, in `/`, umask 077, `airflow_config.command_timeout`, dying with the agent.
-  A non-zero exit is an error naming the variable; its output is never quoted (it is the
-  secret). Airflow takes the output verbatim; so does this.
+  `User=` gets and the Airflow units' AWS settings (the task role's credentials, no IMDS:
+  agent.airflow.units_env), in `/`, umask 077, `airflow_config.command_timeout`, dying
+  with the agent. A non-zero exit is an error naming the variable; its output is never
+  quoted (it is the secret). Airflow takes the output verbatim; so does this.
 - `secrets_manager_lookup`: the Amazon provider's `SecretsManagerBackend` config read,
   `GetSecretValue(SecretId=<prefix><sep><key>)` -> `SecretString`, through the agent's own
   AWS client factory (instance credentials, its endpoint, adaptive retries) in the backend's
@@ -33,6 +34,7 @@ from agent.airflow.config_options import (
     SecretsManagerConfig,
     split_command,
 )
+from agent.airflow.units_env import airflow_aws_env
 from agent.platform import process
 from agent.platform.process import RunAs
 
@@ -75,6 +77,8 @@ def command_runner(cfg, env: Mapping[str, str]) -> Optional[Runner]:
             )
         child: Dict[str, str] = dict(env)
         child.update(PATH=SERVICE_PATH, HOME=run_as.home, USER=user, LOGNAME=user)
+        # as Airflow's units: the task role's credentials, never the instance role's
+        child.update(airflow_aws_env(cfg))
         switch = None if run_as.uid == os.geteuid() else run_as
         result = process.run(
             argv,
