@@ -111,14 +111,23 @@ def main() -> int:
             + ", ".join(f"{t['task_id']} {t['state']} try {t['try_number']}" for t in tis)
         )
 
-        banner("5. a stack update: ConfigRevision + [core] dagbag_import_timeout")
+        banner("5. Variables from the template's secret")
+        stack.aws.client("secretsmanager").put_secret_value(
+            SecretId=stack.model.ref("VariablesSecret"),
+            SecretString='{"greeting": "hello from the stack"}',
+        )
+        sched = stack.role_members("scheduler")[0]
+        sched.instance.run(["systemctl", "start", "airflow-agent-variables.service"], timeout=300)
+        say(f"  Airflow Variable greeting = {api.variable('greeting')!r}")
+
+        banner("6. a stack update: ConfigRevision + [core] dagbag_import_timeout")
         result = stack.update(StackModel.load(updated_template(work), workers=2))
         for rid, what in result["changed"]:
             say(f"  AWS: {rid}: {what}")
         for name, hook in result["hooks"].items():
             say(f"  {name:<18} cfn-hup hook rc {hook['rc']}")
 
-        banner("6. a worker scale-in through the termination lifecycle hook")
+        banner("7. a worker scale-in through the termination lifecycle hook")
         worker = stack.role_members("worker")[-1]
         t = time.monotonic()
         stack.scale_in(worker)
@@ -132,7 +141,7 @@ def main() -> int:
         )
         stack.remove(worker)
 
-        banner("7. IAM")
+        banner("8. IAM")
         denials = stack.aws.denials()
         say(f"  requests refused by the instance roles' policies: {len(denials)}")
         for d in denials:

@@ -133,10 +133,17 @@ def test_variables_come_from_the_templates_secret(stack, api):
         SecretId=stack.model.ref("VariablesSecret"),
         SecretString=json.dumps({"sandbox_greeting": "hello from the secret"}),
     )
-    # the scheduler's variables watch polls the secret every variables.watch_interval (30 s)
+    # the scheduler's airflow-agent-variables.timer runs the sync every 5 min; run it now, as
+    # an operator would after changing the secret
+    (scheduler,) = stack.role_members("scheduler")
+    p = scheduler.instance.run(
+        ["systemctl", "start", "airflow-agent-variables.service"], check=False, timeout=300
+    )
+    journal = scheduler.instance.journal("airflow-agent-variables.service")
+    assert p.returncode == 0, journal[-3000:]
     wait_for(
         lambda: api.variable("sandbox_greeting") == "hello from the secret",
-        180,
+        60,
         "the variable to reach Airflow",
         interval=3,
     )
