@@ -137,6 +137,9 @@ def test_cfn_init_services_on_a_real_systemd(tmp_path: Path) -> None:
         first = apply()
         assert first > 0
         assert h.systemctl("is-enabled", "aea-svc.service").stdout.strip() == "enabled"
+        # cfn-init's logs hold command output: root only
+        for log in ("/var/log/cfn-init.log", "/var/log/cfn-init-cmd.log"):
+            assert h.run(["stat", "-c", "%a %U", log]).stdout.split() == ["600", "root"]
         assert apply() == first, "unchanged metadata restarted the service"
         init["c"]["files"]["/etc/aea/svc.conf"]["content"] = "v2\n"
         second = apply()

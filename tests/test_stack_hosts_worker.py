@@ -1,20 +1,21 @@
 """A worker instance built by the template itself (sandbox/stack/instance.py), on the link.
 
-The stack's AWS resources are created from the template (create_in_aws), the agent package is
-in the artifact bucket, the database (schema migrated, as the scheduler group would have done)
-and the broker stand-ins run on the link, and the worker's IMDS serves credentials of the
-template's worker role, whose policies the embedded AWS enforces. Then the worker launch
-template's UserData runs: the sandbox's cfn-init applies the `worker` configSet. Checked:
-cfn-signal 0; every file of the configSet has its resolved content, mode, owner and group (the
-agent.yaml link points at the worker's file); cfn-hup is enabled and running as the Init's
-services say; the role's unit is enabled (and held by the boot gate until a deployment); the
-package came from the bucket with the role's credentials; no broker URL in the env file; no
-AccessDenied. Then a
-stack update (ConfigRevision) goes through cfn-hup's hook: the roles' files are rewritten.
+The stack's AWS resources are created from the template (create_in_aws), the agent package is in
+the artifact bucket, the database (schema migrated and the workers' own user created, as the
+scheduler group's first boot does) and the broker stand-ins run on the link, and the worker's
+IMDS serves credentials of the template's worker role, whose policies the embedded AWS enforces.
+Then the worker launch template's UserData runs: the sandbox's cfn-init applies the `worker`
+configSet. Checked: cfn-signal 0; every file of the configSet has its resolved content, mode,
+owner and group (the agent.yaml link points at the worker's file); cfn-hup is enabled and
+running as the Init's services say; the role's unit is enabled (and held by the boot gate until
+a deployment); the package came from the bucket with the role's credentials; no broker URL in
+the env file; no AccessDenied. Then a stack update (ConfigRevision) goes through cfn-hup's hook:
+the roles' files are rewritten.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.jobs.worker_db.plan import SETUP_SCRIPT, grant_statements
 from sandbox.airflow_cluster import AIRFLOW_VENV
 from sandbox.aws_server import AwsServer
 from sandbox.cfn_init import configset_files, is_symlink
@@ -44,14 +46,16 @@ def _upload_agent_package(model: StackModel, aws: AwsServer) -> None:
     s3.put_object(Bucket=bucket, Key=key, Body=agent_package())
 
 
-def _migrate(model: StackModel, switch: Switch, tmp: Path) -> None:
-    """`airflow db migrate` on the database stand-in, as the scheduler group's first boot."""
+def _scheduler_first_boot(model: StackModel, switch: Switch, tmp: Path) -> None:
+    """What the scheduler group's first boot does to the database before any worker starts:
+    `airflow db migrate`, then the workers' own user (the agent's `worker-db-user` setup
+    script, with the template's WorkerDbSecret), both with the master URL, on the link."""
     url = model.properties("DbConnSecret")["SecretString"]
-    host = model.endpoint_host("Database")
+    master = url.replace(model.endpoint_host("Database"), GATEWAY)
     env = {
         "PATH": os.environ["PATH"],
         "AIRFLOW_HOME": str(tmp / "airflow-home"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url.replace(host, GATEWAY),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": master,
     }
     p = subprocess.run(
         switch.argv([str(AIRFLOW_VENV / "bin" / "airflow"), "db", "migrate"]),
@@ -61,6 +65,24 @@ def _migrate(model: StackModel, switch: Switch, tmp: Path) -> None:
         timeout=600,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    if "WorkerDbSecret" not in model.resources:
+        return  # a template whose workers use the master URL
+    creds = json.loads(model.secret_values[model.ref("WorkerDbSecret")])
+    request = {
+        "url": master,
+        "user": creds["username"],
+        "password": creds["password"],
+        "grants": grant_statements(creds["username"]),
+    }
+    p = subprocess.run(
+        switch.argv([str(AIRFLOW_VENV / "bin" / "python"), "-c", SETUP_SCRIPT]),
+        input=json.dumps(request),
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def _imds_for(model: StackModel, aws: AwsServer, imds: ImdsServer) -> None:
@@ -82,7 +104,7 @@ def test_a_worker_built_by_the_templates_user_data(tmp_path: Path) -> None:
         _imds_for(model, aws, imds)
         aws_at = switch.forward(aws.port)
         with Postgres.from_model(model, switch, ca), Broker.from_model(model, switch, ca):
-            _migrate(model, switch, tmp_path)
+            _scheduler_first_boot(model, switch, tmp_path)
             with Instance("aea-worker-1", "worker", model, switch, aws_at, imds, ca) as w:
                 h = w.host
                 assert h is not None

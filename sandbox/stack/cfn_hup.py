@@ -103,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = run_action(hook)
             sys.stderr.write(f"cfn-hup: {hook['name']} rc {result['rc']}\n{result['output']}\n")
             os.makedirs(os.path.dirname(HUP_RESULTS), exist_ok=True)
-            with open(HUP_RESULTS, "a", encoding="utf-8") as f:
+            fd = os.open(HUP_RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as f:  # 0600: a hook's output can hold what it read
                 f.write(json.dumps(result) + "\n")
 
 

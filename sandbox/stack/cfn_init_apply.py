@@ -47,6 +47,11 @@ class InitFailed(RuntimeError):
     """A step of the configSet failed; cfn-init exits non-zero."""
 
 
+def _private_append(path: str) -> Any:
+    """Open a log for appending, created 0600: command output can hold what a command read."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
+
+
 def _truthy(value: Any) -> bool:
     return str(value).strip().lower() == "true"
 
@@ -67,7 +72,7 @@ class Applier:
         sys.stderr.write(line)
         for path in (LOG, CMD_LOG) if cmd else (LOG,):
             try:
-                with open(self.root + path, "a", encoding="utf-8") as f:
+                with _private_append(self.root + path) as f:
                     f.write(line)
             except OSError:
                 pass
@@ -264,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         Applier(init, context).apply_configsets(args.configsets.split(","))
     except (InitFailed, OSError, ValueError, KeyError) as exc:
         sys.stderr.write(f"cfn-init: Error occurred during build: {exc}\n")
-        with open(LOG, "a", encoding="utf-8") as f:
+        with _private_append(LOG) as f:
             f.write(f"[ERROR] Error occurred during build: {exc}\n")
         return 1
     return 0
