@@ -66,6 +66,9 @@ PACKAGES: Dict[Tuple[str, str], str] = {
 ENVIRONMENT_WHY = {
     "AWS_ENDPOINT_URL": "AWS is the embedded moto (sandbox/aws_server.py), forwarded to "
     "10.77.0.1 inside the private link; every boto3/botocore client and the aws CLI honour it",
+    "~/.aws/config endpoint_url (root, airflow)": "the same endpoint for processes that do not "
+    "inherit systemd's DefaultEnvironment (the Airflow CLI children the agent runs with an env "
+    "built from the env file alone); written by sandbox/stack/launch.py",
 }
 
 # Drop-ins for the Airflow units (prefix drop-in dir: every airflow-*.service).
