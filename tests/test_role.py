@@ -66,9 +66,11 @@ def test_plan_units_never_disables_a_shared_unit():
         "airflow-agent-env",
         "airflow-agent-confapply",
         "airflow-agent-lifecycle",
+        "airflow-agent-task-credentials.timer",
         "airflow-worker",
     ]
     assert "airflow-agent-env" not in others and "airflow-scheduler" in others
+    assert "airflow-agent-task-credentials.timer" not in others  # every role's
     assert "airflow-agent-variables.timer" in others
 
 
