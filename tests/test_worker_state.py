@@ -475,3 +475,19 @@ def test_undrain_waits_out_a_start_job_the_gate_is_skipping(tmp_path):
     r = rig(tmp_path, systemctl=systemctl)
     assert drainer(r, cls=Undrainer).undrain() == "started"
     assert systemctl.calls == ["reset-failed airflow-worker", "start airflow-worker"]
+
+
+def test_status_shows_the_record(tmp_path):
+    from agent.jobs.status import collect, render
+
+    class NoSystemd:
+        def manager_unreachable_reason(self):
+            return "no systemd here"
+
+    cfg = make_cfg(tmp_path, marker=True)
+    mark_terminating(cfg, sp.SPOT, "notice")
+    out = collect(cfg, NoSystemd())
+    assert out["worker"]["state"] == "running" and out["worker"]["terminating"] == "spot"
+    assert out["worker"]["may_run"] is False
+    line = [ln for ln in render(out).splitlines() if ln.startswith("worker state")]
+    assert line and "state=running terminating=spot may_run=False" in line[0], render(out)
