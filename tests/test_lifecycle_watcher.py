@@ -130,9 +130,14 @@ def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, 
     imds_client = ImdsClient.from_config(cfg)
     finish = threading.Event()
     deadlines = []
+    flags = []
 
     def drain(cfg, deadline, on_progress):
+        from agent.worker.state import WorkerDoc
+
         deadlines.append(deadline)
+        # the worker's record says terminating before the drain begins: nothing restarts it
+        flags.append(StateStore(cfg.state_dir).read(WorkerDoc).terminating)
         finish.wait(30)
         return {"outcome": "drained"}
 
@@ -161,6 +166,7 @@ def test_termination_during_a_spot_drain_is_heartbeated_and_completed_once(aws, 
     assert watcher.state["phase"] == "done"
     assert watcher.state["lifecycle_action"]["result"] == "CONTINUE"
     assert deadlines == [plan.parse_time(notice) - 20]  # no second drain
+    assert flags == ["spot"]  # the Spot cause stays; the termination wait adds nothing
 
 
 # -- malformed IMDS answers: each fact read on its own ----------------------------------------
