@@ -134,6 +134,17 @@ def test_a_broker_restart_mid_drain_counts_the_running_tasks_and_drains(cluster)
     outputs.append(sandboxed.stdout)
     inside = json.loads(sandboxed.stdout)["worker_tasks"]
     assert (inside["running"], inside["error"]) == (4, None), inside
+    # what the witness classifies but never shows: the unit's command lines (no token today)
+    argv = c.host.run(
+        [
+            "sh",
+            "-c",
+            "for p in $(cat /sys/fs/cgroup/unified/system.slice/airflow-worker.service/"
+            "cgroup.procs); do tr '\\0' ' ' < /proc/$p/cmdline; echo; done",
+        ],
+        check=False,
+    ).stdout
+    assert "airflow worker -- " in argv and JWT.search(argv) is None
 
     # the broker goes away mid-drain
     end_process(c.redis.proc)
