@@ -10,7 +10,9 @@ result backend (a second EnvironmentFile, which overrides the shared one), and:
   PostgreSQL made as that user (pg_stat_activity) and Celery results written by it;
 - nothing in the worker's journal says "permission denied";
 - that user cannot read the connection, variable or task_instance tables (what the master
-  credentials would give a task), and cannot create a table.
+  credentials would give a task), and cannot create a table;
+- the real `airflow-agent worker-db-user` (root, as the template's scheduler Init runs it) updates
+  the same user from its Secrets Manager secret and the env file's master URL, no password shown.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sandbox.proc import wait_for
 pytestmark = [pytest.mark.timeout(900)]
 
 USER = "airflow_worker"
+SECRET_ID = "airflow/test/worker-db"
 PASSWORD = "wdb0secret0f00ba47"
 DROPIN = """[Service]
 # the worker's own database user (test: tests/test_worker_db_user_airflow.py)
@@ -40,8 +43,15 @@ def cluster(tmp_path_factory, aws_server, imds_server):
     from sandbox.airflow_cluster import AirflowCluster
 
     aws_server.reset()
+    aws_server.client("secretsmanager").create_secret(
+        Name=SECRET_ID, SecretString=json.dumps({"username": USER, "password": PASSWORD})
+    )
     c = AirflowCluster(
-        tmp_path_factory.mktemp("airflow-worker-db"), aws_server, imds_server, worker_concurrency=2
+        tmp_path_factory.mktemp("airflow-worker-db"),
+        aws_server,
+        imds_server,
+        worker_concurrency=2,
+        agent_config={"worker_db": {"secret_id": SECRET_ID}},
     )
     c.start()
     try:
@@ -134,6 +144,23 @@ def test_a_worker_with_its_own_user_runs_real_tasks(cluster):
         return int(done.stdout) >= 3
 
     wait_for(results, 30, "the worker's three Celery results", interval=0.5)
+
+
+def test_the_agent_job_updates_the_user_as_the_template_runs_it(cluster):
+    """`airflow-agent worker-db-user` as root (the scheduler's first boot): the master URL from
+    the env file as Airflow reads it, the worker's user from its secret, the setup as airflow."""
+    c = cluster
+    from sandbox import agent_host as ah
+
+    cursor = c.host.journal_cursor()
+    out = ah.agent(c.host, c.aws, c.imds, "worker-db-user", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"worker database user {USER} updated" in out.stderr
+    for text in (out.stdout, out.stderr, c.host.journal(since_cursor=cursor)):
+        assert PASSWORD not in text
+    # still what the worker can do: its result rows, nothing else
+    assert _psql_as_worker(c, "SELECT count(*) FROM celery_taskmeta").returncode == 0
+    assert _psql_as_worker(c, "SELECT count(*) FROM connection").returncode != 0
 
 
 @pytest.mark.parametrize(
