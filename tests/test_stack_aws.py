@@ -54,6 +54,16 @@ def role_client(aws: AwsServer, model: StackModel, role: str, service: str, sess
     )
 
 
+def task_role_of(model: StackModel, role: str) -> str:
+    """The logical id of the role the instance role may sts:AssumeRole (its policy says)."""
+    rid = next(r for r in model.resources if model.physical.get(r) == model.instance_role_for(role))
+    for policy in model.resources[rid]["Properties"]["Policies"]:
+        for stmt in policy["PolicyDocument"]["Statement"]:
+            if stmt.get("Action") == "sts:AssumeRole":
+                return stmt["Resource"]["Fn::GetAtt"][0]
+    raise AssertionError(f"{role} may assume no role")
+
+
 def refused(call, *args, **kwargs) -> str:
     with pytest.raises(botocore.exceptions.ClientError) as err:
         call(*args, **kwargs)
@@ -265,7 +275,7 @@ def test_instance_credentials_come_from_the_imds_role_path(stack, monkeypatch):
         sm = session.client("secretsmanager", endpoint_url=aws.url)
         admin = sm.get_secret_value(SecretId=model.ref("AdminPasswordSecret"))
         assert json.loads(admin["SecretString"])["username"] == "admin"
-        err = refused(sm.get_secret_value, SecretId=model.ref("BrokerUrlSecret"))
+        err = refused(sm.get_secret_value, SecretId=model.ref("VariablesSecret"))
         assert f"assumed-role/{role}/i-imds is not authorized" in str(err)
 
 
@@ -274,6 +284,7 @@ def test_a_template_copy_without_the_workers_broker_secret_grant(tmp_path):
     policy = template["Resources"]["WorkerRole"]["Properties"]["Policies"][0]["PolicyDocument"]
     stmt = next(s for s in policy["Statement"] if s["Sid"] == "AirflowConfigSecrets")
     stmt["Resource"] = [r for r in stmt["Resource"] if r != {"Ref": "BrokerUrlSecret"}]
+    kept = stmt["Resource"][0]["Ref"]
     copy = tmp_path / "airflow-cluster.yaml"
     copy.write_text(yaml.safe_dump(template, sort_keys=False))
     with AwsServer() as aws:
@@ -287,13 +298,14 @@ def test_a_template_copy_without_the_workers_broker_secret_grant(tmp_path):
             f"{model.ref('BrokerUrlSecret')}"
         ) in str(err)
         # the grants left in place still work
-        assert sm.get_secret_value(SecretId=model.ref("DbConnSecret"))["SecretString"]
+        assert sm.get_secret_value(SecretId=model.ref(kept))["SecretString"]
 
 
 def test_task_role_credentials_from_assume_role_are_held_to_the_task_role(stack):
     model, _report, aws = stack
     sts = role_client(aws, model, "worker", "sts", "i-task")
-    got = sts.assume_role(RoleArn=model.get_att("TaskRole", "Arn"), RoleSessionName="airflow-tasks")
+    task_rid = task_role_of(model, "worker")
+    got = sts.assume_role(RoleArn=model.get_att(task_rid, "Arn"), RoleSessionName="airflow-tasks")
     creds = got["Credentials"]
     task = boto3.Session(
         aws_access_key_id=creds["AccessKeyId"],
@@ -305,7 +317,7 @@ def test_task_role_credentials_from_assume_role_are_held_to_the_task_role(stack)
     s3.put_object(Bucket=model.ref("LogsBucket"), Key="logs/task.log", Body=b"x")
     ssm = task.client("ssm", endpoint_url=aws.url)
     err = refused(ssm.get_parameters_by_path, Path=f"/airflow/{model.stack_name}/")
-    task_role = model.ref("TaskRole")
+    task_role = model.ref(task_rid)
     assert f"assumed-role/{task_role}/airflow-tasks is not authorized" in str(err)
     # an instance role may assume only the task role
     err = refused(
