@@ -127,3 +127,68 @@ def test_env_change_mid_drain_with_confapply_running_restarts_nothing(cluster):
     assert started > seen["written"]
     assert b"AEA_MID_DRAIN" in c.host.read_file("/etc/sysconfig/airflow.env")
     assert _json(c, "/var/lib/airflow-agent/worker.json")["state"] == "running"
+
+
+STOP_CONSUMING = """
+from agent.config import load_config
+from agent.jobs.drain.drainer import stop_consuming
+print(stop_consuming(load_config()))
+"""
+
+
+@pytest.mark.timeout(900)
+def test_env_change_while_paused_restarts_nothing_until_undrain(cluster):
+    """The paused state (a rebalance recommendation's stop-consuming) on the same cluster: the
+    worker runs its tasks to the end on the old file, then undrain lets it consume and
+    confapply's next check restarts it onto the new one."""
+    from sandbox.airflow_cluster import SSM_PATH, WORKER
+    from sandbox.celery_worker_host import REPO
+
+    c = cluster
+    c.host.wait_active(WORKER)
+    c.trigger("headline", "paused", {"seconds": 30})
+    wait_for(
+        lambda: len([f for f in c.out_files() if f.startswith("paused.")]) == 4,
+        120,
+        "all four tasks to start on the worker",
+        interval=0.5,
+    )
+    pid = c.host.main_pid(WORKER)
+    proc = c.host.run([str(REPO / ".venv/bin/python"), "-c", STOP_CONSUMING])
+    assert "default" in proc.stdout, proc.stderr
+    assert _json(c, "/var/lib/airflow-agent/worker.json")["state"] == "paused"
+    before = _json(c, "/var/lib/airflow-agent/confapply.json").get("applied_hash")
+    c.aws.client("ssm").put_parameter(
+        Name=SSM_PATH + "env/AEA_WHILE_PAUSED", Value="3", Type="String", Overwrite=True
+    )
+    c.host.run(["airflow-agent", "env", "sync"], env=c.agent_env())
+    written = time.monotonic()
+    wait_for(
+        lambda: (
+            _json(c, "/var/lib/airflow-agent/confapply.json").get("applied_hash")
+            not in (None, before)
+        ),
+        60,
+        "confapply to handle the new env file",
+        interval=0.3,
+    )
+    doc = _json(c, "/var/lib/airflow-agent/confapply.json")
+    assert doc["last_skipped"] == [WORKER] and doc["held_pids"] == {WORKER: pid}
+    assert c.wait_run("headline", "paused") == "success"
+    assert c.host.main_pid(WORKER) == pid  # the tasks ran to the end on the same worker
+    tis = c.task_instances("headline", "paused")
+    assert sorted((ti["task_id"], ti["state"], ti["try_number"]) for ti in tis) == [
+        (f"t{i}", "success", 1) for i in range(4)
+    ]
+    und = c.host.run(["airflow-agent", "undrain"], env=c.agent_env())
+    assert "consuming queue" in und.stderr, und.stderr
+    wait_for(
+        lambda: c.host.main_pid(WORKER) not in (0, pid),
+        120,
+        "confapply's next check to restart the worker still on the old file",
+        interval=1,
+    )
+    c.host.wait_active(WORKER)
+    started = int(c.host.unit_property(WORKER, "ExecMainStartTimestampMonotonic")) / 1e6
+    assert started > written
+    assert _json(c, "/var/lib/airflow-agent/confapply.json")["held_pids"] == {}
