@@ -411,6 +411,20 @@ def test_worker_unit_starts_only_through_its_boot_gate(host: SystemdHost) -> Non
     host.systemctl("stop", unit)
 
 
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "airflow-agent-confapply.service",
+        "airflow-agent-lifecycle.service",
+        "airflow-agent-variables-watch.service",
+    ],
+)
+def test_daemons_restart_on_exit_75_without_failing(host: SystemdHost, unit: str) -> None:
+    # agent/runtime/config_watch.py: exit 75 = agent.yaml changed
+    assert "75" in host.unit_property(unit, "SuccessExitStatus").split()
+    assert "75" in host.unit_property(unit, "RestartForceExitStatus").split()
+
+
 def test_worker_unit_stops_gracefully(host: SystemdHost) -> None:
     props = {
         p: host.unit_property("airflow-worker.service", p)
