@@ -14,7 +14,7 @@ CHECKOV_VENV := .cache/checkov-venv
 PIP_FLAGS := -q --disable-pip-version-check
 APT_PACKAGES := redis-server postgresql-15 iproute2 util-linux mount systemd python3-venv haproxy openssl
 AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[redis]==5.6.3 psycopg2-binary \
-	asyncpg
+	asyncpg apache-airflow-providers-amazon apache-airflow-providers-postgres
 # the fast tier: tests/conftest.py marks every test that needs none of the heavy sandbox parts
 FAST := -m fast
 

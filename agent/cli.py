@@ -79,6 +79,18 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
         "run",
         "first boot: role, env sync, units; safe to repeat",
     ),
+    "task-credentials": (
+        "agent.jobs.task_credentials.job",
+        "add_arguments",
+        "run",
+        "assume the task role; keep Airflow's AWS credentials file fresh",
+    ),
+    "worker-db-user": (
+        "agent.jobs.worker_db.job",
+        "add_arguments",
+        "run",
+        "scheduler: create or update the Celery workers' own database user",
+    ),
     "worker-gate": (
         "agent.worker.boot_gate",
         "add_arguments",

@@ -57,6 +57,8 @@ DOCUMENT_MODULES = (
     "agent.jobs.variables.state",
     "agent.jobs.drain.state",
     "agent.jobs.lifecycle.state",
+    "agent.jobs.task_credentials.state",
+    "agent.worker.state",
 )
 
 VERSION_KEY = "version"

@@ -356,7 +356,12 @@ class AirflowCluster:
         h.run(["ln", "-sfn", str(AIRFLOW_VENV), "/opt/airflow/venv"])
         h.run(["ln", "-sfn", str(REPO / ".venv/bin/airflow-agent"), "/usr/local/bin/airflow-agent"])
         h.run(["chmod", "0711", "/root"])  # inside the overlay only: see the module docstring
-        for unit in AIRFLOW_UNITS + [WORKER, "airflow-triggerer", "airflow-agent-env"]:
+        for unit in AIRFLOW_UNITS + [
+            WORKER,
+            "airflow-triggerer",
+            "airflow-agent-env",
+            "airflow-agent-task-credentials",
+        ]:
             h.write_file(
                 f"/etc/systemd/system/{unit}.service.d/50-rig.conf",
                 DROPIN,

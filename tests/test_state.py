@@ -172,10 +172,20 @@ def test_the_registry_knows_every_job_document():
         "variables-watch",
         "drain",
         "lifecycle",
+        "task-credentials",
+        "worker",
     ):
         assert name in names
     keys = [r.status_key for r in registered() if r.status_key]
-    assert keys == ["env", "variables", "variables_watch", "drain", "lifecycle"]
+    assert keys == [
+        "env",
+        "variables",
+        "variables_watch",
+        "drain",
+        "lifecycle",
+        "task_credentials",
+        "worker",
+    ]
     for entry in registered():
         if entry.doc_type is not SampleDoc and entry.name != "drain":
             # every field has a default: an absent field never stops a load

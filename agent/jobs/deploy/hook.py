@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from agent.airflow.units_env import airflow_aws_env
 from agent.errors import AgentError, ConfigError
 from agent.jobs.deploy import budget, bundle
 from agent.jobs.deploy.validate import ValidateSteps
@@ -192,6 +193,9 @@ class DeployHook(ValidateSteps):
         except FileNotFoundError:
             log.warning("%s not found; running the Airflow CLI without it", self.cfg.env.file)
         env.setdefault("AIRFLOW_HOME", str(self.home))
+        # the DAG import check acts as the Airflow units do (task role, no IMDS), never as root's
+        # instance role
+        env.update(airflow_aws_env(self.cfg))
         return env
 
     def _airflow(self, *args: str, timeout: float) -> process.Result:

@@ -46,6 +46,7 @@ from agent.airflow.execution import (
     TempDir,
     resolve_run_as,
 )
+from agent.airflow.units_env import airflow_aws_env
 from agent.errors import AgentError, RefusedError
 from agent.jobs.variables.airflow_env import airflow_env, warn_shadowed
 from agent.jobs.variables.apply import Applied, apply_api, apply_cli
@@ -156,7 +157,11 @@ class VariablesSync:
         return resp.get("VersionId", ""), resp.get("SecretString")
 
     def _airflow_env(self, run_as: Optional[RunAs]) -> Dict[str, str]:
-        return airflow_env(self.env_file, run_as)
+        env = airflow_env(self.env_file, run_as)
+        # Airflow (its secrets backend, remote logs) acts as the units do: the task role's
+        # credentials, never the instance role's; set after the file so it cannot override them
+        env.update(airflow_aws_env(self.cfg))
+        return env
 
     # -- the run
 
