@@ -22,6 +22,8 @@ TOP_KEYS = {
     "drain",
     "lifecycle",
     "variables_watch",
+    "task_credentials",
+    "worker",
     "systemd",
     "units",
     "worker_tasks",
@@ -123,6 +125,7 @@ def test_status_on_a_real_host(host, aws_server, imds_server):
     assert sorted(s["units"]) == [
         "airflow-agent-confapply",
         "airflow-agent-env",
+        "airflow-agent-task-credentials.timer",
         "airflow-api-server",
     ]
     api = s["units"]["airflow-api-server"]
