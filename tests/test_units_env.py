@@ -33,7 +33,7 @@ def unit_environment(unit: str) -> dict:
 
 @pytest.mark.parametrize("unit", AIRFLOW_UNITS)
 def test_the_agents_airflow_children_get_the_units_aws_settings(unit):
-    ours = airflow_aws_env(config_from_dict({}))
+    ours = airflow_aws_env(config_from_dict({}), environ={})
     theirs = {k: v for k, v in unit_environment(unit).items() if k.startswith("AWS_")}
     assert ours == theirs
 
@@ -41,6 +41,23 @@ def test_the_agents_airflow_children_get_the_units_aws_settings(unit):
 def test_the_directory_follows_task_credentials():
     cfg = config_from_dict({"task_credentials": {"directory": "/run/other-aws"}})
     assert airflow_aws_env(cfg)["AWS_CONFIG_FILE"] == "/run/other-aws/config"
+
+
+def test_the_managers_endpoints_reach_the_children_as_they_reach_the_units():
+    environ = {
+        "AWS_ENDPOINT_URL": "http://10.77.0.1:5000",
+        "AWS_ENDPOINT_URL_STS": "https://sts-fips.example",
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_CONFIG_FILE": "/root/.aws/config",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1/",
+    }
+    env = airflow_aws_env(config_from_dict({}), environ=environ)
+    assert env["AWS_ENDPOINT_URL"] == "http://10.77.0.1:5000"
+    assert env["AWS_ENDPOINT_URL_STS"] == "https://sts-fips.example"
+    # only endpoints pass: never the agent's own credentials, config file or IMDS
+    assert "AWS_ACCESS_KEY_ID" not in env
+    assert "AWS_EC2_METADATA_SERVICE_ENDPOINT" not in env
+    assert env["AWS_CONFIG_FILE"] == "/run/airflow-aws/config"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

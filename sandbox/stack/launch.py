@@ -201,25 +201,12 @@ class Stack:
         assert self.model is not None
         t = time.monotonic()
         member.instance.start()
-        self._endpoint_for_agent_children(member)
         self.timings[member.name] = time.monotonic() - t
         self.progress(
             f"  {member.name} ({member.instance_id}) at {member.instance.address}: "
             f"{self.model.configset_for(member.role)} configSet applied, cfn-signal 0 "
             f"({self.timings[member.name]:.0f}s)"
         )
-
-    def _endpoint_for_agent_children(self, member: Member) -> None:
-        """The sandbox's one override (AWS_ENDPOINT_URL, every unit's DefaultEnvironment) does
-        not reach the Airflow CLI the agent runs as root or as airflow (it builds their
-        environment from the env file alone): give it to them as AWS's shared config does,
-        `endpoint_url` in their home's ~/.aws/config (botocore's configured endpoints)."""
-        host = member.instance.host
-        text = f"[default]\nendpoint_url = http://{self.aws_at}\n"
-        for user in ("root", "airflow"):
-            home = host.run(["getent", "passwd", user], check=False).stdout.split(":")
-            if len(home) > 5 and home[5]:
-                host.write_file(f"{home[5]}/.aws/config", text, mode=0o644, owner=f"{user}:{user}")
 
     def _needs_load_balancer(self, group_rid: str) -> bool:
         assert self.model is not None

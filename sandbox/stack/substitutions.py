@@ -65,10 +65,9 @@ PACKAGES: Dict[Tuple[str, str], str] = {
 # AWS, forwarded into the switch's namespace. Real instances reach AWS's public endpoints.
 ENVIRONMENT_WHY = {
     "AWS_ENDPOINT_URL": "AWS is the embedded moto (sandbox/aws_server.py), forwarded to "
-    "10.77.0.1 inside the private link; every boto3/botocore client and the aws CLI honour it",
-    "~/.aws/config endpoint_url (root, airflow)": "the same endpoint for processes that do not "
-    "inherit systemd's DefaultEnvironment (the Airflow CLI children the agent runs with an env "
-    "built from the env file alone); written by sandbox/stack/launch.py",
+    "10.77.0.1 inside the private link; every boto3/botocore client and the aws CLI honour it (the "
+    "Airflow children the agent starts get it from the agent's own environment, as a manager-wide "
+    "endpoint setting: agent/airflow/units_env.py)",
 }
 
 # Drop-ins for the Airflow units (prefix drop-in dir: every airflow-*.service).
