@@ -102,35 +102,14 @@ class IdleWait(DrainShell):
                 )
             active, reserved = busy if busy is not None else (tasks or 0, 0)
             seen = (busy, tasks, silent)
+            line = plan.status_line(
+                "waiting", state.node, active, reserved, state.remaining(now), tasks, silent_for
+            )
             if seen != last:
                 self._record_witnesses(state, tasks, heard if silent else None)
-                log.info(
-                    plan.status_line(
-                        "waiting",
-                        state.node,
-                        active,
-                        reserved,
-                        state.remaining(now),
-                        tasks,
-                        silent_for,
-                    )
-                    + _pids(snap)
-                )
+                log.info(line + _pids(snap))
                 last = seen
-            self.progress(
-                state,
-                active,
-                reserved,
-                message=plan.status_line(
-                    "waiting",
-                    state.node,
-                    active,
-                    reserved,
-                    state.remaining(now),
-                    tasks,
-                    silent_for,
-                ),
-            )
+            self.progress(state, active, reserved, message=line)
             if decision == plan.IDLE:
                 log.info(
                     "drain %s: idle after %.1fs (%s)",
