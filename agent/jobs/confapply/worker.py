@@ -9,8 +9,9 @@ agent.jobs.confapply.daemon.Confapply (its cfg, role, systemctl, runtime, store,
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 from agent.errors import AgentError
 from agent.jobs.confapply.state import ConfapplyDoc
@@ -26,6 +27,17 @@ HELD = "held by the worker's state"
 
 
 class WorkerHold:
+    @contextlib.contextmanager
+    def _worker_record(self) -> Iterator:
+        """The worker's record held under its lock for one decision and its restart; the
+        watchdog is told the pass may block that long (a restart, or waiting for the lock)."""
+        wait = self.cfg.confapply.unit_timeout + RESTART_SLACK
+        with (
+            self.rt.busy(wait),
+            WorkerRecord(self.cfg, self.state).hold("confapply", wait=wait) as held,
+        ):
+            yield held
+
     def _is_worker(self, unit: str) -> bool:
         def bare(name: str) -> str:
             return name[: -len(".service")] if name.endswith(".service") else name
@@ -37,12 +49,8 @@ class WorkerHold:
         and restarting under the record's lock (agent.worker.state): a drain that has begun,
         a pause, a drained or terminating worker is left alone; it reads the new file when it
         is next started. HELD when left alone."""
-        wait = self.cfg.confapply.unit_timeout + RESTART_SLACK
         try:
-            with (
-                self.rt.busy(wait),
-                WorkerRecord(self.cfg, self.state).hold("confapply", wait=wait) as held,
-            ):
+            with self._worker_record() as held:
                 if held.may_run:
                     return self._restart_one(unit)
                 self.held_note = (
@@ -65,12 +73,8 @@ class WorkerHold:
         or a drain that ended at its deadline), once the record lets it run again; not when it
         has been stopped or restarted since (a new MainPID read the new file)."""
         for unit, pid in list(self.held_pids.items()):
-            wait = self.cfg.confapply.unit_timeout + RESTART_SLACK
             try:
-                with (
-                    self.rt.busy(wait),
-                    WorkerRecord(self.cfg, self.state).hold("confapply", wait=wait) as held,
-                ):
+                with self._worker_record() as held:
                     if not held.may_run:
                         continue
                     if self.systemctl.main_pid(unit) == pid:
