@@ -26,7 +26,9 @@ import argparse
 import contextlib
 import ctypes
 import os
+import select
 import socket
+import subprocess
 import sys
 import threading
 from typing import List, Optional
@@ -107,6 +109,47 @@ def _serve(listener: socket.socket, port: int) -> None:
         except OSError:
             return
         threading.Thread(target=_handle, args=(conn, port), daemon=True).start()
+
+
+class ForwarderError(RuntimeError):
+    """A forwarder that did not report READY in time (its stderr is in the message)."""
+
+
+def start_forwarder(
+    netns_path: str, addr: str, listen_port: int, host_port: int, timeout: float = 10
+) -> subprocess.Popen:
+    """Run this program as its own process forwarding addr:listen_port inside the namespace at
+    netns_path to the machine's 127.0.0.1:host_port, once it says READY; ended by PID
+    (sandbox.proc.end_process). It dies with the thread that calls this (PR_SET_PDEATHSIG) and
+    when its stdin (kept by the caller) closes."""
+    # imported here: this file also runs as a plain script, without the repo on sys.path
+    from sandbox.proc import die_with_parent, end_process
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--netns",
+            netns_path,
+            "--addr",
+            addr,
+            "--forward",
+            f"{int(listen_port)}:{int(host_port)}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=die_with_parent,
+        close_fds=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready or proc.stdout.readline().strip() != b"READY":
+        end_process(proc)
+        raise ForwarderError(
+            f"forwarder of {host_port} did not start: {proc.stderr.read().decode(errors='replace')}"
+        )
+    return proc
 
 
 def main(argv: Optional[List[str]] = None) -> int:

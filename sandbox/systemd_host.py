@@ -35,7 +35,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -47,6 +46,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
+from sandbox.netbridge import ForwarderError, start_forwarder
 from sandbox.proc import die_with_parent, wait_for
 from sandbox.tiers import heavy
 
@@ -61,7 +61,6 @@ __all__ = [
 
 SYSTEMD = "/lib/systemd/systemd"
 INIT_SCRIPT = Path(__file__).resolve().with_name("systemd_host_init.sh")
-NETBRIDGE = Path(__file__).resolve().with_name("netbridge.py")
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Files whose content decides the wheelhouse (the package's sources and build metadata).
@@ -757,33 +756,11 @@ class SystemdHost:
         if self.pid is None or self._stopped:
             raise SystemdHostError("the test host is not running")
         lport = int(host_port if listen_port is None else listen_port)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(NETBRIDGE),
-                "--netns",
-                f"/proc/{self.pid}/ns/net",
-                "--addr",
-                addr,
-                "--forward",
-                f"{lport}:{int(host_port)}",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=die_with_parent,
-            close_fds=True,
-        )
+        try:
+            proc = start_forwarder(f"/proc/{self.pid}/ns/net", addr, lport, host_port, timeout)
+        except ForwarderError as exc:
+            raise SystemdHostError(f"port bridge: {exc}") from None
         self._bridges.append(proc)
-        assert proc.stdout is not None and proc.stderr is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        line = proc.stdout.readline() if ready else b""
-        if line.strip() != b"READY":
-            proc.kill()
-            proc.wait()
-            raise SystemdHostError(
-                f"port bridge for {host_port} did not start: {proc.stderr.read().decode()}"
-            )
 
     def serve_link_local(
         self, host_port: int, addr: str = "169.254.169.254", port: int = 80

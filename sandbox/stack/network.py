@@ -20,15 +20,13 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import sys
 import threading
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from sandbox.netbridge import ForwarderError, start_forwarder
 from sandbox.proc import die_with_parent, end_process
 from sandbox.tiers import heavy
 
-NETBRIDGE = Path(__file__).resolve().parents[1] / "netbridge.py"
 PREFIX = "10.77.0"
 GATEWAY = f"{PREFIX}.1"
 FIRST_HOST = 10
@@ -127,29 +125,11 @@ class Switch:
 
     def _forward(self, host_port: int, port: Optional[int], timeout: float) -> str:
         lport = int(host_port if port is None else port)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(NETBRIDGE),
-                "--netns",
-                self.netns,
-                "--addr",
-                GATEWAY,
-                "--forward",
-                f"{lport}:{int(host_port)}",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=die_with_parent,
-            close_fds=True,
-        )
+        try:
+            proc = start_forwarder(self.netns, GATEWAY, lport, host_port, timeout)
+        except ForwarderError as exc:
+            raise NetworkError(str(exc)) from None
         self._forwarders.append(proc)
-        assert proc.stdout is not None and proc.stderr is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        if not ready or proc.stdout.readline().strip() != b"READY":
-            end_process(proc)
-            raise NetworkError(f"forwarder of {host_port} did not start: {proc.stderr.read()!r}")
         return f"{GATEWAY}:{lport}"
 
     def stop(self) -> None:
