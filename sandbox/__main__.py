@@ -12,6 +12,7 @@ directories in a temporary directory removed by `down`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -57,6 +58,8 @@ def up(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    # `down` asks for every thread's stack (to this process's stderr) before it gives up
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     kwargs = {"workers": args.workers, "state_dir": args.run_dir, "params": args.params}
     if args.template:
         kwargs["template"] = args.template
@@ -113,6 +116,7 @@ def down(args: argparse.Namespace) -> int:
     while _alive(state["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     if _alive(state["pid"]):
+        os.kill(state["pid"], signal.SIGUSR2)  # where it is stuck, on its stderr
         print(f"the supervisor (PID {state['pid']}) is still running after {args.timeout}s")
         return 1
     print("stack down")

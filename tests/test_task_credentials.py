@@ -273,3 +273,30 @@ def test_status_shows_the_last_result_then_role_and_expiry():
     assert entry.status_key == "task_credentials" and entry.shown == ("last_result",)
     doc = {"role_arn": ROLE, "expiration": NOW, "last_result": "refreshed", "last_refresh": NOW}
     assert entry.detail(doc) == f", role {ROLE}, expires 2027-01-15T08:00:00Z"
+
+
+def test_a_deployments_dag_check_gets_the_task_credentials_first(tmp_path, task_role, imds):
+    """A fresh worker's first AfterInstall runs the Airflow CLI before any Airflow unit has
+    started (the boot gate holds them), so before the task-credentials unit ever ran: the
+    hook writes the credentials itself, and the CLI finds them where AWS_CONFIG_FILE says."""
+    from agent.jobs.deploy.hook import DeployHook
+
+    cfg = _cfg(tmp_path, task_role)
+    cfg.airflow_home = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    seen = tmp_path / "seen.json"
+    cli = tmp_path / "airflow"  # stands in for the Airflow CLI: reports what it was given
+    cli.write_text(
+        "#!/bin/sh\n"
+        f'test -s "$AWS_CONFIG_FILE" && grep -q credential_process "$AWS_CONFIG_FILE" '
+        f"&& echo ok > {seen}\n"
+        "echo '[]'\n"
+    )
+    cli.chmod(0o755)
+    cfg.deploy.airflow_command = [str(cli)]
+    cfg.deploy.owner = cfg.deploy.group = "root"
+    cfg.deploy.check_import_errors = True
+    assert not (tmp_path / "aws").exists()
+    DeployHook(cfg, "worker", "AfterInstall").step_check_imports()
+    assert seen.read_text() == "ok\n"
+    assert json.loads((tmp_path / "aws" / "credentials.json").read_text())["RoleArn"] == task_role

@@ -63,6 +63,17 @@ def test_airflow_units_deny_imds_and_use_the_task_role(unit):
     assert "airflow-agent-task-credentials.service" in _values_unit(text, "After")
 
 
+@pytest.mark.parametrize(
+    "unit", ["airflow-agent-variables.service", "airflow-agent-variables-watch.service"]
+)
+def test_units_that_run_airflow_for_the_agent_have_the_task_credentials_first(unit):
+    # their Airflow interpreter reads config secrets with the task role's credentials: a
+    # scheduler whose variables sync came before any Airflow unit had none
+    text = _texts()[unit]
+    assert "airflow-agent-task-credentials.service" in _values_unit(text, "Wants")
+    assert "airflow-agent-task-credentials.service" in _values_unit(text, "After")
+
+
 def _values_unit(text: str, key: str) -> List[str]:
     out: List[str] = []
     for section, k, v in directives(text):

@@ -261,3 +261,13 @@ def test_name_list_limit_is_inclusive():
     assert name_list(twenty) == ", ".join(twenty)
     assert name_list(twenty + ["x"]) == ", ".join(twenty) + " and 1 more"
     assert name_list(["a", "b", "c"], limit=3) == "a, b, c"
+
+
+def test_why_airflow_did_not_load_names_the_os_error_not_only_its_class():
+    from agent.airflow.bridge_server import _load_err
+
+    no_tmp = FileNotFoundError(2, "No usable temporary directory found in ['/tmp']")
+    assert _load_err(no_tmp) == (
+        "FileNotFoundError: No usable temporary directory found in ['/tmp']"
+    )
+    assert _load_err(ImportError("secret-looking text")) == "ImportError"

@@ -36,6 +36,7 @@ def test_grants_are_revoked_then_given_on_celery_tables_only():
         "task_id_sequence",
         "taskset_id_sequence",
         "alembic_version",
+        "log_template",
         "log",
         "log_id_seq",
     }

@@ -9,6 +9,7 @@ result backend (a second EnvironmentFile, which overrides the shared one), and:
 - a DAG of real tasks runs to success, every task on try 1, with the worker's connections to
   PostgreSQL made as that user (pg_stat_activity) and Celery results written by it;
 - nothing in the worker's journal says "permission denied";
+- the DAG import check a deployment runs on the worker works with that user;
 - that user cannot read the connection, variable or task_instance tables (what the master
   credentials would give a task), and cannot create a table;
 - the real `airflow-agent worker-db-user` (root, as the template's scheduler Init runs it) updates
@@ -144,6 +145,21 @@ def test_a_worker_with_its_own_user_runs_real_tasks(cluster):
         return int(done.stdout) >= 3
 
     wait_for(results, 30, "the worker's three Celery results", interval=0.5)
+
+
+def test_the_deployments_dag_import_check_runs_as_the_worker_user(cluster):
+    """AfterInstall on a worker runs `airflow dags list-import-errors --local` with the
+    worker's settings: every DB-checking CLI command reads log_template first (a launched
+    stack's first deployment failed on it: "permission denied for table log_template")."""
+    c = cluster
+    c.host.write_file("/airflow/dags/check.py", "x = 1\n", owner="airflow:airflow")
+    script = (
+        "set -a; . /etc/sysconfig/airflow.env; . /etc/sysconfig/airflow-worker-db.env; set +a; "
+        "exec /opt/airflow/venv/bin/airflow dags list-import-errors --local -o json"
+    )
+    out = c.host.run(["runuser", "-u", "airflow", "--", "bash", "-c", script], check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "permission denied" not in (out.stdout + out.stderr).lower()
 
 
 def test_the_agent_job_updates_the_user_as_the_template_runs_it(cluster):

@@ -52,6 +52,14 @@ def _err(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _load_err(exc: BaseException) -> str:
+    """Why Airflow did not load: the class, and for an OS error its strerror (the OS's or
+    the stdlib's words, not a setting's value), e.g. no usable temporary directory."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return _err(exc)
+
+
 class Bridge:
     def __init__(self):
         # imported here: the agent imports this module for `digest` without Airflow installed
@@ -137,7 +145,7 @@ def main() -> None:
 
         version = getattr(airflow, "__version__", "?")
     except BaseException as exc:  # noqa: BLE001 - reported by class name, then exit
-        send({"op": "hello", "ok": False, "error": _err(exc)})
+        send({"op": "hello", "ok": False, "error": _load_err(exc)})
         sys.exit(3)
     send({"op": "hello", "ok": True, "airflow": version, "pid": os.getpid()})
     ops = {"ping": bridge.ping, "set": bridge.set, "delete": bridge.delete, "digest": bridge.digest}

@@ -171,7 +171,8 @@ class Instance:
                                 self.ca.cert.read_bytes())  # fmt: skip
                 host.run(["update-ca-certificates"])
             host.set_default_environment({"AWS_ENDPOINT_URL": f"http://{self.aws_endpoint}"})
-            for path, text in subst.UNIT_DROPINS.items():
+            dropins = subst.unit_dropins({"airflow_venv": str(AIRFLOW_VENV.resolve())})
+            for path, text in dropins.items():
                 host.write_file(path, text)
             for argv, _why in subst.HOST_ADJUSTMENTS:
                 host.run(list(argv))
@@ -270,7 +271,9 @@ class Instance:
         check_init(init)
         self.model = model
         self.write_metadata(init)
-        self.host.systemctl("kill", "-s", "SIGUSR1", "cfn-hup.service")
+        # cfn-hup alone: its interval pass may already be running the hook for this metadata,
+        # and a signal to the whole unit would kill that hook (rc -10)
+        self.host.systemctl("kill", "--kill-whom=main", "-s", "SIGUSR1", "cfn-hup.service")
         results = wait_for(
             lambda: self.hup_results()[before:], timeout, f"{self.name}: cfn-hup's hook to run"
         )

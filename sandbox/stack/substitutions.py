@@ -70,15 +70,25 @@ ENVIRONMENT_WHY = {
     "endpoint setting: agent/airflow/units_env.py)",
 }
 
-# Drop-ins for the Airflow units (prefix drop-in dir: every airflow-*.service).
+# Drop-ins for the Airflow units (prefix drop-in dir: every airflow-*.service), filled with
+# the prebuilt Airflow venv's real path.
 UNIT_DROPINS = {
     "/etc/systemd/system/airflow-.service.d/50-aea-sandbox.conf": (
         "[Service]\n"
-        "# sandbox only: the prebuilt Airflow venv's python lives under /root (pyenv) and the\n"
-        "# project's tree may be under /tmp; the shipped units keep both protections\n"
-        "ProtectHome=no\nPrivateTmp=no\n"
+        "# sandbox only: the prebuilt Airflow venv's python lives under /root (pyenv), so no\n"
+        "# ProtectHome; the venv itself may be under /tmp (a clone there), which PrivateTmp=\n"
+        "# would hide: instead a fresh writable /tmp as PrivateTmp gives (Airflow's imports\n"
+        "# need one), with the venv bound into it read-only. The shipped units keep both.\n"
+        "ProtectHome=no\nPrivateTmp=no\nTemporaryFileSystem=/tmp:mode=1777\n"
+        "BindReadOnlyPaths={airflow_venv}\n"
     ),
 }
+
+
+def unit_dropins(context: Dict[str, str]) -> Dict[str, str]:
+    """UNIT_DROPINS with the context's paths filled in ({airflow_venv}: resolved, no symlink)."""
+    return {path: text.format(**context) for path, text in UNIT_DROPINS.items()}
+
 
 # Commands run in each host before its UserData (inside its overlay only).
 HOST_ADJUSTMENTS = (

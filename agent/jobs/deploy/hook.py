@@ -111,6 +111,7 @@ class DeployHook(ValidateSteps):
         self.appspec = appspec
         self.home = Path(cfg.airflow_home)
         self.units = cfg.units_for(role)
+        self._task_credentials_checked = False
 
     @property
     def deployment(self) -> str:
@@ -198,7 +199,32 @@ class DeployHook(ValidateSteps):
         env.update(airflow_aws_env(self.cfg))
         return env
 
+    def _ensure_task_credentials(self) -> None:
+        """The task role's credentials on disk before the first Airflow CLI this hook runs.
+
+        The units get them from airflow-agent-task-credentials.service (Wants= at their
+        start), but a fresh worker's units wait for its first deployment (the boot gate), so
+        AfterInstall's DAG check can come before any unit has started: without this the
+        secrets backend finds no credentials. Fresh credentials are kept (no STS call).
+        Without a task role there is nothing to fetch: Airflow gets no AWS credentials.
+        """
+        if self._task_credentials_checked or self.cfg.task_credentials.role_arn is None:
+            return
+        from agent.jobs.task_credentials.job import TaskCredentials
+
+        try:
+            result = TaskCredentials(self.cfg).run()
+        except AgentError as exc:
+            raise AgentError(f"task credentials for the Airflow CLI: {exc}") from None
+        except Exception as exc:  # botocore errors: name them, never a traceback to CodeDeploy
+            raise AgentError(
+                f"task credentials for the Airflow CLI: {type(exc).__name__}: {exc}"
+            ) from None
+        log.info("task credentials for the Airflow CLI: %s", result)
+        self._task_credentials_checked = True
+
     def _airflow(self, *args: str, timeout: float) -> process.Result:
+        self._ensure_task_credentials()
         user = None
         if os.geteuid() == 0 and self.cfg.deploy.owner != "root":
             # parse as the user the units run as: no root-owned bytecode or logs left behind

@@ -5,10 +5,13 @@ API. What the worker process itself still writes is Celery's result backend (`[c
 result_backend`, by default `db+` + sql_alchemy_conn): the `celery_taskmeta` and
 `celery_tasksetmeta` tables and their id sequences, which the scheduler's executor reads back.
 So the worker's user gets exactly those, plus SELECT on `alembic_version` (the first boot's
-`airflow db check-migrations` reads it) and INSERT into the audit `log` (the worker's CLI
-records its start; measured on Airflow 3.3.2: without it, "permission denied for table log" at
-every start), and nothing else: not the connection, variable or task-instance tables the
-master user owns.
+`airflow db check-migrations` reads it) and on `log_template` (every DB-checking Airflow CLI
+command reads its last row at start, e.g. the DAG import check a deployment's AfterInstall
+runs on the worker; measured on Airflow 3.3.2: "permission denied for table log_template"
+without it; the rows are the log file name templates, no secret), and INSERT into the audit
+`log` (the worker's CLI records its start; measured on Airflow 3.3.2: without it, "permission
+denied for table log" at every start), and nothing else: not the connection, variable or
+task-instance tables the master user owns.
 
 `SETUP_SCRIPT` runs in the Airflow venv's python (it has SQLAlchemy, psycopg2 and Celery), as a
 user that holds no secret on disk: it reads {"url", "user", "password"} as JSON on stdin, creates
@@ -23,7 +26,7 @@ from typing import List
 
 CELERY_TABLES = ("celery_taskmeta", "celery_tasksetmeta")
 CELERY_SEQUENCES = ("task_id_sequence", "taskset_id_sequence")
-READ_TABLES = ("alembic_version",)
+READ_TABLES = ("alembic_version", "log_template")
 # the audit log: `airflow celery worker` records its own start there (cli_action_loggers);
 # INSERT only (+ the id it RETURNs), so a task can neither read nor change the audit trail
 AUDIT_TABLE, AUDIT_SEQUENCE = "log", "log_id_seq"
