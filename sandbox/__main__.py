@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sandbox.cfn_init import UnsupportedInitKey
+from sandbox.proc import running
 from sandbox.stack.launch import RUN_DIR, STATE_FILE, Stack
 from sandbox.stack.model import StackError
 
@@ -35,17 +36,9 @@ def _state(run_dir: Path) -> Optional[dict]:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def up(args: argparse.Namespace) -> int:
     state = _state(args.run_dir)
-    if state and _alive(state["pid"]):
+    if state and running(state["pid"]):
         print(f"a stack is already up (supervisor PID {state['pid']}): `down` first")
         return 1
     stop = threading.Event()
@@ -87,7 +80,7 @@ def up(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     state = _state(args.run_dir)
-    if not state or not _alive(state["pid"]):
+    if not state or not running(state["pid"]):
         print("no stack is up")
         return 3
     print(f"stack {state['stack']}: supervisor PID {state['pid']}, embedded AWS {state['aws']}")
@@ -108,14 +101,14 @@ def _units(host_pid: int) -> List[str]:
 
 def down(args: argparse.Namespace) -> int:
     state = _state(args.run_dir)
-    if not state or not _alive(state["pid"]):
+    if not state or not running(state["pid"]):
         print("no stack is up")
         return 0
     os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
-    while _alive(state["pid"]) and time.monotonic() < deadline:
+    while running(state["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(state["pid"]):
+    if running(state["pid"]):
         os.kill(state["pid"], signal.SIGUSR2)  # where it is stuck, on its stderr
         print(f"the supervisor (PID {state['pid']}) is still running after {args.timeout}s")
         return 1

@@ -41,6 +41,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended. A zombie (ended, not yet reaped by its
+    parent, e.g. a test's Popen child) has ended, though `kill(pid, 0)` still finds it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def die_with_parent() -> None:
     """preexec_fn of a child that must not outlive this process, even when it is SIGKILLed
     (PR_SET_PDEATHSIG = SIGKILL: the kernel kills the child when the forking thread dies)."""

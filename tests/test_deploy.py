@@ -17,7 +17,7 @@ import pytest
 from agent.jobs.deploy.hook import EVENTS, plan_hook
 from sandbox.celery_worker_host import REPO, VENV_PY, CeleryWorkerHost
 from sandbox.codedeploy_runner import CodeDeployRunner, host_execute, local_execute, make_revision
-from sandbox.proc import wait_for
+from sandbox.proc import running, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -189,18 +189,7 @@ def test_runner_kills_the_process_group_at_the_timeout_and_waits_for_held_pipes(
     assert dep.failed is not None and dep.failed.timed_out
     assert "BeforeInstall d-LEAK" in dep.failed.output
     pid = int((tmp_path / "pid").read_text())
-    wait_for(lambda: not _alive(pid), 5, "the leaked child to be killed")
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
+    wait_for(lambda: not running(pid), 5, "the leaked child to be killed")
 
 
 # -- the headline: a real Airflow 3 cluster ------------------------------------------------------

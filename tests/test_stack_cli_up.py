@@ -6,7 +6,6 @@ no stand-in process left: each PID named in the state is gone)."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.proc import end_process, wait_for
+from sandbox.proc import end_process, running, wait_for
 from sandbox.stack.parameters import EXAMPLE_PARAMETERS, read_parameters
 
 pytestmark = [pytest.mark.systemd, pytest.mark.airflow, pytest.mark.aws, pytest.mark.redis]
@@ -28,14 +27,6 @@ def cli(*args: str, state: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "sandbox", "--run-dir", str(state), *args],
         capture_output=True, text=True, cwd=str(REPO), timeout=300,
     )  # fmt: skip
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def quiet_after(lines: queue.Queue, seconds: float) -> list:
@@ -81,7 +72,7 @@ def test_up_status_down(tmp_path):
         doc = json.loads((state / "stack.json").read_text())
         assert doc["pid"] == up.pid
         hosts = [i["host_pid"] for i in doc["instances"]]
-        assert len(hosts) == 3 and all(alive(p) for p in hosts)  # one of each role
+        assert len(hosts) == 3 and all(running(p) for p in hosts)  # one of each role
         p = cli("status", state=state)
         assert p.returncode == 0, p.stderr
         for inst in doc["instances"]:
@@ -91,7 +82,7 @@ def test_up_status_down(tmp_path):
             out += quiet_after(lines, 10)
         assert p.returncode == 0 and "stack down" in p.stdout, p.stdout + "".join(out[-200:])
         assert up.wait(timeout=60) == 0
-        wait_for(lambda: not any(alive(h) for h in hosts), 30, "every host to be gone")
+        wait_for(lambda: not any(running(h) for h in hosts), 30, "every host to be gone")
         assert not (state / "stack.json").exists()
         assert cli("status", state=state).returncode == 3
     finally:

@@ -14,14 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie (unreaped child of the test) has ended
+# run as a script: the sandbox package is two directories up
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from sandbox.proc import running  # noqa: E402
 
 
 def main() -> int:
@@ -41,7 +36,7 @@ def main() -> int:
     except FileNotFoundError:
         pid = 0
     stopping = os.path.exists(pidfile + ".stopping")
-    alive = pid > 0 and _alive(pid)
+    alive = pid > 0 and running(pid)
     state = ("deactivating" if stopping else "active") if alive else "inactive"
     cmd = args[0] if args else ""
     if cmd == "show":
@@ -69,7 +64,7 @@ def main() -> int:
         if alive:
             Path(pidfile + ".stopping").touch()
             os.kill(pid, signal.SIGTERM)
-            while _alive(pid):
+            while running(pid):
                 time.sleep(0.1)
         return 0
     print(f"fake systemctl: {cmd} not supported", file=sys.stderr)
