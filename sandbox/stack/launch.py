@@ -315,7 +315,11 @@ class Stack:
 
         assert self.model is not None and self.aws is not None
         changed = update_in_aws(self.model, model, self.aws)
-        hooks = {m.name: m.instance.apply_update(model) for m in self.members}
+        # every instance's cfn-hup sees the change within its interval, so at about the same
+        # time (and each hook's `env sync --splay` waits its own random time)
+        assert self._pool is not None
+        runs = {m.name: self._pool.submit(m.instance.apply_update, model) for m in self.members}
+        hooks = {name: run.result() for name, run in runs.items()}
         self.model = model
         return {"changed": changed, "hooks": hooks}
 
