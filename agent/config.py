@@ -81,6 +81,16 @@ class EnvConfig:
     mode: str = "0640"
     # how long a run waits for another one to finish (the boot unit allows 300 s in all)
     lock_timeout: float = 120.0
+    # fleet scale (agent.jobs.env_sync.pacing). `env sync --splay` first waits a random
+    # 0..splay seconds, so a fleet triggered at once (the cfn-hup hook, Run Command) spreads
+    # its SSM calls; boot runs never wait
+    splay: float = 30.0
+    # a throttled SSM call is retried (full-jitter backoff, at most backoff_cap seconds per
+    # wait) until this long after the run's first call; 0: only botocore's aws.max_attempts.
+    # With lock_timeout it fits the boot unit's 300 s; at SSM's default 40 TPS it covers
+    # about 150 * 40 / pages instances syncing at one moment
+    fetch_deadline: float = 150.0
+    backoff_cap: float = 8.0
 
     @property
     def mode_bits(self) -> int:
@@ -239,15 +249,19 @@ POSITIVE_KEYS = (
     "airflow_config.command_timeout",
     "task_credentials.refresh_before",
     "worker_db.timeout",
+    "env.backoff_cap",
     "aws.max_attempts",
     "aws.connect_timeout",
     "aws.read_timeout",
     "imds.timeout",
     "imds.attempts",
 )
+MAX_SPLAY = 3600.0
 # margins and waits where 0 means "none" (no wait, no margin), which loops nothing
 NON_NEGATIVE_KEYS = (
     "env.lock_timeout",
+    "env.splay",
+    "env.fetch_deadline",
     "lifecycle.spot_margin",
     "lifecycle.idle_before_unprotect",
     "lifecycle.complete_margin",
@@ -325,6 +339,10 @@ def _validate(cfg: AgentConfig) -> None:
     for pattern, role in cfg.role.groups.items():
         if role not in ROLES:
             fail(f"role.groups.{pattern}", f"maps to {role!r}; roles are {', '.join(ROLES)}")
+    if cfg.env.splay > MAX_SPLAY:
+        # a run waits this long before doing anything: beyond an hour it outlives Run
+        # Command's default timeout and looks hung
+        fail("env.splay", f"must be at most {MAX_SPLAY:g} seconds, got {cfg.env.splay:g}")
     if cfg.confapply.max_wait < cfg.confapply.debounce:
         fail("confapply.max_wait", "must be >= confapply.debounce")
     if not 1 <= cfg.imds.token_ttl <= 21600:

@@ -462,11 +462,11 @@ def run_hook_script(script: str, tmp_path: Path) -> None:
         "--region us-east-1"
     )
     # agent.yaml unchanged: cfn-init, then env sync; no daemon restarted
-    assert run() == (0, [cfn_init, "airflow-agent env sync"])
+    assert run() == (0, [cfn_init, "airflow-agent env sync --splay"])
     # agent.yaml changed: the running agent daemons restart (try-restart: stopped ones stay
     # stopped) before env sync, all of them
     rc, calls = run(CHANGE_AGENT_YAML="1")
-    assert rc == 0 and calls[0] == cfn_init and calls[-1] == "airflow-agent env sync", calls
+    assert rc == 0 and calls[0] == cfn_init and calls[-1] == "airflow-agent env sync --splay", calls
     (restart,) = calls[1:-1]
     words = restart.split()
     assert words[:2] == ["systemctl", "try-restart"], restart
@@ -477,7 +477,7 @@ def run_hook_script(script: str, tmp_path: Path) -> None:
     # a failed restart or env sync fails the hook too (cfn-hup logs it and retries)
     agent_yaml_file.write_text("cluster: a\n")
     rc, calls = run(CHANGE_AGENT_YAML="1", FAIL_SYSTEMCTL="1")
-    assert rc == 3 and "airflow-agent env sync" not in calls, calls
+    assert rc == 3 and "airflow-agent env sync --splay" not in calls, calls
     assert run(FAIL_AIRFLOW_AGENT="1")[0] == 3
 
 

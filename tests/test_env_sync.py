@@ -162,7 +162,8 @@ def test_access_denied_keeps_last_good(aws, synced, cfg_path, run_agent):
 
 
 def test_throttling_beyond_retries_keeps_last_good(aws, synced, make_config, run_agent):
-    cfg = make_config({"aws": {"max_attempts": 3}})
+    # env.fetch_deadline 0: no retries beyond botocore's (tests/test_env_sync_fleet.py has them)
+    cfg = make_config({"aws": {"max_attempts": 3}, "env": {"fetch_deadline": 0}})
     aws.inject("GetParametersByPath", "ThrottlingException", count=3)
     assert_kept(cfg, synced, run_agent(cfg, "env", "sync"), 1, "ThrottlingException")
 

@@ -698,7 +698,7 @@ def test_cfn_hup_hook_restarts_running_agent_daemons_only_when_agent_yaml_change
         assert host.unit_property("airflow-agent-variables-watch", "ActiveState") == "inactive"
         calls = host.read_file("/var/log/hook-calls").decode().splitlines()
         assert [c.split()[0] for c in calls] == ["cfn-init", "airflow-agent"] * 2
-        assert calls[-1] == "airflow-agent env sync"
+        assert calls[-1] == "airflow-agent env sync --splay"
 
 
 # -- what the template runs exists ----------------------------------------------------------------

@@ -4,6 +4,12 @@ boto3 already honours AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_<SERVICE>; what it doe
 take the region from instance metadata, so the factory asks IMDS when neither agent.yaml nor
 the environment names one. Every client uses botocore's adaptive retry mode, which backs off
 on throttling and client-side rate-limits itself.
+
+Retries in layers: botocore's (aws.max_attempts in all, per call) are the inner layer for every
+client and stay as they are. A job that must outlast a throttled account adds its own outer
+loop on top, which takes over only once botocore has given up on a throttling error: env sync's
+fetch (agent.jobs.env_sync.pacing) retries the same page with full-jitter backoff until
+env.fetch_deadline, so one page may be attempted max_attempts times per outer attempt.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ when its bytes change. Runs take turns (`env.lock` in the state dir, waited for 
 suspicious result leaves the last good file in place and exits non-zero with a one-line reason,
 recorded in `env.json` (agent.jobs.env_sync.state.EnvDoc) under the lock. Values never reach
 logs or stdout; `--diff` prints names.
+
+Fleet scale (agent.jobs.env_sync.pacing): `--splay` waits a random 0..env.splay seconds before
+the first SSM call (the cfn-hup hook and fleet-wide Run Command pass it; boot runs do not), and a
+throttled call is retried with backoff until env.fetch_deadline.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from agent.errors import EXIT_OK, AgentError, ConfigError, DeadlineError
+from agent.jobs.env_sync.pacing import Backoff, Pacer, ThrottledOut
 from agent.jobs.env_sync.plan import EnvPlan, Parameter, map_parameters, plan_env
 from agent.jobs.env_sync.state import EnvDoc
 from agent.logs import register_secrets
@@ -70,10 +77,61 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
         action="store_true",
         help="accept a sync that removes more variables than env.max_drop_fraction",
     )
+    sync.add_argument(
+        "--splay",
+        nargs="?",
+        const=SPLAY_FROM_CONFIG,
+        default=None,
+        type=_seconds,
+        metavar="SECONDS",
+        help=(
+            "first wait a random 0..SECONDS (default env.splay) so that a fleet syncing at "
+            "once (cfn-hup hook, Run Command) spreads its SSM calls; boot runs leave it out"
+        ),
+    )
 
 
-def fetch_parameters(ssm: Any, paths: List[str]) -> List[Parameter]:
-    """Every parameter under `paths`, decrypted; raises AgentError naming the failing path."""
+SPLAY_FROM_CONFIG = -1.0  # `--splay` without a value: env.splay
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"--splay wants seconds >= 0, got {text!r}")
+    return value
+
+
+def splay_of(args: argparse.Namespace, cfg) -> float:
+    """The splay a run waits at most: none unless --splay was given (a boot run must not wait)."""
+    value = getattr(args, "splay", None)
+    if value is None:
+        return 0.0
+    return cfg.env.splay if value == SPLAY_FROM_CONFIG else value
+
+
+def pacer_for(cfg, splay: float = 0.0, clock=time.monotonic, sleep=time.sleep, rand=None) -> Pacer:
+    env = cfg.env
+    return Pacer(
+        splay=splay,
+        deadline=env.fetch_deadline,
+        backoff=Backoff(cap=env.backoff_cap),
+        clock=clock,
+        sleep=sleep,
+        rand=rand or random.random,
+    )
+
+
+def fetch_parameters(ssm: Any, paths: List[str], pacer: Optional[Pacer] = None) -> List[Parameter]:
+    """Every parameter under `paths`, decrypted; raises AgentError naming the failing path.
+
+    `pacer` retries a throttled page (same NextToken) within its deadline; without one a
+    throttling error beyond botocore's own retries fails at once.
+    """
+    pacer = pacer or Pacer()
+    pacer.begin()
     params: List[Parameter] = []
     for path in paths:
         token: Optional[str] = None
@@ -82,8 +140,15 @@ def fetch_parameters(ssm: Any, paths: List[str]) -> List[Parameter]:
             kwargs["MaxResults"] = PAGE_SIZE
             if token:
                 kwargs["NextToken"] = token
+
+            # bound now (a default), not when the pacer calls it: kwargs changes each page
+            def get_page(kwargs: Dict[str, Any] = kwargs) -> Dict[str, Any]:
+                return ssm.get_parameters_by_path(**kwargs)
+
             try:
-                page = ssm.get_parameters_by_path(**kwargs)
+                page = pacer.call(get_page, f"SSM GetParametersByPath {path}")
+            except ThrottledOut as exc:
+                raise AgentError(str(exc)) from None
             except AWS_ERRORS as exc:
                 raise AgentError(
                     f"SSM GetParametersByPath {path} failed: {describe_error(exc)}"
@@ -115,8 +180,12 @@ class EnvSync:
         state: Optional[StateStore] = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        splay: float = 0.0,
+        rand: Optional[Callable[[], float]] = None,
     ):
         self.cfg = cfg
+        # the splay is slept with `sleep`, like the lock wait, so tests run it on virtual time
+        self.pacer = pacer_for(cfg, splay, clock=clock, sleep=sleep, rand=rand)
         self.ssm = ssm
         self.state = state or StateStore(cfg.state_dir)
         self.path = Path(cfg.env.file)
@@ -133,7 +202,9 @@ class EnvSync:
     def plan(self, allow_drop: bool = False) -> tuple[EnvPlan, Optional[bytes]]:
         if self.ssm is None:
             self.ssm = AwsClients(self.cfg).client("ssm")
-        params = fetch_parameters(self.ssm, self.cfg.env.ssm_paths)
+        params = fetch_parameters(self.ssm, self.cfg.env.ssm_paths, self.pacer)
+        if self.pacer.throttled:
+            log.info("SSM fetch done despite throttling: %s", self.pacer.summary())
         register_secrets(p.value for p in params if p.type == "SecureString")
         mapped = map_parameters(params, self.cfg.env.ssm_paths)
         current = read_bytes_or_none(self.path)
@@ -214,6 +285,12 @@ class EnvSync:
 
     def run(self, dry_run: bool = False, allow_drop: bool = False) -> EnvPlan:
         uid, gid = self._owner()
+        if self.pacer.splay > 0:
+            # before the lock: a waiting run holds nothing up. Interrupted here it has read and
+            # written nothing, so it records nothing (as a run waiting for the lock)
+            self.failure_handled = True
+            self.pacer.wait_splay()
+            self.failure_handled = False
         if dry_run:
             # writes nothing, so it neither waits for a writer nor records anything
             try:
@@ -282,7 +359,7 @@ def print_diff(plan: EnvPlan, out=None) -> None:
 
 
 def run(args: argparse.Namespace, cfg) -> int:
-    sync = EnvSync(cfg)
+    sync = EnvSync(cfg, splay=splay_of(args, cfg))
     try:
         plan = sync.run(dry_run=args.dry_run, allow_drop=args.allow_drop)
     finally:
