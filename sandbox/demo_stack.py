@@ -30,6 +30,8 @@ from sandbox.stack.scenario import (
     updated_template,
 )
 
+WORKERS = 1
+
 
 def say(text: str = "") -> None:
     print(text, flush=True)
@@ -67,7 +69,9 @@ def instances(stack: Stack) -> None:
 def main() -> int:
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="aea-demo-stack-"))
-    stack = Stack(workers=2, run_dir=work / "run")
+    # one worker: every step is shown on the smallest stack with each role and both
+    # api-servers (the suite's tests/test_stack_launch.py runs two workers)
+    stack = Stack(workers=WORKERS, run_dir=work / "run")
     try:
         banner("0. launching cloudformation/airflow-cluster.yaml (example parameters)")
         stack.up()
@@ -98,11 +102,15 @@ def main() -> int:
         line = next((ln for ln in log.splitlines() if "sandbox task" in ln), log[-200:])
         say(f"    {line.strip()[:120]}")
         t = time.monotonic()
-        second = deploy_everywhere(stack, revision(work / "v2", "v2"), "d-V2")
+        # the worker first (an order CodeDeploy may pick): its drain meets the running tasks
+        second = deploy_everywhere(stack, revision(work / "v2", "v2"), "d-V2", first="worker")
         for name, dep in second.items():
             stop = [e for e in dep.events if e.event == "ApplicationStop"]
             secs = stop[0].seconds if stop else 0.0
             say(f"  {name:<18} {'ok' if dep.succeeded else 'FAILED'}  ApplicationStop {secs:5.1f}s")
+            waited = [ln for e in stop for ln in e.output.splitlines() if "task(s) running" in ln]
+            if waited:  # the drain's first count of the tasks it waited for
+                say(f"    {waited[0].split(': ', 1)[-1].strip()[:110]}")
         say(f"  deployment v2: {time.monotonic() - t:.0f}s")
         api.wait_run(DAG, "inflight")
         tis = api.task_instances(DAG, "inflight")
@@ -121,7 +129,7 @@ def main() -> int:
         say(f"  Airflow Variable greeting = {api.variable('greeting')!r}")
 
         banner("6. a stack update: ConfigRevision + [core] dagbag_import_timeout")
-        result = stack.update(StackModel.load(updated_template(work), workers=2))
+        result = stack.update(StackModel.load(updated_template(work), workers=WORKERS))
         for rid, what in result["changed"]:
             say(f"  AWS: {rid}: {what}")
         for name, hook in result["hooks"].items():

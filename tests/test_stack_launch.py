@@ -113,15 +113,25 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
     first = deploy_everywhere(stack, revision(tmp_path / "v1", "v1"), "d-V1")
     assert all(d.succeeded for d in first.values()), {n: d.message for n, d in first.items()}
     api.wait_dag(DAG)
-    api.trigger(DAG, "inflight", {"seconds": 45})
+    api.trigger(DAG, "inflight", {"seconds": 40})
     running = api.wait_running(DAG, "inflight", 2)
     # the live log of a running task, served by the worker's log server via the api-server
     log = api.task_log(DAG, "inflight", running[0]["task_id"], running[0]["try_number"])
     assert re.search(r"sandbox task t\d on ip-10-77-0-\d+", log), log[-2000:]
-    second = deploy_everywhere(stack, revision(tmp_path / "v2", "v2"), "d-V2")
+    second = deploy_everywhere(stack, revision(tmp_path / "v2", "v2"), "d-V2", first="worker")
     assert all(d.succeeded for d in second.values()), {n: d.message for n, d in second.items()}
     stops = [e for d in second.values() for e in d.events if e.event == "ApplicationStop"]
     assert stops and all(e.ok for e in stops)
+    # the drain really had tasks to wait for: its worker's ApplicationStop saw them running
+    waited = [
+        e.output
+        for m in stack.role_members("worker")
+        for e in second[m.name].events
+        if e.event == "ApplicationStop"
+    ]
+    assert any(re.search(r"draining \S+: [1-9]\d* task\(s\) running", o) for o in waited), [
+        o[-1500:] for o in waited
+    ]
     assert api.wait_run(DAG, "inflight")["state"] == "success"
     tis = api.task_instances(DAG, "inflight")
     assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)

@@ -71,14 +71,21 @@ def admin_credentials(stack: Any) -> Tuple[str, str]:
     return doc["username"], doc["password"]
 
 
-def deploy_everywhere(stack: Any, rev: Path, deployment_id: str) -> Dict[str, Deployment]:
+def deploy_everywhere(
+    stack: Any, rev: Path, deployment_id: str, first: Optional[str] = None
+) -> Dict[str, Deployment]:
     """One deployment of the template's deployment group: every instance of its groups, one at
-    a time (CodeDeployDefault.OneAtATime), each through its own CodeDeploy agent stand-in."""
+    a time (CodeDeployDefault.OneAtATime), each through its own CodeDeploy agent stand-in.
+
+    CodeDeploy picks the order; `first` (a role) puts that role's instances first, one of the
+    orders it may pick: workers first reach a worker's drain while its tasks still run.
+    """
     model = stack.model
     app = model.ref("CodeDeployApplication")
     group = model.ref("CodeDeployGroup")
     out: Dict[str, Deployment] = {}
-    for member in list(stack.members):
+    members = sorted(stack.members, key=lambda m: m.role != first)  # stable: else as launched
+    for member in members:
         root = stack.run_dir / member.name / "codedeploy"
         # the real agent is a systemd service: its hooks get the manager's DefaultEnvironment,
         # which holds the sandbox's one override (AWS_ENDPOINT_URL; substitutions.py)
