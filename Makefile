@@ -1,6 +1,8 @@
 # make test: set up everything the suite needs on a fresh Debian 12 machine (as root) and run it.
 # make check: lint + the fast tier (no systemd host, no servers, no Airflow): under a minute.
 # make demo: run the agent's main jobs end to end on a local sandbox with embedded AWS.
+# make dist: the agent's package the template installs, dist/airflow-ec2-agent-<version>.tar.gz.
+# make bundle DAGS=dir [PLUGINS=dir]: a CodeDeploy revision, dist/airflow-bundle-<hash>.zip.
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
@@ -17,8 +19,13 @@ AIRFLOW_REQS := apache-airflow==3.3.2 apache-airflow-providers-celery celery[red
 	asyncpg apache-airflow-providers-amazon apache-airflow-providers-postgres
 # the fast tier: tests/conftest.py marks every test that needs none of the heavy sandbox parts
 FAST := -m fast
+# where `make dist` and `make bundle` write (tools/release.py: standard library only)
+DIST ?= dist
+DAGS ?=
+PLUGINS ?=
 
-.PHONY: test check demo lint format unit bench bench-drain deps apt-deps venv airflow-venv py39-venv checkov-venv clean
+.PHONY: test check demo lint format unit bench bench-drain deps apt-deps venv airflow-venv py39-venv checkov-venv clean \
+	dist bundle
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -58,12 +65,12 @@ checkov-venv: $(CHECKOV_VENV)/.stamp
 deps: apt-deps venv airflow-venv py39-venv checkov-venv
 
 lint: venv
-	$(VENV)/bin/ruff check agent sandbox tests bench
-	$(VENV)/bin/ruff format --check agent sandbox tests bench
+	$(VENV)/bin/ruff check agent sandbox tests bench tools
+	$(VENV)/bin/ruff format --check agent sandbox tests bench tools
 
 format: venv
-	$(VENV)/bin/ruff format agent sandbox tests bench
-	$(VENV)/bin/ruff check --fix agent sandbox tests bench
+	$(VENV)/bin/ruff format agent sandbox tests bench tools
+	$(VENV)/bin/ruff check --fix agent sandbox tests bench tools
 
 check: lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(FAST)
@@ -89,7 +96,19 @@ bench-drain: deps
 	$(VENV)/bin/python -m bench.drain
 
 clean:
-	rm -rf $(VENV) $(PY39_VENV) .pytest_cache .hypothesis *.egg-info mutants
+	rm -rf $(VENV) $(PY39_VENV) .pytest_cache .hypothesis *.egg-info mutants dist
+
+# the version is agent/__init__.py's __version__; upload the file as the template's AgentPackageKey
+dist:
+	$(PYTHON) -m tools.release dist --out $(DIST)
+
+# codedeploy/appspec.yml + hooks/ + $(DAGS) as dags/ (+ $(PLUGINS) as plugins/), e.g. DAGS=examples/dags
+bundle:
+	@if [ -z "$(DAGS)" ]; then \
+	  echo "make bundle: DAGS is not set; name the DAGs directory, e.g. make bundle DAGS=examples/dags" >&2; \
+	  exit 2; \
+	fi
+	$(PYTHON) -m tools.release bundle --dags "$(DAGS)" $(if $(PLUGINS),--plugins "$(PLUGINS)") --out $(DIST)
 
 # make mutate: mutation-test the pure cores (plan modules, envfile) with their fast tests alone;
 # fails under 90% killed or on a survivor docs/mutation.md does not explain (about 2-4 min)

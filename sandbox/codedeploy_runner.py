@@ -14,7 +14,9 @@ scripts, not a copy of them:
   `timeout` (default 3600) the process group is killed;
 - Install removes the files the previous deployment installed, then copies `files` with
   `file_exists_behavior` (DISALLOW by default);
-- the deployment archive lives under `root/<group-id>/<deployment-id>/deployment-archive`.
+- the deployment archive lives under `root/<group-id>/<deployment-id>/deployment-archive`;
+  a revision is a directory, or a zip bundle (`make bundle`, tools/release.py) unpacked there as
+  DownloadBundle does, with the file modes the zip records (the hook scripts' 0755).
 
 The instance side (sandbox/codedeploy_exec.py) runs through `execute(argv, timeout)`:
 `SystemdHost.run` for the systemd test host, or a local subprocess.
@@ -26,6 +28,7 @@ import json
 import shutil
 import subprocess
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -138,7 +141,7 @@ class CodeDeployRunner:
         stop_before: Optional[str] = None,
         between: Optional[Callable[[str], None]] = None,
     ) -> Deployment:
-        """Deploy `revision` (a directory with appspec.yml at its root).
+        """Deploy `revision` (a directory with appspec.yml at its root, or a zip bundle of one).
 
         `stop_before`: end the deployment (successfully) before this event.
         `between(event)`: called after each event, e.g. to observe the cluster mid-deploy.
@@ -157,7 +160,10 @@ class CodeDeployRunner:
                 results = [self._install(archive)]
             else:
                 if event == "BeforeInstall":  # DownloadBundle happens just before
-                    shutil.copytree(revision, archive)
+                    if Path(revision).is_file():
+                        unpack_bundle(Path(revision), archive)
+                    else:
+                        shutil.copytree(revision, archive)
                 results = self._run_hooks(archive, event, dep)
             dep.events += results
             bad = [r for r in results if not r.ok]
@@ -235,6 +241,27 @@ class CodeDeployRunner:
             raise RuntimeError(f"codedeploy_exec install failed: {proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         return EventResult("Install", "", 0 if r["ok"] else 1, False, 0.0, r.get("error", ""))
+
+
+def unpack_bundle(bundle: Path, dest: Path) -> Path:
+    """A zip bundle unpacked into `dest` as CodeDeploy's DownloadBundle does: every member at
+    its path (one that would land outside `dest` is refused), with the Unix mode the zip records
+    (0644 when it records none)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    with zipfile.ZipFile(bundle) as zf:
+        for info in zf.infolist():
+            target = (dest / info.filename).resolve()
+            if root not in target.parents:
+                raise ValueError(f"{bundle}: member {info.filename!r} is outside the revision")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(info))
+            target.chmod((info.external_attr >> 16) & 0o777 or 0o644)
+    return dest
 
 
 def make_revision(dest: Path, files: dict, appspec_dir: Optional[Path] = None) -> Path:

@@ -14,17 +14,15 @@
 Everything substituted is listed in sandbox/stack/substitutions.py. `apply_update(model)` is
 the cfn-hup path of a stack update: the new metadata is written, cfn-hup poked, and the
 result of its hook action returned. `agent_package()` is what the template's install command
-downloads from the artifact bucket (the launch uploads it).
+downloads from the artifact bucket (the launch uploads it): `make dist`'s artifact, same bytes.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -41,7 +39,6 @@ from sandbox.tiers import heavy
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VENV = REPO / ".cache" / "airflow-venv"
-PACKAGE_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE")
 HOSTS_RANGE = range(10, 42)  # the ip-10-77-0-N names the VPC's DNS would answer
 # instances of a group boot in threads: the wheelhouse cache is built by one of them only
 _WHEELHOUSE_LOCK = threading.Lock()
@@ -52,18 +49,12 @@ class InstanceError(RuntimeError):
 
 
 def agent_package(repo: Path = REPO) -> bytes:
-    """The agent's package as a tar.gz with its files at the top (what `tar -xzf ... -C src`
-    expects: src/setup.cfg, src/agent/, src/systemd/install-units.sh)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in PACKAGE_FILES:
-            if (repo / name).is_file():
-                tar.add(repo / name, arcname=name)
-        for top in ("agent", "systemd"):
-            for f in sorted((repo / top).rglob("*")):
-                if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
-                    tar.add(f, arcname=str(f.relative_to(repo)))
-    return buf.getvalue()
+    """The agent's package: the bytes `make dist` writes to dist/airflow-ec2-agent-<version>.tar.gz
+    (one builder, tools/release.py), files at the top as `tar -xzf ... -C src` expects
+    (src/setup.cfg, src/agent/, src/systemd/install-units.sh)."""
+    from tools.release import build_dist
+
+    return build_dist(repo)
 
 
 def airflow_version(venv: Path = AIRFLOW_VENV) -> str:

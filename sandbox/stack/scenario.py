@@ -12,8 +12,9 @@ from typing import Any, Dict, Optional, Tuple
 import yaml
 
 from sandbox.cfn_template import load_template
-from sandbox.codedeploy_runner import CodeDeployRunner, Deployment, host_execute, make_revision
+from sandbox.codedeploy_runner import CodeDeployRunner, Deployment, host_execute
 from sandbox.stack.model import TEMPLATE
+from tools.release import build_bundle
 
 DAG = "sandbox_stack"
 
@@ -52,9 +53,15 @@ def {dag_id}():
 
 
 def revision(dest: Path, version: str, tasks: int = 4) -> Path:
-    """A CodeDeploy revision: the project's codedeploy/ plus the stack's DAG of `version`."""
-    source = DAG_SOURCE.format(version=version, dag_id=DAG, tasks=tasks)
-    return make_revision(dest, {f"dags/{DAG}.py": source})
+    """A CodeDeploy revision of the stack's DAG of `version`: the zip `make bundle DAGS=<dir>`
+    builds (tools/release.py: codedeploy/appspec.yml, its hooks, dags/), at dest/bundle.zip;
+    the CodeDeploy stand-in unpacks it as DownloadBundle does."""
+    dags = Path(dest) / "dags"
+    dags.mkdir(parents=True)
+    (dags / f"{DAG}.py").write_text(DAG_SOURCE.format(version=version, dag_id=DAG, tasks=tasks))
+    bundle = Path(dest) / "bundle.zip"
+    bundle.write_bytes(build_bundle(dags))
+    return bundle
 
 
 def admin_credentials(stack: Any) -> Tuple[str, str]:

@@ -1,0 +1,1 @@
+"""Release tooling run from the repository, never installed: `python -m tools.release`."""
