@@ -107,7 +107,8 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
 
 EPILOG = """\
 exit codes: 0 ok; 1 an operation failed (last good state kept); 2 bad command line or
-agent.yaml; 3 input refused as bad or suspicious (last good state kept); 4 a deadline passed.
+agent.yaml; 3 input refused as bad or suspicious (last good state kept); 4 a deadline passed;
+75 a daemon ended because agent.yaml changed (its unit restarts it); 130 interrupted (SIGINT).
 Config: --config PATH, else $AIRFLOW_AGENT_CONFIG, else /etc/airflow-agent/agent.yaml."""
 
 

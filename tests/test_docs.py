@@ -1,0 +1,289 @@
+"""The docs name only what exists: the README's command table is the argparse tree (every
+command and flag `--help` shows, and nothing else), its exit-code table is the codes the agent
+returns, and every repository path, unit, agent.yaml key and instance path the docs name is
+real. The units' `Documentation=` points at a file the template's install puts on the instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import re
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+from agent import errors
+from agent.cli import COMMANDS, EPILOG, build_parser
+from agent.config import config_from_dict
+from agent.runtime.config_watch import EXIT_CONFIG_CHANGED
+from sandbox.cfn_template import load_template
+from tools import release
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [
+    README,
+    ROOT / "CHANGELOG.md",
+    ROOT / "cloudformation" / "README.md",
+    ROOT / "codedeploy" / "README.md",
+    ROOT / "systemd" / "SECURITY.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
+UNITS_DIR = ROOT / "systemd"
+# options every command takes; the README says so once, above the table
+COMMON = {"-h", "--help", "--config", "--log-level"}
+# names shaped like airflow-* that are not units, each with what it is
+NOT_UNITS = {
+    "airflow-agent": "the command",
+    "airflow-ec2-agent": "the project and its package",
+    "airflow-agent-cfn-update": "the cfn-hup hook's script in /usr/local/sbin (the template)",
+    "airflow-agent-gate": "the worker gate's public directory, /var/lib/airflow-agent-gate",
+    "airflow-admin-password": "the admin secret's name part (the template)",
+    "airflow-artifacts": "an example bucket name",
+    "airflow-prod": "an example stack name",
+    "airflow-aws": "/run/airflow-aws, the task role's credentials directory",
+    "airflow-bundle": "make bundle's file name",
+    "airflow-cluster": "the template's file name",
+    "airflow-venv": ".cache/airflow-venv, the test rig's Airflow",
+}
+# top-level directories whose paths the docs name
+TREES = ("agent", "sandbox", "tests", "bench", "systemd", "codedeploy", "cloudformation")
+TREES += ("docs", "tools", "examples")
+
+
+def _text(doc: Path) -> str:
+    return doc.read_text(encoding="utf-8")
+
+
+# -- the command table is argparse -----------------------------------------------------------
+
+
+def _argparse_rows() -> Set[Tuple[str, str]]:
+    """(command path, option or positional metavar) for every command `--help` shows."""
+    out: Set[Tuple[str, str]] = set()
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        out.add((path, ""))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}".strip())
+            elif action.option_strings:
+                out.update((path, o) for o in action.option_strings if o not in COMMON)
+            else:
+                out.add((path, action.metavar or action.dest.upper()))
+
+    top = build_parser()
+    for action in top._actions:
+        if action.option_strings and not set(action.option_strings) <= COMMON:
+            out.update(("", o) for o in action.option_strings)
+    for command in COMMANDS:
+        parser = build_parser(only=command)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        walk(sub.choices[command], command)
+    # a command with subcommands is not run bare: its rows are its subcommands'
+    bare_parents = {
+        (path, "") for path, _ in out for other, _ in out if other.startswith(path + " ")
+    }
+    return out - bare_parents
+
+
+def _table_rows() -> Set[Tuple[str, str]]:
+    text = _text(README)
+    table = text[text.index("| command | what it does |") :].split("\n\n", 1)[0]
+    out: Set[Tuple[str, str]] = set()
+    for cell in re.findall(r"^\| `airflow-agent ([^`]*)`", table, re.M):
+        words = cell.split()
+        path = " ".join(w for w in words if re.fullmatch(r"[a-z][a-z-]*", w))
+        out.add((path, ""))
+        out.update((path, f) for f in re.findall(r"--[a-z][a-z-]*", cell))
+        # a positional is a bare [METAVAR]; an option's own argument is not one
+        positionals = re.sub(r"--[a-z-]+ \[?[A-Z]+\]?", "", cell)
+        out.update((path, m) for m in re.findall(r"\[([A-Z]+)\]", positionals))
+    # `airflow-agent --version` is the program's own option, not a command
+    out.discard(("", ""))
+    return out
+
+
+def test_readme_command_table_equals_argparse():
+    table, parser = _table_rows(), _argparse_rows()
+    assert sorted(parser - table) == [], "shown by --help, missing from the README table"
+    assert sorted(table - parser) == [], "in the README table, unknown to --help"
+
+
+def test_the_table_check_sees_what_the_issue_found_missing():
+    rows = _argparse_rows()
+    for row in [("role", "--json"), ("undrain", "--timeout"), ("bootstrap", "--role")]:
+        assert row in rows
+    assert ("bootstrap", "--skip-env-sync") in rows and ("", "--version") in rows
+    assert ("env sync", "--splay") in rows and ("deploy-hook", "EVENT") in rows
+
+
+def test_every_command_takes_the_common_options_the_readme_names():
+    text = _text(README)
+    intro = text[text.index("## Commands") : text.index("| command | what it does |")]
+    for option in ("--help", "--config PATH", "--log-level"):
+        assert option in intro
+    for command in COMMANDS:
+        sub = next(
+            a
+            for a in build_parser(only=command)._actions
+            if isinstance(a, argparse._SubParsersAction)
+        )
+        options = {o for a in sub.choices[command]._actions for o in a.option_strings}
+        assert options >= COMMON
+
+
+# -- exit codes ------------------------------------------------------------------------------------
+
+
+def _exit_codes() -> Dict[int, str]:
+    codes = {v: k for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    codes[EXIT_CONFIG_CHANGED] = "EXIT_CONFIG_CHANGED"
+    return codes
+
+
+def test_readme_exit_code_table_is_every_code_the_agent_returns():
+    text = _text(README)
+    table = text[text.index("### Exit codes") :].split("\n\n", 2)[1]
+    documented = {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert documented == set(_exit_codes())
+
+
+def test_help_names_every_exit_code():
+    for code in _exit_codes():
+        assert re.search(rf"(?<!\d){code} [a-z]", EPILOG), code
+
+
+# -- names in the docs -----------------------------------------------------------------------------
+
+
+def _unit_files() -> Set[str]:
+    return {p.name for p in UNITS_DIR.iterdir() if p.suffix in (".service", ".timer")}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_unit_the_docs_name_is_shipped(doc):
+    units = _unit_files()
+    bad = []
+    for name in set(re.findall(r"\bairflow-[a-z0-9-]+(?:\.service|\.timer)?\b", _text(doc))):
+        if name in NOT_UNITS:
+            continue
+        if name not in units and f"{name}.service" not in units:
+            bad.append(name)
+    assert sorted(bad) == []
+
+
+def _config_keys() -> Dict[str, Set[str]]:
+    cfg = config_from_dict({})
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = {g.name for g in dataclasses.fields(value)}
+    return out
+
+
+# state files and locks share a section's name (env.json, drain.lock): not keys
+FILE_SUFFIXES = {"json", "lock", "py", "service", "timer", "yaml", "yml", "conf", "sh", "md"}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_key_the_docs_name_exists(doc):
+    keys = _config_keys()
+    bad = []
+    for code in re.findall(r"`([^`\n]+)`", _text(doc)):
+        m = re.fullmatch(r"([a-z_]+)\.([a-z_*]+)", code.strip())
+        if not m or m.group(1) not in keys or m.group(2) in FILE_SUFFIXES:
+            continue
+        section, key = m.groups()
+        if not fnmatch.filter(keys[section], key):
+            bad.append(code)
+    assert bad == []
+
+
+def test_the_config_key_check_knows_the_sections():
+    keys = _config_keys()
+    assert {"env", "confapply", "drain", "deploy", "lifecycle", "variables"} <= set(keys)
+    assert "splay" in keys["env"] and "on_deadline" in keys["drain"]
+
+
+def _repo_paths(doc: Path) -> List[str]:
+    text = _text(doc)
+    found = re.findall(rf"(?<![\w./-])((?:{'|'.join(TREES)})/[\w./<>*-]*)", text)
+    found += [
+        str((doc.parent / link).resolve().relative_to(ROOT))
+        for link in re.findall(r"\]\(([^)#:]+)\)", text)
+    ]
+    out = []
+    for p in found:
+        p = p.rstrip(".").rstrip("/")
+        if re.search(r"[<*]", p) or any(re.fullmatch(r"[A-Z]+", s) for s in p.split("/")):
+            continue  # a placeholder: agent/jobs/<job>/, systemd/UNIT
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_repository_path_the_docs_name_exists(doc):
+    missing = sorted({p for p in _repo_paths(doc) if not (ROOT / p).exists()})
+    assert missing == []
+
+
+def _shipped_text() -> str:
+    files = [*(ROOT / "agent").rglob("*.py"), *(ROOT / "sandbox").rglob("*")]
+    files += [*UNITS_DIR.iterdir(), *(ROOT / "codedeploy").rglob("*")]
+    files += [ROOT / "cloudformation" / "airflow-cluster.yaml", ROOT / "Makefile"]
+    return "\n".join(p.read_text(errors="replace") for p in files if p.is_file())
+
+
+def test_every_instance_path_the_docs_name_is_one_the_project_uses():
+    shipped = _shipped_text()
+    missing = set()
+    for doc in DOCS:
+        for path in re.findall(
+            r"(?<![\w.:/-])(/(?:etc|opt|var|run|usr|airflow|sys)\b[\w./@-]*)", _text(doc)
+        ):
+            path = path.rstrip(".").rstrip("/")
+            if path not in shipped:
+                missing.add((doc.name, path))
+    assert sorted(missing) == []
+
+
+def test_no_doc_says_confapply_restarts_only_some_units():
+    # confapply restarts every running unit of the role (they share the one env file); see
+    # agent/jobs/confapply/plan.py units_to_restart
+    for doc in DOCS:
+        assert "whose environment changed" not in _text(doc), doc.name
+
+
+# -- Documentation= ----------------------------------------------------------------------------
+
+
+def _install_dir() -> str:
+    """Where the template's cfn-init unpacks the agent's package (tar -xzf ... -C DIR)."""
+    init = load_template(ROOT / "cloudformation" / "airflow-cluster.yaml")["Resources"]
+    commands = init["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]["install"]
+    command = commands["commands"]["05-agent-package"]["command"]["Fn::Sub"]
+    return re.search(r"tar -xzf \S+ -C (\S+)", command).group(1)
+
+
+def test_unit_documentation_points_at_what_the_instance_has():
+    package = set(release.package_files())
+    prefix = _install_dir().rstrip("/") + "/"
+    assert prefix == "/opt/airflow-agent/src/"
+    seen = 0
+    for unit in sorted(UNITS_DIR.iterdir()):
+        for url in re.findall(r"^Documentation=(.+)$", unit.read_text(), re.M):
+            for item in url.split():
+                if item.startswith("file://"):
+                    path = item[len("file://") :]
+                    assert path.startswith(prefix), (unit.name, path)
+                    assert path[len(prefix) :] in package, (unit.name, path)
+                    seen += 1
+                else:
+                    assert item.startswith(("https://", "man:")), (unit.name, item)
+    assert seen >= 6  # every agent service names the installed README
