@@ -65,12 +65,12 @@ checkov-venv: $(CHECKOV_VENV)/.stamp
 deps: apt-deps venv airflow-venv py39-venv checkov-venv
 
 lint: venv
-	$(VENV)/bin/ruff check agent sandbox tests bench tools
-	$(VENV)/bin/ruff format --check agent sandbox tests bench tools
+	$(VENV)/bin/ruff check agent sandbox tests bench tools examples
+	$(VENV)/bin/ruff format --check agent sandbox tests bench tools examples
 
 format: venv
-	$(VENV)/bin/ruff format agent sandbox tests bench tools
-	$(VENV)/bin/ruff check --fix agent sandbox tests bench tools
+	$(VENV)/bin/ruff format agent sandbox tests bench tools examples
+	$(VENV)/bin/ruff check --fix agent sandbox tests bench tools examples
 
 check: lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(FAST)

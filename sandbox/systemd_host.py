@@ -300,11 +300,13 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
                 w.unlink()
 
     def build_pkg(out: Path) -> None:
+        # The package's wheel is built from `make dist`'s artifact, unpacked as the template's
+        # cfn-init unpacks it, so the agent installed on a host is that artifact's code.
         # Without build isolation when this interpreter can build (setuptools + wheel): ~2 s
         # instead of ~6 s for a fresh isolated build environment.
         can_build = all(importlib.util.find_spec(m) for m in ("setuptools", "wheel"))
         flags = ("--no-deps", "--no-build-isolation") if can_build else ("--no-deps",)
-        pip_wheel(copy_src(out), out, *flags)
+        pip_wheel(unpack_package(repo, out.parent / "src"), out, *flags)
 
     # the extras are part of what is built, so part of the key
     deps = _cached_build(cache, f"deps-worker-host-{_hash_files(repo, meta)}", build_deps)
@@ -317,6 +319,23 @@ def build_wheelhouse(repo_dir: Union[str, Path], cache_dir: Optional[Path] = Non
                 os.link(w, out / w.name)
 
     return _cached_build(cache, f"wheelhouse-{deps.name}-{key}", link_both)
+
+
+def unpack_package(repo: Path, dest: Path) -> Path:
+    """`make dist`'s artifact for `repo` (tools/release.py) unpacked into dest, as the
+    template's `tar -xzf ... -C /opt/airflow-agent/src` does; returns dest."""
+    import io
+    import tarfile
+
+    from tools.release import build_dist
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(build_dist(repo)), mode="r:gz") as tar:
+        for member in tar.getmembers():  # our own archive: regular files at relative paths
+            if not member.isfile() or member.name.startswith("/") or ".." in member.name:
+                raise SystemdHostError(f"unexpected member in the agent package: {member.name}")
+        tar.extractall(dest)
+    return dest
 
 
 def _wheel_project(wheel: Path) -> str:

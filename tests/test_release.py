@@ -259,3 +259,12 @@ def test_unpack_refuses_a_member_outside_the_revision(tmp_path):
     with pytest.raises(ValueError, match="outside the revision"):
         unpack_bundle(evil, tmp_path / "archive")
     assert not (tmp_path / "outside").exists()
+
+
+def test_the_test_hosts_agent_wheel_is_built_from_the_dist_artifact(tmp_path):
+    from sandbox.systemd_host import unpack_package
+
+    src = unpack_package(ROOT, tmp_path / "src")
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    assert files == sorted(release.package_files())
+    assert (src / "agent" / "__init__.py").read_bytes() == (ROOT / "agent/__init__.py").read_bytes()

@@ -30,8 +30,9 @@ COMMANDS: Tuple[Substitution, ...] = (
         'pip install --no-cache-dir -q --no-index --find-links {wheelhouse} "airflow-ec2-agent'
         '\\g<extra>"',
         "pip would fetch the agent's dependencies (and the build backend) from PyPI; the same "
-        "package is installed from wheels built on the machine from this tree "
-        "(systemd_host.build_wheelhouse), with the same extras",
+        "package is installed from wheels built on the machine (systemd_host.build_wheelhouse; "
+        "the agent's own wheel from `make dist`'s artifact, the bytes the bucket holds), with "
+        "the same extras",
     ),
     Substitution(
         "prebuilt Airflow venv",
