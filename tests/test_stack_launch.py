@@ -9,6 +9,7 @@ for the whole module (it takes minutes); the tests run in order on it:
 - a DAG bundle deployed to every instance through codedeploy/appspec.yml; with tasks in flight
   on a worker, a second one: the tasks' live log is read through the api-server from the
   worker's log server, the worker drains (none killed: every task success on try 1);
+- the example DAG the bundle ships (examples/dags) runs;
 - Variables put in the template's variables secret reach Airflow;
 - a stack update (ConfigRevision + one Airflow setting, in a copy of the template) lands on
   every instance through its cfn-hup hook;
@@ -34,6 +35,7 @@ from sandbox.stack.launch import Stack
 from sandbox.stack.model import StackModel
 from sandbox.stack.scenario import (
     DAG,
+    EXAMPLE_DAG,
     admin_credentials,
     deploy_everywhere,
     revision,
@@ -135,6 +137,18 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
     assert api.wait_run(DAG, "inflight")["state"] == "success"
     tis = api.task_instances(DAG, "inflight")
     assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
+
+
+def test_the_example_bundles_dag_runs(stack, api):
+    # the deployments carried examples/dags (what `make bundle DAGS=examples/dags` ships)
+    api.wait_dag(EXAMPLE_DAG)
+    api.trigger(EXAMPLE_DAG, "example")
+    assert api.wait_run(EXAMPLE_DAG, "example", timeout=300)["state"] == "success"
+    tis = api.task_instances(EXAMPLE_DAG, "example")
+    assert sorted((t["task_id"], t["state"]) for t in tis) == [
+        ("greet", "success"),
+        ("show", "success"),
+    ]
 
 
 def test_variables_come_from_the_templates_secret(stack, api):

@@ -6,6 +6,7 @@ a copy of the template for a stack update, when a unit started on an instance.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -17,6 +18,8 @@ from sandbox.stack.model import TEMPLATE
 from tools.release import build_bundle
 
 DAG = "sandbox_stack"
+EXAMPLE_DAGS = Path(TEMPLATE).resolve().parents[1] / "examples" / "dags"
+EXAMPLE_DAG = "hello"  # examples/dags/hello.py
 
 DAG_SOURCE = """\
 from __future__ import annotations
@@ -53,11 +56,12 @@ def {dag_id}():
 
 
 def revision(dest: Path, version: str, tasks: int = 4) -> Path:
-    """A CodeDeploy revision of the stack's DAG of `version`: the zip `make bundle DAGS=<dir>`
-    builds (tools/release.py: codedeploy/appspec.yml, its hooks, dags/), at dest/bundle.zip;
-    the CodeDeploy stand-in unpacks it as DownloadBundle does."""
+    """A CodeDeploy revision of the stack's DAG of `version` and the example DAGs the project
+    ships (examples/dags: `make bundle DAGS=examples/dags`): the zip `make bundle` builds
+    (tools/release.py: codedeploy/appspec.yml, its hooks, dags/), at dest/bundle.zip; the
+    CodeDeploy stand-in unpacks it as DownloadBundle does."""
     dags = Path(dest) / "dags"
-    dags.mkdir(parents=True)
+    shutil.copytree(EXAMPLE_DAGS, dags)
     (dags / f"{DAG}.py").write_text(DAG_SOURCE.format(version=version, dag_id=DAG, tasks=tasks))
     bundle = Path(dest) / "bundle.zip"
     bundle.write_bytes(build_bundle(dags))
