@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from sandbox.aws_server import AwsServer
 from sandbox.cfn_init import check_init
@@ -132,8 +132,16 @@ class Stack:
                 name, lambda cls=cls: cls.from_model(model, self.switch, self.ca).start()
             )
             self.progress(f"  {name} stand-in up ({self.timings[name]:.1f}s)")
-        for group_rid in self.group_order():
-            self._launch_group(group_rid)
+        # groups that do not depend on each other are created at once, as CloudFormation does
+        # (the api-servers and workers both wait for the scheduler's group alone). Every thread
+        # that starts a host or a stand-in is a pool thread: a child dies with the thread that
+        # started it (die_with_parent), and the pool's threads live as long as the stack
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+        for wave in self.group_waves():
+            launches = [self._pool.submit(self._launch_group, rid) for rid in wave]
+            errors = [f.exception() for f in launches if f.exception() is not None]
+            if errors:
+                raise errors[0]
         self.write_state()
 
     def group_order(self) -> List[str]:
@@ -144,6 +152,32 @@ class Stack:
             for rid in self.model.creation_order()
             if self.model.resources[rid]["Type"] == "AWS::AutoScaling::AutoScalingGroup"
         ]
+
+    def group_waves(self) -> List[List[str]]:
+        """The groups in waves: each group after every group it depends on, directly or
+        through other resources; the groups of one wave depend on none of each other."""
+        assert self.model is not None
+        groups = self.group_order()
+        model = self.model
+
+        def needs(rid: str) -> Set[str]:
+            seen: Set[str] = set()
+            todo = [rid]
+            while todo:
+                for dep in model.dependencies(todo.pop()):
+                    if dep in model.resources and dep not in seen:
+                        seen.add(dep)
+                        todo.append(dep)
+            return seen & set(groups)
+
+        wait = {g: needs(g) for g in groups}
+        waves: List[List[str]] = []
+        done: Set[str] = set()
+        while len(done) < len(groups):
+            wave = [g for g in groups if g not in done and wait[g] <= done]
+            waves.append(wave)
+            done |= set(wave)
+        return waves
 
     def role_of(self, group_rid: str) -> str:
         assert self.model is not None
@@ -173,23 +207,22 @@ class Stack:
                 shared_dir=self.run_dir / member.name,
             )  # fmt: skip
             members.append(member)
-        # an Auto Scaling group launches its instances at once. The pool's threads live as long
-        # as the stack: a host dies with the thread that started it (die_with_parent)
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+        # an Auto Scaling group launches its instances at once, each booted by a pool thread
+        # (a host dies with the thread that started it: the pool's live as long as the stack)
+        assert self._pool is not None
         if PARALLEL and len(members) > 1:
-            from sandbox.stack.instance import REPO
+            from sandbox.stack.instance import _WHEELHOUSE_LOCK, REPO
             from sandbox.systemd_host import build_wheelhouse
 
-            build_wheelhouse(REPO)  # its cache filled once, before the threads read it
+            with _WHEELHOUSE_LOCK:  # its cache filled once, before the threads read it
+                build_wheelhouse(REPO)
             futures = [self._pool.submit(self._boot, m) for m in members]
             errors = [f.exception() for f in futures if f.exception() is not None]
         else:
             errors = []
             for m in members:
-                try:
-                    self._boot(m)
-                except Exception as exc:  # noqa: BLE001 - re-raised below, the first one
+                exc = self._pool.submit(self._boot, m).exception()
+                if exc is not None:
                     errors.append(exc)
                     break
         if errors:
