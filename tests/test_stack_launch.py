@@ -137,6 +137,12 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
     assert api.wait_run(DAG, "inflight")["state"] == "success"
     tis = api.task_instances(DAG, "inflight")
     assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
+    # ... with the template's broker configuration: a secret's name, no plain URL anywhere
+    for member in stack.members:
+        env = parse_env(member.instance.host.read_file("/etc/sysconfig/airflow.env"))
+        assert "AIRFLOW__CELERY__BROKER_URL" not in env, member.name
+        if member.role == "worker":
+            assert env.get("AIRFLOW__CELERY__BROKER_URL_SECRET"), member.name
 
 
 def test_the_example_bundles_dag_runs(stack, api):
