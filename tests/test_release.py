@@ -144,10 +144,10 @@ def test_make_dist_writes_the_artifact_the_sandbox_installs(tmp_path):
 
 
 def test_the_package_builds_a_wheel_of_this_version_with_the_cli(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(release.build_dist()), mode="r:gz") as tar:
-        tar.extractall(src)  # the template's tar -xzf ... -C /opt/airflow-agent/src
+    from sandbox.systemd_host import unpack_package
+
+    # the template's tar -xzf ... -C /opt/airflow-agent/src
+    src = unpack_package(release.REPO, tmp_path / "src")
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
         + ["-w", str(tmp_path / "wheels"), str(src)],

@@ -47,6 +47,13 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def raise_first_error(futures: List[concurrent.futures.Future]) -> None:
+    """Wait for every one of `futures` (none is left running), then raise the first error."""
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        raise errors[0]
+
+
 @heavy("systemd", "airflow", "aws", "redis")
 class Stack:
     def __init__(
@@ -138,10 +145,7 @@ class Stack:
         # started it (die_with_parent), and the pool's threads live as long as the stack
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
         for wave in self.group_waves():
-            launches = [self._pool.submit(self._launch_group, rid) for rid in wave]
-            errors = [f.exception() for f in launches if f.exception() is not None]
-            if errors:
-                raise errors[0]
+            raise_first_error([self._pool.submit(self._launch_group, rid) for rid in wave])
         self.write_state()
 
     def group_order(self) -> List[str]:
@@ -216,17 +220,10 @@ class Stack:
 
             with _WHEELHOUSE_LOCK:  # its cache filled once, before the threads read it
                 build_wheelhouse(REPO)
-            futures = [self._pool.submit(self._boot, m) for m in members]
-            errors = [f.exception() for f in futures if f.exception() is not None]
+            raise_first_error([self._pool.submit(self._boot, m) for m in members])
         else:
-            errors = []
             for m in members:
-                exc = self._pool.submit(self._boot, m).exception()
-                if exc is not None:
-                    errors.append(exc)
-                    break
-        if errors:
-            raise errors[0]
+                raise_first_error([self._pool.submit(self._boot, m)])
         if self._needs_load_balancer(group_rid):
             self._start_load_balancer(group_rid)
 
