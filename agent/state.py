@@ -58,6 +58,7 @@ DOCUMENT_MODULES = (
     "agent.jobs.drain.state",
     "agent.jobs.lifecycle.state",
     "agent.jobs.task_credentials.state",
+    "agent.jobs.deploy.state",
     "agent.worker.state",
 )
 

@@ -102,8 +102,8 @@ def main() -> int:
         line = next((ln for ln in log.splitlines() if "sandbox task" in ln), log[-200:])
         say(f"    {line.strip()[:120]}")
         t = time.monotonic()
-        # the worker first (an order CodeDeploy may pick): its drain meets the running tasks
-        second = deploy_everywhere(stack, revision(work / "v2", "v2"), "d-V2", first="worker")
+        # workers first (the DeploymentOrder output): their drain meets the running tasks
+        second = deploy_everywhere(stack, revision(work / "v2", "v2"), "d-V2")
         for name, dep in second.items():
             stop = [e for e in dep.events if e.event == "ApplicationStop"]
             secs = stop[0].seconds if stop else 0.0

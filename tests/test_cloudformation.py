@@ -787,11 +787,27 @@ def test_agent_yaml_on_disk_follows_updates_of_the_metadata(template, resolver, 
             assert path.read_text(encoding="utf-8") == text
 
 
-def test_codedeploy_deploys_to_the_three_groups(template):
+def test_codedeploy_has_one_deployment_group_per_role_deployed_workers_first(template):
     res = template["Resources"]
-    group = res["CodeDeployGroup"]["Properties"]
-    assert group["AutoScalingGroups"] == [{"Ref": f"{LOGICAL[r]}Group"} for r in ROLES]
-    assert group["ApplicationName"] == {"Ref": "CodeDeployApplication"}
+    groups = {
+        rid: r["Properties"]
+        for rid, r in res.items()
+        if r["Type"] == "AWS::CodeDeploy::DeploymentGroup"
+    }
+    assert sorted(groups) == sorted(f"{LOGICAL[r]}DeploymentGroup" for r in ROLES)
+    for role in ROLES:
+        group = groups[f"{LOGICAL[role]}DeploymentGroup"]
+        assert group["AutoScalingGroups"] == [{"Ref": f"{LOGICAL[role]}Group"}]
+        assert group["DeploymentGroupName"] == role
+        assert group["ApplicationName"] == {"Ref": "CodeDeployApplication"}
+        # never a whole role at once; the agent does the api-servers' traffic control itself
+        assert group["DeploymentConfigName"] == "CodeDeployDefault.OneAtATime"
+        assert group["DeploymentStyle"]["DeploymentOption"] == "WITHOUT_TRAFFIC_CONTROL"
+        assert group["AutoRollbackConfiguration"]["Enabled"] is True
+    order = template["Outputs"]["DeploymentOrder"]["Value"]["Fn::Join"][1]
+    assert order == [
+        {"Ref": f"{LOGICAL[r]}DeploymentGroup"} for r in ("worker", "scheduler", "webserver")
+    ]
     assert res["CodeDeployApplication"]["Properties"]["ComputePlatform"] == "Server"
 
 

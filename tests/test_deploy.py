@@ -63,7 +63,9 @@ def test_plan_covers_every_event_and_role():
         for role in ("worker", "scheduler", "webserver"):
             assert plan_hook(event, role)
     assert plan_hook("ApplicationStop", "worker") == ["drain"]
-    assert plan_hook("ApplicationStop", "scheduler") == ["stop-units"]
+    assert plan_hook("ApplicationStop", "scheduler") == ["keep-units"]
+    assert plan_hook("BeforeInstall", "webserver") == ["clear-pycache", "snapshot-tree"]
+    assert plan_hook("ApplicationStart", "webserver") == ["write-marker", "apply-units"]
     assert plan_hook("ApplicationStart", "worker") == ["write-marker", "undrain"]
     assert "scheduler-job" in plan_hook("ValidateService", "scheduler")
 
@@ -278,37 +280,66 @@ def test_headline_deploy_with_tasks_in_flight_kills_nothing(cluster, tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_scheduler_role_hooks_stop_start_and_validate_its_units(cluster):
-    """The same hooks on a scheduler: its units stop, start in order, and ValidateService
-    waits for `airflow jobs check --job-type SchedulerJob --local`."""
+def test_scheduler_role_keeps_its_units_for_dags_and_restarts_them_for_plugins(cluster):
+    """The hooks on a scheduler: a DAG-only bundle leaves its units running (same MainPIDs);
+    one that adds a plugin restarts each of them, saying why; ValidateService waits for
+    `airflow jobs check --job-type SchedulerJob --local`."""
     c = cluster
     units = ["airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"]
     cfg = json.loads(c.host.read_file("/etc/airflow-agent/agent.yaml"))
     cfg["role"] = {"override": "scheduler"}
     c.host.write_file("/etc/airflow-agent/scheduler.yaml", json.dumps(cfg))
-    env = {"AIRFLOW_AGENT_CONFIG": "/etc/airflow-agent/scheduler.yaml", "DEPLOYMENT_ID": "d-S"}
-
     worker_before = c.host.unit_property("airflow-worker", "ActiveState")
 
-    def hook(event):
+    def hook(event, deployment):
+        env = {"AIRFLOW_AGENT_CONFIG": "/etc/airflow-agent/scheduler.yaml"}
         p = c.host.run(
             ["airflow-agent", "deploy-hook"],
-            env={**env, "LIFECYCLE_EVENT": event},
+            env={**env, "LIFECYCLE_EVENT": event, "DEPLOYMENT_ID": deployment},
             check=False,
             timeout=300,
         )
         assert p.returncode == 0, (event, p.stdout, p.stderr)
         return p.stderr
 
-    out = hook("ApplicationStop")
-    assert "role=scheduler" in out and "stopped airflow-scheduler" in out
-    assert {u: c.host.unit_property(u, "ActiveState") for u in units} == dict.fromkeys(
-        units, "inactive"
-    )
-    hook("ApplicationStart")
-    out = hook("ValidateService")
-    assert "scheduler job alive" in out
+    def deployment(deployment_id, files):
+        """The events in CodeDeploy's order, the bundle's files landing at Install."""
+        out = hook("ApplicationStop", deployment_id) + hook("BeforeInstall", deployment_id)
+        for path, text in files.items():
+            c.host.write_file(path, text)
+        out += hook("ApplicationStart", deployment_id)
+        return out + hook("ValidateService", deployment_id)
+
+    def pids():
+        return {u: c.host.main_pid(u) for u in units}
+
+    # units not running are started (the cluster runs only some of them)
+    inactive = [u for u in units if c.host.unit_property(u, "ActiveState") != "active"]
+    out = deployment("d-S0", {})
+    for unit in inactive:
+        assert f"started {unit} (it was inactive)" in out, out
     assert all(c.host.unit_property(u, "ActiveState") == "active" for u in units)
+
+    before = pids()
+    out = deployment("d-S1", {"/airflow/dags/only_a_dag.py": "# a DAG-only change\n"})
+    assert "role=scheduler" in out and "kept running, nothing they load changed" in out, out
+    assert "this deployment changed: dags" in out, out
+    assert pids() == before
+    assert "scheduler job alive" in out
+
+    plugin_file = "/airflow/plugins/deploy_test_plugin.py"
+    plugin = "from airflow.plugins_manager import AirflowPlugin\n\n\nclass P(AirflowPlugin):\n"
+    out = deployment("d-S2", {plugin_file: plugin + "    name = 'p'\n"})
+    for unit in units:
+        assert f"restarting {unit}: the bundle changed plugins" in out, out
+    restarted = pids()
+    assert all(restarted[u] != before[u] for u in units), (before, restarted)
+    assert "scheduler job alive" in out
+
+    # the record follows the restarted processes: the next DAG-only bundle restarts nothing
+    out = deployment("d-S3", {"/airflow/dags/only_a_dag.py": "# another DAG-only change\n"})
+    assert "kept running, nothing they load changed" in out and pids() == restarted, out
+    c.host.run(["rm", "-f", plugin_file, "/airflow/dags/only_a_dag.py"])
     # the worker is not a scheduler's business
     assert c.host.unit_property("airflow-worker", "ActiveState") == worker_before
 

@@ -158,15 +158,16 @@ def test_groups_launch_their_instances_with_the_launch_templates(stack):
     assert hook["LifecycleHookName"] == model.prop("WorkerTerminationHook", "LifecycleHookName")
     assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
     cd = aws.client("codedeploy")
-    dg = cd.get_deployment_group(
-        applicationName=model.ref("CodeDeployApplication"),
-        deploymentGroupName=model.ref("CodeDeployGroup"),
-    )["deploymentGroupInfo"]
-    # moto answers each group as a bare name, which botocore cannot parse into {"name": ...}:
-    # the count, the role and the configuration are what can be read back
-    assert len(dg["autoScalingGroups"]) == len(expected)
-    assert dg["serviceRoleArn"] == model.get_att("CodeDeployServiceRole", "Arn")
-    assert dg["deploymentConfigName"] == model.prop("CodeDeployGroup", "DeploymentConfigName")
+    for rid in ("WorkerDeploymentGroup", "SchedulerDeploymentGroup", "WebserverDeploymentGroup"):
+        dg = cd.get_deployment_group(
+            applicationName=model.ref("CodeDeployApplication"),
+            deploymentGroupName=model.ref(rid),
+        )["deploymentGroupInfo"]
+        # moto answers each group as a bare name, which botocore cannot parse into {"name":
+        # ...}: the count, the role and the configuration are what can be read back
+        assert len(dg["autoScalingGroups"]) == 1
+        assert dg["serviceRoleArn"] == model.get_att("CodeDeployServiceRole", "Arn")
+        assert dg["deploymentConfigName"] == model.prop(rid, "DeploymentConfigName")
 
 
 def test_types_not_created_are_named_with_the_reason(stack):

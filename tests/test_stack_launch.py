@@ -33,12 +33,15 @@ from sandbox.proc import wait_for
 from sandbox.stack.airflow_api import AirflowApi
 from sandbox.stack.launch import Stack
 from sandbox.stack.model import StackModel
+from sandbox.stack.probe import HealthProbe
 from sandbox.stack.scenario import (
     DAG,
     EXAMPLE_DAG,
     admin_credentials,
     deploy_everywhere,
+    health_urls,
     revision,
+    service_pids,
     unit_last_logged_at,
     unit_started_at,
     updated_template,
@@ -120,8 +123,21 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
     # the live log of a running task, served by the worker's log server via the api-server
     log = api.task_log(DAG, "inflight", running[0]["task_id"], running[0]["try_number"])
     assert re.search(r"sandbox task t\d on ip-10-77-0-\d+", log), log[-2000:]
-    second = deploy_everywhere(stack, revision(tmp_path / "v2", "v2"), "d-V2", first="worker")
+    # a DAG-only bundle: the scheduler's and api-servers' units keep running (same MainPIDs),
+    # and the api-servers answer every health probe, directly and through the load balancer
+    pids = service_pids(stack)
+    (scheduler,) = stack.role_members("scheduler")
+    urls = health_urls(stack)
+    with HealthProbe(scheduler, urls) as probe:
+        second = deploy_everywhere(stack, revision(tmp_path / "v2", "v2"), "d-V2")
     assert all(d.succeeded for d in second.values()), {n: d.message for n, d in second.items()}
+    assert service_pids(stack) == pids
+    answers = probe.result
+    assert answers.failures() == [], answers.failures()[:5]
+    assert min(answers.count(u) for u in urls) >= 20, [answers.count(u) for u in urls]
+    for member in stack.role_members("scheduler") + stack.role_members("webserver"):
+        (start,) = second[member.name].event("ApplicationStart")
+        assert "kept running, nothing they load changed" in start.output, start.output[-1500:]
     stops = [e for d in second.values() for e in d.events if e.event == "ApplicationStop"]
     assert stops and all(e.ok for e in stops)
     # the drain really had tasks to wait for: its worker's ApplicationStop saw them running
@@ -143,6 +159,38 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
         assert "AIRFLOW__CELERY__BROKER_URL" not in env, member.name
         if member.role == "worker":
             assert env.get("AIRFLOW__CELERY__BROKER_URL_SECRET"), member.name
+
+
+def test_a_plugins_change_restarts_one_api_server_at_a_time_out_of_rotation(stack, api, tmp_path):
+    """A bundle that adds a plugin: the scheduler's and api-servers' units restart (the
+    plugin is what they load), each api-server out of the load balancer's rotation while the
+    other serves: the load balancer answers every probe, and tasks running meanwhile succeed."""
+    api.trigger(DAG, "plugins", {"seconds": 30})
+    api.wait_running(DAG, "plugins", 2)
+    pids = service_pids(stack)
+    (scheduler,) = stack.role_members("scheduler")
+    lb_url = health_urls(stack)[0]
+    rotation = stack.load_balancer_rotation()
+    with HealthProbe(scheduler, [lb_url]) as probe, rotation:
+        third = deploy_everywhere(
+            stack, revision(tmp_path / "v3", "v2", plugin="sandbox_plugin"), "d-V3"
+        )
+    assert all(d.succeeded for d in third.values()), {n: d.message for n, d in third.items()}
+    after = service_pids(stack)
+    assert all(after[k] != pid for k, pid in pids.items()), (pids, after)
+    for member in stack.role_members("scheduler") + stack.role_members("webserver"):
+        (start,) = third[member.name].event("ApplicationStart")
+        assert "the bundle changed plugins" in start.output, start.output[-1500:]
+    assert probe.result.failures() == [], probe.result.failures()[:5]
+    # never both api-servers out of the target group, and each was out once
+    webservers = [m.instance.address for m in stack.role_members("webserver")]
+    assert rotation.max_out() == 1, rotation.samples[-5:]
+    assert sorted(rotation.ever_out()) == sorted(webservers)
+    assert api.wait_run(DAG, "plugins")["state"] == "success"
+    tis = api.task_instances(DAG, "plugins")
+    assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
+    plugins = api.ok("GET", "/api/v2/plugins")["plugins"]
+    assert "sandbox_plugin" in [p["name"] for p in plugins]
 
 
 def test_the_example_bundles_dag_runs(stack, api):

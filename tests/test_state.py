@@ -173,6 +173,7 @@ def test_the_registry_knows_every_job_document():
         "drain",
         "lifecycle",
         "task-credentials",
+        "deploy",
         "worker",
     ):
         assert name in names
@@ -184,6 +185,7 @@ def test_the_registry_knows_every_job_document():
         "drain",
         "lifecycle",
         "task_credentials",
+        "deploy",
         "worker",
     ]
     for entry in registered():

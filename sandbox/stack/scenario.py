@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -55,16 +55,31 @@ def {dag_id}():
 """
 
 
-def revision(dest: Path, version: str, tasks: int = 4) -> Path:
+PLUGIN_SOURCE = """\
+from airflow.plugins_manager import AirflowPlugin
+
+
+class SandboxPlugin(AirflowPlugin):
+    name = "{name}"
+"""
+
+
+def revision(dest: Path, version: str, tasks: int = 4, plugin: Optional[str] = None) -> Path:
     """A CodeDeploy revision of the stack's DAG of `version` and the example DAGs the project
     ships (examples/dags: `make bundle DAGS=examples/dags`): the zip `make bundle` builds
-    (tools/release.py: codedeploy/appspec.yml, its hooks, dags/), at dest/bundle.zip; the
-    CodeDeploy stand-in unpacks it as DownloadBundle does."""
+    (tools/release.py: codedeploy/appspec.yml, its hooks, dags/, plugins/), at
+    dest/bundle.zip; the CodeDeploy stand-in unpacks it as DownloadBundle does. `plugin`: an
+    Airflow plugin of that name in plugins/ (what makes the scheduler and api-servers restart)."""
     dags = Path(dest) / "dags"
     shutil.copytree(EXAMPLE_DAGS, dags)
     (dags / f"{DAG}.py").write_text(DAG_SOURCE.format(version=version, dag_id=DAG, tasks=tasks))
+    plugins = None
+    if plugin is not None:
+        plugins = Path(dest) / "plugins"
+        plugins.mkdir()
+        (plugins / f"{plugin}.py").write_text(PLUGIN_SOURCE.format(name=plugin))
     bundle = Path(dest) / "bundle.zip"
-    bundle.write_bytes(build_bundle(dags))
+    bundle.write_bytes(build_bundle(dags, plugins))
     return bundle
 
 
@@ -82,31 +97,48 @@ def admin_credentials(stack: Any) -> Tuple[str, str]:
     return doc["username"], doc["password"]
 
 
-def deploy_everywhere(
-    stack: Any, rev: Path, deployment_id: str, first: Optional[str] = None
-) -> Dict[str, Deployment]:
-    """One deployment of the template's deployment group: every instance of its groups, one at
-    a time (CodeDeployDefault.OneAtATime), each through its own CodeDeploy agent stand-in.
+def deployment_order(model: Any) -> List[Tuple[str, List[str]]]:
+    """[(deployment group name, its Auto Scaling group names)] in the order the template's
+    DeploymentOrder output gives (the order an operator deploys a bundle in)."""
+    order = str(model.resolve(model.template["Outputs"]["DeploymentOrder"]["Value"])).split()
+    groups = {
+        model.ref(rid): list(model.prop(rid, "AutoScalingGroups") or [])
+        for rid, res in model.resources.items()
+        if res.get("Type") == "AWS::CodeDeploy::DeploymentGroup" and model.active(rid)
+    }
+    missing = [name for name in order if name not in groups]
+    if missing or sorted(order) != sorted(groups):
+        raise ValueError(f"DeploymentOrder {order} does not name the deployment groups {groups}")
+    return [(name, groups[name]) for name in order]
 
-    CodeDeploy picks the order; `first` (a role) puts that role's instances first, one of the
-    orders it may pick: workers first reach a worker's drain while its tasks still run.
-    """
+
+def deploy_everywhere(
+    stack: Any,
+    rev: Path,
+    deployment_id: str,
+    between: Optional[Callable[[str, Any], None]] = None,
+) -> Dict[str, Deployment]:
+    """A bundle deployed as the README says: one deployment per deployment group, in the
+    template's DeploymentOrder, each waited for before the next. Within a group, one instance
+    at a time (CodeDeployDefault.OneAtATime), each through its own CodeDeploy agent stand-in.
+    The deployment ids are `<deployment_id>-<group>`. `between(event, member)` runs after
+    each lifecycle event of each instance (CodeDeployRunner's `between`)."""
     model = stack.model
     app = model.ref("CodeDeployApplication")
-    group = model.ref("CodeDeployGroup")
     out: Dict[str, Deployment] = {}
-    members = sorted(stack.members, key=lambda m: m.role != first)  # stable: else as launched
-    for member in members:
-        root = stack.run_dir / member.name / "codedeploy"
-        # the real agent is a systemd service: its hooks get the manager's DefaultEnvironment,
-        # which holds the sandbox's one override (AWS_ENDPOINT_URL; substitutions.py)
-        env = {"AWS_ENDPOINT_URL": f"http://{stack.aws_at}"}
-        runner = CodeDeployRunner(
-            host_execute(member.instance.host, env), root, application=app, group=group
-        )
-        out[member.name] = dep = runner.deploy(rev, deployment_id)
-        if not dep.succeeded:
-            break  # CodeDeploy stops a OneAtATime deployment at the first failed instance
+    for group, asgs in deployment_order(model):
+        for member in [m for m in stack.members if m.group in asgs]:
+            root = stack.run_dir / member.name / "codedeploy"
+            # the real agent is a systemd service: its hooks get the manager's
+            # DefaultEnvironment, which holds the sandbox's one override (AWS_ENDPOINT_URL)
+            env = {"AWS_ENDPOINT_URL": f"http://{stack.aws_at}"}
+            runner = CodeDeployRunner(
+                host_execute(member.instance.host, env), root, application=app, group=group
+            )
+            hook = None if between is None else (lambda event, m=member: between(event, m))
+            out[member.name] = dep = runner.deploy(rev, f"{deployment_id}-{group}", between=hook)
+            if not dep.succeeded:
+                return out  # CodeDeploy stops a OneAtATime deployment at the first failure
     return out
 
 
@@ -126,6 +158,28 @@ def updated_template(dest_dir: Path, revision: str = "sandbox-2", timeout: str =
     path = Path(dest_dir) / "airflow-cluster-updated.yaml"
     path.write_text(yaml.safe_dump(template, sort_keys=False))
     return path
+
+
+def role_units(member: Any) -> List[str]:
+    """The Airflow units of the instance's role, as its agent.yaml (the template's) lists them."""
+    cfg = yaml.safe_load(member.instance.host.read_file("/etc/airflow-agent/agent.yaml"))
+    return list(cfg["units"][member.role])
+
+
+def service_pids(stack: Any) -> Dict[Tuple[str, str], int]:
+    """{(instance, unit): MainPID} of the scheduler and webserver roles' Airflow units."""
+    members = stack.role_members("scheduler") + stack.role_members("webserver")
+    return {(m.name, u): m.instance.host.main_pid(u) for m in members for u in role_units(m)}
+
+
+def health_urls(stack: Any) -> List[str]:
+    """The api-server health URL through the load balancer's DNS name, then on each
+    api-server directly (the target group's port and health check path)."""
+    model = stack.model
+    port = int(model.prop("ApiServerTargetGroup", "Port"))
+    path = model.prop("ApiServerTargetGroup", "HealthCheckPath")
+    direct = [f"http://{m.instance.address}:{port}{path}" for m in stack.role_members("webserver")]
+    return [f"http://{model.endpoints()['LoadBalancer']}{path}"] + direct
 
 
 def unit_started_at(member: Any, unit: str) -> Optional[float]:

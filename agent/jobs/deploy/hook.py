@@ -6,12 +6,18 @@ DEPLOYMENT_GROUP_NAME). What each event does, per role (`plan_hook` is the table
 
 | event            | worker                                  | scheduler / webserver           |
 |------------------|-----------------------------------------|---------------------------------|
-| ApplicationStop  | drain (jobs.drain.drainer): no task killed | stop the role's units           |
-| BeforeInstall    | clear `__pycache__` under dags/plugins   | same                            |
+| ApplicationStop  | drain (jobs.drain.drainer): no task killed | nothing: units keep running  |
+| BeforeInstall    | clear `__pycache__` under dags/plugins   | same; snapshot the tree's hashes |
 | AfterInstall     | chown the tree; DAG import check         | same                            |
-| ApplicationStart | write the revision marker; undrain/start | marker; start the role's units  |
+| ApplicationStart | write the revision marker; undrain/start | marker; restart a unit only if  |
+|                  |                                         | the bundle changed what it loads |
 | ValidateService  | unit active + answers a Celery ping      | units active + scheduler job /  |
 |                  | and consumes at least one queue         | api-server health URL           |
+
+The scheduler and webserver roles' units are not stopped for a deployment: Airflow 3's
+scheduler and api-server do not read DAG files, and every running task calls the api-server's
+execution API for its whole life. ApplicationStart restarts one only when plugins, config or
+requirements changed (agent.jobs.deploy.units, agent.jobs.deploy.content).
 
 BeforeInstall clears the `__pycache__` directories Python wrote next to the previous
 revision's DAGs and plugins: they are not CodeDeploy's files, so its cleanup leaves them and
@@ -47,6 +53,7 @@ from typing import Dict, List, Optional
 from agent.airflow.units_env import airflow_aws_env
 from agent.errors import AgentError, ConfigError
 from agent.jobs.deploy import budget, bundle
+from agent.jobs.deploy.units import UnitSteps
 from agent.jobs.deploy.validate import ValidateSteps
 from agent.platform import process
 from agent.platform.fsutil import resolve_owner
@@ -61,14 +68,15 @@ BUNDLE_CODE_DIRS = ("dags", "plugins")
 
 def plan_hook(event: str, role: str) -> List[str]:
     """The steps of one event for one role (pure; the table in the module docstring)."""
+    worker = role == "worker"
     if event == "ApplicationStop":
-        return ["drain"] if role == "worker" else ["stop-units"]
+        return ["drain"] if worker else ["keep-units"]
     if event == "BeforeInstall":
-        return ["clear-pycache"]
+        return ["clear-pycache"] + ([] if worker else ["snapshot-tree"])
     if event == "AfterInstall":
         return ["chown", "check-imports"]
     if event == "ApplicationStart":
-        return ["write-marker", "undrain" if role == "worker" else "start-units"]
+        return ["write-marker", "undrain" if worker else "apply-units"]
     if event == "ValidateService":
         steps = ["units-active"]
         steps += {"worker": ["worker-ping"], "scheduler": ["scheduler-job"]}.get(role, [])
@@ -89,7 +97,7 @@ def role_of(cfg) -> str:
     return role
 
 
-class DeployHook(ValidateSteps):
+class DeployHook(ValidateSteps, UnitSteps):
     def __init__(
         self,
         cfg,
@@ -152,11 +160,6 @@ class DeployHook(ValidateSteps):
         self.check_stop_budget()
         result = drain(self.cfg)
         log.info("drain: %s (%s)", result.outcome, result.method)
-
-    def step_stop_units(self) -> None:
-        for unit in reversed(self.units):
-            self.systemctl.stop(unit, timeout=self.cfg.deploy.validate_timeout)
-            log.info("stopped %s", unit)
 
     # -- BeforeInstall -----------------------------------------------------------------------
 
@@ -298,11 +301,9 @@ class DeployHook(ValidateSteps):
         done = undrain(self.cfg, timeout=self.cfg.deploy.validate_timeout)
         log.info("undrain: %s", done)
 
-    def step_start_units(self) -> None:
-        for unit in self.units:
-            self.systemctl.reset_failed(unit)
-            self.systemctl.start(unit)
-            log.info("started %s", unit)
+    def _restart_guard(self):
+        """Held around a restart of this instance's units (agent.jobs.deploy.units)."""
+        return self._no_guard()
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:

@@ -22,10 +22,12 @@ class ValidateSteps:
             self._deadline = self.clock() + self.cfg.deploy.validate_timeout
         return self._deadline
 
-    def _retry(self, what: str, check) -> None:
-        """Call check() until it returns None (healthy) or the validate deadline; it returns a
-        reason string while unhealthy."""
-        until = self._until()
+    def _retry(
+        self, what: str, check, interval: float = 1.0, until: Optional[float] = None
+    ) -> None:
+        """Call check() every `interval` s until it returns None (healthy) or the deadline
+        (default: the validate deadline); it returns a reason string while unhealthy."""
+        until = self._until() if until is None else until
         while True:
             reason = check()
             if reason is None:
@@ -34,7 +36,7 @@ class ValidateSteps:
                 raise DeadlineError(
                     f"{what} not healthy after {self.cfg.deploy.validate_timeout:g}s: {reason}"
                 )
-            self.sleep(1.0)
+            self.sleep(interval)
 
     def step_units_active(self) -> None:
         for unit in self.units:
@@ -84,6 +86,10 @@ class ValidateSteps:
         log.info("scheduler job alive")
 
     def step_health_url(self) -> None:
+        self.wait_healthy(self._until())
+
+    def wait_healthy(self, until: float, interval: float = 1.0) -> None:
+        """Until the api-server's health URL answers 200 (deploy.health_url; none: no check)."""
         url = self.cfg.deploy.health_url
         if not url:
             return
@@ -96,4 +102,4 @@ class ValidateSteps:
             except (urllib.error.URLError, OSError) as exc:
                 return f"{url}: {exc}"
 
-        self._retry("api-server", check)
+        self._retry("api-server", check, interval, until)

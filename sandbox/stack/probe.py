@@ -1,0 +1,74 @@
+"""A health probe on the launched stack: GET each URL every `interval` s from inside an
+instance, for as long as a block of the test runs, and every answer kept.
+
+It runs as a transient systemd service on the instance (`systemd-run`), so one process does
+every request (no process per probe) and it outlives no test: the block's exit stops it and
+reads its record (one JSON line per request: url, time, HTTP status or 0 and the error).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence
+
+from sandbox.proc import wait_for
+
+_PROBE = r"""
+import json, sys, time, urllib.error, urllib.request
+urls, interval, out = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+with open(out, "a", buffering=1) as f:
+    while True:
+        tick = time.monotonic()
+        for url in urls:
+            t = time.time()
+            try:
+                with opener.open(url, timeout=2) as resp:
+                    status, err = resp.status, ""
+            except urllib.error.HTTPError as e:
+                status, err = e.code, ""
+            except Exception as e:
+                status, err = 0, repr(e)[:200]
+            f.write(json.dumps({"url": url, "t": t, "status": status, "error": err}) + "\n")
+        time.sleep(max(0.0, interval - (time.monotonic() - tick)))
+"""
+
+_UNIT = "sandbox-health-probe"
+_OUT = "/run/sandbox-health-probe.jsonl"
+
+
+@dataclass
+class ProbeResult:
+    answers: List[Dict[str, Any]]
+
+    def failures(self) -> List[Dict[str, Any]]:
+        return [a for a in self.answers if a["status"] != 200]
+
+    def count(self, url: str) -> int:
+        return sum(1 for a in self.answers if a["url"] == url)
+
+
+class HealthProbe:
+    def __init__(self, member: Any, urls: Sequence[str], interval: float = 0.5) -> None:
+        self.host = member.instance.host
+        self.urls, self.interval = list(urls), interval
+        self.result = ProbeResult([])
+
+    def __enter__(self) -> HealthProbe:
+        self.host.run(["rm", "-f", _OUT])
+        self.host.run(
+            ["systemd-run", f"--unit={_UNIT}", "--collect", "/usr/bin/python3", "-I", "-c",
+             _PROBE, json.dumps(self.urls), str(self.interval), _OUT]
+        )  # fmt: skip
+        # started: every URL answered once (whatever it answered)
+        wait_for(lambda: len(self._read()) >= len(self.urls), 30, "the health probe's first round")
+        return self
+
+    def _read(self) -> List[Dict[str, Any]]:
+        p = self.host.run(["cat", _OUT], check=False)
+        return [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip().endswith("}")]
+
+    def __exit__(self, *exc: object) -> None:
+        self.host.run(["systemctl", "stop", _UNIT], check=False)
+        self.result = ProbeResult(self._read())
