@@ -24,6 +24,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,17 @@ from sandbox.proc import wait_for
 from sandbox.stack.airflow_api import AirflowApi
 from sandbox.stack.launch import Stack
 from sandbox.stack.model import StackModel
-from sandbox.stack.probe import HealthProbe
+from sandbox.stack.probe import HealthProbe, RotationSampler
 from sandbox.stack.scenario import (
     DAG,
     EXAMPLE_DAG,
     admin_credentials,
     deploy_everywhere,
     health_urls,
+    journal_lines,
     revision,
     service_pids,
+    slot_intervals,
     unit_last_logged_at,
     unit_started_at,
     updated_template,
@@ -170,7 +173,7 @@ def test_a_plugins_change_restarts_one_api_server_at_a_time_out_of_rotation(stac
     pids = service_pids(stack)
     (scheduler,) = stack.role_members("scheduler")
     lb_url = health_urls(stack)[0]
-    rotation = stack.load_balancer_rotation()
+    rotation = RotationSampler(stack.standins["load balancer"])
     with HealthProbe(scheduler, [lb_url]) as probe, rotation:
         third = deploy_everywhere(
             stack, revision(tmp_path / "v3", "v2", plugin="sandbox_plugin"), "d-V3"
@@ -227,7 +230,13 @@ def test_variables_come_from_the_templates_secret(stack, api):
     )
 
 
-def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, tmp_path):
+def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_path):
+    """A config push: the new setting reaches every instance's env file, and confapply
+    restarts their units never two instances of one role at once (the fleet's restart slot,
+    from the journals), the workers through Celery's warm shutdown, with no task failing."""
+    api.trigger(DAG, "update", {"seconds": 30})
+    api.wait_running(DAG, "update", 2)
+    since = time.time()
     new = StackModel.load(updated_template(tmp_path), workers=2)
     result = stack.update(new)
     assert (
@@ -241,6 +250,26 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, tmp_path)
         assert env.get("AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT") == "45", member.name
         agent_yaml = h.read_file("/etc/airflow-agent/agent.yaml").decode()
         assert "# config revision: sandbox-2" in agent_yaml, member.name
+    # every instance's confapply restarted its units for the new file, each in a slot
+    for role in ("scheduler", "webserver", "worker"):
+        count = len(stack.role_members(role))
+        wait_for(
+            lambda role=role, count=count: (
+                len(slot_intervals(stack, role, "airflow-agent-confapply", since)) >= count
+            ),
+            600,
+            f"confapply on every {role} to restart in a slot",
+            interval=2,
+        )
+        spans = slot_intervals(stack, role, "airflow-agent-confapply", since)
+        for (_, released, first), (held, _, second) in zip(spans, spans[1:]):
+            assert released <= held, (role, first, second, spans)
+    for member in stack.role_members("worker"):
+        journal = [m for _, m in journal_lines(member, "airflow-worker", since)]
+        assert any("Warm shutdown" in m for m in journal), (member.name, journal[-20:])
+    assert api.wait_run(DAG, "update")["state"] == "success"
+    tis = api.task_instances(DAG, "update")
+    assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
 
 
 def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):

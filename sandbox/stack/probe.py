@@ -1,5 +1,6 @@
-"""A health probe on the launched stack: GET each URL every `interval` s from inside an
-instance, for as long as a block of the test runs, and every answer kept.
+"""What the launched stack's checks watch while a deployment or an update runs: a health probe
+(GET each URL every `interval` s from inside an instance, every answer kept) and a sampler of
+the load balancer stand-in's rotation.
 
 It runs as a transient systemd service on the instance (`systemd-run`), so one process does
 every request (no process per probe) and it outlives no test: the block's exit stops it and
@@ -9,8 +10,10 @@ reads its record (one JSON line per request: url, time, HTTP status or 0 and the
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from sandbox.proc import wait_for
 
@@ -72,3 +75,34 @@ class HealthProbe:
     def __exit__(self, *exc: object) -> None:
         self.host.run(["systemctl", "stop", _UNIT], check=False)
         self.result = ProbeResult(self._read())
+
+
+class RotationSampler:
+    """Which targets the load balancer stand-in sends new requests to (`in_rotation()`),
+    sampled every `interval` s from a thread while a block runs: at most how many were out at
+    once, and which were ever out."""
+
+    def __init__(self, lb: Any, interval: float = 0.2) -> None:
+        self.lb, self.interval = lb, interval
+        self.samples: List[Tuple[float, List[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rotation-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), list(self.lb.in_rotation())))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RotationSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def max_out(self) -> int:
+        return max((len(self.lb.targets) - len(now) for _, now in self.samples), default=0)
+
+    def ever_out(self) -> List[str]:
+        return sorted({t for _, now in self.samples for t in self.lb.targets if t not in now})

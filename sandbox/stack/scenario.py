@@ -199,3 +199,38 @@ def unit_last_logged_at(member: Any, unit: str) -> Optional[float]:
     )
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     return int(json.loads(lines[-1])["__REALTIME_TIMESTAMP"]) / 1e6 if lines else None
+
+
+def journal_lines(member: Any, unit: str, since: float) -> List[Tuple[float, str]]:
+    """(epoch seconds, message) of the unit's journal entries on the instance since `since`."""
+    p = member.instance.run(
+        ["journalctl", "--no-pager", "-q", "-o", "json", "-u", unit, f"--since=@{since:.3f}"],
+        check=False,
+    )
+    out = []
+    for line in p.stdout.splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            message = entry.get("MESSAGE")
+            if isinstance(message, str):
+                out.append((int(entry["__REALTIME_TIMESTAMP"]) / 1e6, message))
+    return out
+
+
+def slot_intervals(
+    stack: Any, role: str, unit: str, since: float
+) -> List[Tuple[float, float, str]]:
+    """(held, released, instance) of every restart slot the role's instances held in `unit`
+    since `since`, from their journals (agent.airflow.restart_slot's log lines)."""
+    out = []
+    for member in stack.role_members(role):
+        held: Optional[float] = None
+        for t, message in journal_lines(member, unit, since):
+            if f"restart slot {role} " in message and " held (waited " in message:
+                held = t
+            elif f"restart slot {role} " in message and " released (held " in message:
+                assert held is not None, (member.name, message)
+                out.append((held, t, member.name))
+                held = None
+        assert held is None, f"{member.name}: a slot held and never released"
+    return sorted(out)
