@@ -402,3 +402,38 @@ def test_confapply_keeps_the_watchdog_fed_while_it_waits_for_a_slot(
         assert not any("restarting anyway" in m for m in msgs)
     else:
         assert any(m.startswith("restart slot webserver 0/1 held (waited ") for m in msgs)
+
+
+def test_a_worker_waiting_for_its_slot_never_holds_up_a_drain(pg, tmp_path, caplog):
+    """The worker's slot is taken outside its record's lock: while confapply waits for the
+    slot, a drain gets the record at once; once the slot frees, the running worker restarts
+    (a Celery warm shutdown under the record's lock, as before)."""
+    from agent.jobs.confapply.daemon import Confapply
+    from agent.state import StateStore
+    from agent.worker.state import WorkerRecord
+
+    caplog.set_level(logging.INFO)
+    cfg = make_cfg(tmp_path, pg.url)
+    marker = tmp_path / "airflow" / ".deployed-revision"
+    marker.parent.mkdir()
+    marker.write_text("d-1\n")
+    cfg.deploy.first_revision_marker = str(marker)
+    spans: List[Tuple[str, float, float]] = []
+    daemon = Confapply(cfg, "worker", TimedSystemctl(0.1, spans, "w"), Runtime())
+    outcome = []
+    with restart_slot(cfg, "worker", "elsewhere"):
+        t = threading.Thread(target=lambda: outcome.append(daemon.apply("h" * 64)))
+        t.start()
+        wait_for(
+            lambda: "restart slot worker: waiting (all 1 slot(s) busy)" in messages(caplog),
+            30,
+            "confapply to wait for the worker's slot",
+        )
+        start = time.monotonic()
+        with WorkerRecord(cfg, StateStore(cfg.state_dir)).hold("drain", wait=5) as held:
+            assert held.may_run
+        assert time.monotonic() - start < 1
+        assert spans == []
+    t.join(30)
+    assert outcome and outcome[0].ok and outcome[0].restarted == ["airflow-worker"]
+    assert len(spans) == 1

@@ -3,7 +3,9 @@ while its record says it is meant to run, decided and restarted under the record
 drain that has begun, a pause, a drained or terminating worker is never restarted under the
 actor that holds it. A worker left *running* on the old file (paused, or a drain that ended at
 its deadline) is restarted by the first check after the record lets it run again, when it is
-still the same process (`held_pids`, persisted in confapply.json). A mixin of
+still the same process (`held_pids`, persisted in confapply.json). Every restart pass holds
+the role's fleet-wide restart slot (`_restart_slot`, agent.airflow.restart_slot), taken before
+and outside the record's lock: waiting for a slot never holds up a drain. A mixin of
 agent.jobs.confapply.daemon.Confapply (its cfg, role, systemctl, runtime, store, restart).
 """
 
