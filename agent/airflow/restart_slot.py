@@ -15,7 +15,7 @@ on slots 0..N-1 every `coordination.poll_interval` (+-25 % jitter) until one is 
 which, and blocks until its stdin closes: the context manager's exit, or the agent's death
 (it also dies with the agent: PR_SET_PDEATHSIG). The lock goes with the session, so a killed
 holder frees its slot at once. There is no queue: a waiting instance takes whichever slot
-frees first.
+frees first. Each waiting or holding instance keeps one database connection open meanwhile.
 
 When no slot can be had, the restart goes ahead *uncoordinated* with a WARNING naming why (a
 config push must converge; with the metadata database down Airflow is not scheduling either):
