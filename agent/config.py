@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from agent.airflow.config_options import AirflowOptionsConfig
+from agent.airflow.restart_slot_plan import CoordinationConfig, check_coordination
 from agent.config_file import ConfigFile, config_sha256, parse_yaml, read_config_file
 from agent.config_schema import build
 from agent.errors import ConfigError
@@ -81,14 +82,12 @@ class EnvConfig:
     mode: str = "0640"
     # how long a run waits for another one to finish (the boot unit allows 300 s in all)
     lock_timeout: float = 120.0
-    # fleet scale (agent.jobs.env_sync.pacing). `env sync --splay` first waits a random
-    # 0..splay seconds, so a fleet triggered at once (the cfn-hup hook, Run Command) spreads
-    # its SSM calls; boot runs never wait
+    # fleet scale (agent.jobs.env_sync.pacing). `env sync --splay` first waits a random 0..splay
+    # s, so a fleet triggered at once (cfn-hup, Run Command) spreads its SSM calls; boot: none
     splay: float = 30.0
-    # a throttled SSM call is retried (full-jitter backoff, at most backoff_cap seconds per
-    # wait) until this long after the run's first call; 0: only botocore's aws.max_attempts.
-    # With lock_timeout it fits the boot unit's 300 s; at SSM's default 40 TPS it covers
-    # about 150 * 40 / pages instances syncing at one moment
+    # a throttled SSM call is retried (full-jitter backoff, at most backoff_cap s per wait)
+    # until this long after the run's first call; 0: only botocore's aws.max_attempts. With
+    # lock_timeout it fits the boot unit's 300 s; at SSM's 40 TPS: ~150 * 40 / pages instances
     fetch_deadline: float = 150.0
     backoff_cap: float = 8.0
 
@@ -215,6 +214,7 @@ class AgentConfig:
     imds: ImdsConfig = field(default_factory=ImdsConfig)
     task_credentials: TaskCredentialsConfig = field(default_factory=TaskCredentialsConfig)
     worker_db: WorkerDbConfig = field(default_factory=WorkerDbConfig)
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     # where the config came from, for error messages; not a YAML key
     source: str = field(default="<defaults>", metadata={"internal": True})
     # set by load_config (not a field: no key, not in asdict); the daemons watch it
@@ -349,7 +349,8 @@ def _validate(cfg: AgentConfig) -> None:
         fail("imds.token_ttl", "must be 1..21600 seconds")
     if not cfg.systemctl:
         fail("systemctl", "must be a command")
-    for bad in (check_task_credentials(cfg.task_credentials), check_worker_db(cfg.worker_db)):
+    checks = (check_task_credentials(cfg.task_credentials), check_worker_db(cfg.worker_db))
+    for bad in (*checks, check_coordination(cfg.coordination, ROLES)):
         if bad:
             fail(*bad)
     if cfg.airflow_config.command_user in ("root", "0", ""):

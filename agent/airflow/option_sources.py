@@ -35,7 +35,10 @@ from agent.airflow.config_options import (
     split_command,
 )
 from agent.airflow.units_env import airflow_aws_env
+from agent.errors import AgentError
+from agent.logs import register_secrets
 from agent.platform import process
+from agent.platform.envfile import parse_env
 from agent.platform.process import RunAs
 
 log = logging.getLogger(__name__)
@@ -148,3 +151,19 @@ def airflow_options(
             f"in {cfg.source}"
         ),
     )
+
+
+def sql_alchemy_conn(cfg) -> Optional[str]:
+    """Airflow's `[database] sql_alchemy_conn` from `env.file`, read the way Airflow reads it
+    (plain, `_CMD`, `_SECRET`); None when the file gives it in no form. The value is registered
+    as a secret (scrubbed from every log line). AgentError when it cannot be read or resolved."""
+    try:
+        with open(cfg.env.file, "rb") as f:
+            env = parse_env(f.read())
+    except OSError as exc:
+        raise AgentError(f"cannot read {cfg.env.file}: {exc.strerror}") from None
+    resolved = airflow_options(cfg, env, cfg.env.file).get("database", "sql_alchemy_conn")
+    if resolved is None:
+        return None
+    register_secrets([resolved.value])
+    return resolved.value

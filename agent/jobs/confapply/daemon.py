@@ -13,6 +13,10 @@ Rules (pure parts in `agent.jobs.confapply.plan`):
 - units restart one at a time in `units_for(role)` order, each checked active before the next
   (`unit_timeout`); a unit that hit the start limit is `reset-failed` and retried once;
   a unit that is `inactive` (stopped on purpose: drained, boot gate) is left alone;
+- a pass that restarts anything first takes one of the role's fleet-wide restart slots
+  (agent.airflow.restart_slot: at most `coordination.slots[role]` instances of the role
+  restart at once; uncoordinated, with a warning, when none can be had within
+  `coordination.timeout`), held for the whole pass and taken outside the worker record's lock;
 - the Celery worker is restarted only while its record (agent.worker.state) says it is meant
   to run, decided and restarted under the record's lock: a paused, draining, drained or
   terminating worker is left alone (it reads the new file when next started), and the log and
@@ -33,6 +37,7 @@ Rules (pure parts in `agent.jobs.confapply.plan`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import threading
@@ -165,26 +170,30 @@ class Confapply(WorkerHold, Daemon):
         self.held_note = ""
         for u in skip:
             log.info("%s is %s: not restarted (it reads the new file when started)", u, states[u])
-        for i, unit in enumerate(restart, 1):
-            if self.rt.stopping:
-                outcome.interrupted = True
-                break
-            self.rt.status(f"restarting {unit} ({i}/{len(restart)}) for config {new_hash[:12]}")
-            log.info("restarting %s (%d/%d) for config %.12s", unit, i, len(restart), new_hash)
-            why = self._restart_worker(unit) if self._is_worker(unit) else self._restart_one(unit)
-            if why == HELD:
-                outcome.skipped.append(unit)
-            elif why is None:
-                outcome.restarted.append(unit)
-                self.restarts += 1
-                log.info(
-                    "%s restarted and active (MainPID %s)", unit, self.systemctl.main_pid(unit)
+        # one fleet-wide slot of the role for the whole pass (agent.airflow.restart_slot)
+        with self._restart_slot() if restart else contextlib.nullcontext():
+            for i, unit in enumerate(restart, 1):
+                if self.rt.stopping:
+                    outcome.interrupted = True
+                    break
+                self.rt.status(f"restarting {unit} ({i}/{len(restart)}) for config {new_hash[:12]}")
+                log.info("restarting %s (%d/%d) for config %.12s", unit, i, len(restart), new_hash)
+                why = (
+                    self._restart_worker(unit) if self._is_worker(unit) else self._restart_one(unit)
                 )
-            else:
-                outcome.failed[unit] = why
-                log.error("restart of %s failed: %s", unit, why)
-                # later units keep the old config too; the whole apply is retried
-                break
+                if why == HELD:
+                    outcome.skipped.append(unit)
+                elif why is None:
+                    outcome.restarted.append(unit)
+                    self.restarts += 1
+                    log.info(
+                        "%s restarted and active (MainPID %s)", unit, self.systemctl.main_pid(unit)
+                    )
+                else:
+                    outcome.failed[unit] = why
+                    log.error("restart of %s failed: %s", unit, why)
+                    # later units keep the old config too; the whole apply is retried
+                    break
         return outcome
 
     def _refresh_role(self) -> None:

@@ -3,7 +3,9 @@ while its record says it is meant to run, decided and restarted under the record
 drain that has begun, a pause, a drained or terminating worker is never restarted under the
 actor that holds it. A worker left *running* on the old file (paused, or a drain that ended at
 its deadline) is restarted by the first check after the record lets it run again, when it is
-still the same process (`held_pids`, persisted in confapply.json). A mixin of
+still the same process (`held_pids`, persisted in confapply.json). Every restart pass holds
+the role's fleet-wide restart slot (`_restart_slot`, agent.airflow.restart_slot), taken before
+and outside the record's lock: waiting for a slot never holds up a drain. A mixin of
 agent.jobs.confapply.daemon.Confapply (its cfg, role, systemctl, runtime, store, restart).
 """
 
@@ -11,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from typing import Iterator, Optional
 
+from agent.airflow.restart_slot import restart_slot
+from agent.airflow.restart_slot_plan import REPORT_GRACE, Slot
 from agent.errors import AgentError
 from agent.jobs.confapply.state import ConfapplyDoc
 from agent.worker.state import WorkerRecord
@@ -27,6 +32,22 @@ HELD = "held by the worker's state"
 
 
 class WorkerHold:
+    @contextlib.contextmanager
+    def _restart_slot(self) -> Iterator[Slot]:
+        """The role's fleet-wide restart slot (agent.airflow.restart_slot) for one pass over
+        this instance's units; the watchdog is told the wait may block that long. Taken
+        outside the worker record's lock, so waiting for a slot never holds up a drain."""
+        wait = self.cfg.coordination.timeout + REPORT_GRACE + RESTART_SLACK
+        self.rt.status(f"waiting for a restart slot of the {self.role} role")
+        with contextlib.ExitStack() as stack:
+            with self.rt.busy(wait):
+                slot = stack.enter_context(
+                    restart_slot(
+                        self.cfg, self.role, socket.gethostname(), stop=lambda: self.rt.stopping
+                    )
+                )
+            yield slot
+
     @contextlib.contextmanager
     def _worker_record(self) -> Iterator:
         """The worker's record held under its lock for one decision and its restart; the
@@ -74,21 +95,26 @@ class WorkerHold:
         has been stopped or restarted since (a new MainPID read the new file)."""
         for unit, pid in list(self.held_pids.items()):
             try:
-                with self._worker_record() as held:
+                with self._worker_record() as held:  # a look first: a slot only if needed
                     if not held.may_run:
                         continue
-                    if self.systemctl.main_pid(unit) == pid:
-                        log.info(
-                            "%s may run again and still runs the config of before its hold "
-                            "(MainPID %s): restarting it",
-                            unit,
-                            pid,
-                        )
-                        why = self._restart_one(unit)
-                        if why is not None:
-                            log.error("restart of %s failed: %s; retrying later", unit, why)
+                    stale = self.systemctl.main_pid(unit) == pid
+                if stale:
+                    with self._restart_slot(), self._worker_record() as held:
+                        if not held.may_run:
                             continue
-                        self.restarts += 1
+                        if self.systemctl.main_pid(unit) == pid:
+                            log.info(
+                                "%s may run again and still runs the config of before its "
+                                "hold (MainPID %s): restarting it",
+                                unit,
+                                pid,
+                            )
+                            why = self._restart_one(unit)
+                            if why is not None:
+                                log.error("restart of %s failed: %s; retrying later", unit, why)
+                                continue
+                            self.restarts += 1
             except AgentError as exc:
                 log.warning("%s: %s; retrying later", unit, exc)
                 continue

@@ -16,15 +16,13 @@ import json
 import logging
 from typing import Any
 
-from agent.airflow.config_options import AirflowOptions
-from agent.airflow.option_sources import command_runner, secrets_manager_lookup
+from agent.airflow.option_sources import sql_alchemy_conn
 from agent.errors import AgentError, ConfigError
 from agent.jobs.worker_db.config import user_from_secret
 from agent.jobs.worker_db.plan import SETUP_SCRIPT, grant_statements
 from agent.logs import register_secrets
 from agent.platform import process
 from agent.platform.aws import AwsClients
-from agent.platform.envfile import parse_env
 from agent.platform.process import RunAs
 
 log = logging.getLogger(__name__)
@@ -37,22 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentPars
 
 
 def _master_url(cfg: Any) -> str:
-    try:
-        with open(cfg.env.file, "rb") as f:
-            env = parse_env(f.read())
-    except OSError as exc:
-        raise AgentError(f"cannot read {cfg.env.file}: {exc.strerror}") from None
-    options = AirflowOptions(
-        env,
-        source=cfg.env.file,
-        run_command=command_runner(cfg, env),
-        lookup_secret=secrets_manager_lookup(cfg),
-    )
-    resolved = options.get("database", "sql_alchemy_conn")
-    if resolved is None:
+    url = sql_alchemy_conn(cfg)
+    if url is None:
         raise AgentError(f"{cfg.env.file} gives no [database] sql_alchemy_conn in any form")
-    register_secrets([resolved.value])
-    return resolved.value
+    return url
 
 
 def _worker_user(cfg: Any) -> tuple:
