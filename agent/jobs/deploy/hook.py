@@ -46,6 +46,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -302,8 +303,13 @@ class DeployHook(ValidateSteps, UnitSteps):
         log.info("undrain: %s", done)
 
     def _restart_guard(self):
-        """Held around a restart of this instance's units (agent.jobs.deploy.units)."""
-        return self._no_guard()
+        """Held around a restart of this instance's units (agent.jobs.deploy.units): the
+        role's fleet-wide restart slot, shared with confapply. Waited for at most
+        deploy.validate_timeout, so the wait and the restart fit ApplicationStart's timeout."""
+        from agent.airflow.restart_slot import restart_slot
+
+        holder = f"{socket.gethostname()} deployment {self.deployment}"
+        return restart_slot(self.cfg, self.role, holder, timeout=self.cfg.deploy.validate_timeout)
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:
