@@ -84,7 +84,8 @@ def test_haproxy_follows_the_target_groups_registrations(aws, tmp_path: Path) ->
                     assert sorted(lb.in_rotation()) == addrs
                     assert answers(switch, lb.port) == set(addrs)
                     out: List[List[str]] = []  # what was in rotation at each look
-                    cfg = config_from_dict({"target_group": {"arn": arn, "poll_interval": 0.2}})
+                    tg = {"arn": arn, "poll_interval": 0.2}
+                    cfg = config_from_dict({"state_dir": str(tmp_path / "s"), "target_group": tg})
                     with out_of_rotation(cfg, AwsClients(cfg), instance_id=ids[0]) as outcome:
                         assert outcome.rotated
                         wait_for(lambda: lb.in_rotation() == [addrs[1]], 10, "a drained")

@@ -23,6 +23,7 @@ TOP_KEYS = {
     "lifecycle",
     "variables_watch",
     "task_credentials",
+    "target_group",
     "worker",
     "systemd",
     "units",

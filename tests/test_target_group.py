@@ -26,6 +26,8 @@ from agent.platform.target_group import (
     out_of_rotation,
     wait_until,
 )
+from agent.platform.target_group_state import TargetGroupDoc
+from agent.state import StateStore
 
 
 class VirtualTime:
@@ -90,7 +92,7 @@ def test_config_section():
 
 
 @pytest.fixture
-def group(aws) -> Dict[str, Any]:
+def group(aws, tmp_path) -> Dict[str, Any]:
     """A target group and two running instances registered in it, as the stack's group does."""
     ec2, elb = aws.client("ec2"), aws.client("elbv2")
     vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]
@@ -103,11 +105,17 @@ def group(aws) -> Dict[str, Any]:
     ]
     elb.register_targets(TargetGroupArn=arn, Targets=[{"Id": i} for i in ids])
     aws.clear_calls()
-    return {"arn": arn, "me": ids[0], "other": ids[1], "elb": elb, "ec2": ec2}
+    state = str(tmp_path / "state")
+    return {"arn": arn, "me": ids[0], "other": ids[1], "elb": elb, "ec2": ec2, "state": state}
 
 
-def _cfg(arn: str):
-    return config_from_dict({"target_group": {"arn": arn, "poll_interval": 1.0}})
+def _cfg(group: Dict[str, Any], arn: str = ""):
+    return config_from_dict(
+        {
+            "state_dir": group["state"],
+            "target_group": {"arn": arn or group["arn"], "poll_interval": 1.0},
+        }
+    )
 
 
 def states(group: Dict[str, Any]) -> Dict[str, str]:
@@ -121,7 +129,7 @@ def elb_calls(aws) -> List[str]:
 
 def test_two_healthy_targets_deregister_wait_then_register_again(aws, group, imds):
     imds.set(**{"meta-data/instance-id": group["me"]})  # the instance id comes from IMDS
-    cfg, t = _cfg(group["arn"]), VirtualTime()
+    cfg, t = _cfg(group), VirtualTime()
     with out_of_rotation(cfg, AwsClients(cfg), clock=t.clock, sleep=t.sleep) as outcome:
         inside = elb_calls(aws)
         # inside the block the load balancer no longer lists this instance
@@ -143,7 +151,7 @@ def test_two_healthy_targets_deregister_wait_then_register_again(aws, group, imd
 def test_only_this_instance_registered_restarts_in_place(aws, group):
     group["elb"].deregister_targets(TargetGroupArn=group["arn"], Targets=[{"Id": group["other"]}])
     aws.clear_calls()
-    cfg = _cfg(group["arn"])
+    cfg = _cfg(group)
     ran = []
     with out_of_rotation(cfg, AwsClients(cfg), instance_id=group["me"]) as outcome:
         ran.append(states(group))
@@ -153,7 +161,7 @@ def test_only_this_instance_registered_restarts_in_place(aws, group):
 
 
 def test_block_raises_the_instance_is_registered_again_and_it_is_logged(aws, group, caplog):
-    cfg = _cfg(group["arn"])
+    cfg = _cfg(group)
     caplog.set_level(logging.ERROR, logger="agent.platform.target_group")
     clients = AwsClients(cfg)
     with (
@@ -178,7 +186,7 @@ def test_block_raises_the_instance_is_registered_again_and_it_is_logged(aws, gro
 
 def test_one_api_server_out_at_a_time(aws, group):
     """The second api-server to restart while the first is out restarts in place."""
-    cfg = _cfg(group["arn"])
+    cfg = _cfg(group)
     clients = AwsClients(cfg)
     with out_of_rotation(cfg, clients, instance_id=group["me"]) as first:
         with out_of_rotation(cfg, clients, instance_id=group["other"]) as second:
@@ -206,7 +214,7 @@ def test_another_target_leaving_at_the_same_moment_sends_this_one_back_first(aws
 
 
 def test_not_registered_or_no_target_group_calls_nothing_but_the_read(aws, group):
-    cfg = _cfg(group["arn"])
+    cfg = _cfg(group)
     with out_of_rotation(cfg, AwsClients(cfg), instance_id="i-0notregistered00") as outcome:
         pass
     assert not outcome.rotated and "not registered" in outcome.reason
@@ -220,7 +228,7 @@ def test_not_registered_or_no_target_group_calls_nothing_but_the_read(aws, group
 
 def test_errors_name_the_target_group_and_the_instance(aws, group):
     missing = group["arn"].rsplit("/", 1)[0] + "/ffffffffffffffff"
-    cfg = _cfg(missing)
+    cfg = _cfg(group, missing)
     with (
         pytest.raises(RotationError) as err,
         out_of_rotation(cfg, AwsClients(cfg), instance_id=group["me"]),
@@ -229,7 +237,7 @@ def test_errors_name_the_target_group_and_the_instance(aws, group):
     assert missing in str(err.value) and group["me"] in str(err.value)
     assert "DescribeTargetHealth" in str(err.value)
     # registering again fails (the instance was stopped meanwhile): named too, after the block
-    cfg = _cfg(group["arn"])
+    cfg = _cfg(group)
     with (
         pytest.raises(RotationError) as err,
         out_of_rotation(cfg, AwsClients(cfg), instance_id=group["me"]),
@@ -237,3 +245,24 @@ def test_errors_name_the_target_group_and_the_instance(aws, group):
         group["ec2"].stop_instances(InstanceIds=[group["me"]])
     text = str(err.value)
     assert group["arn"] in text and group["me"] in text and "RegisterTargets" in text
+
+
+def test_a_run_that_died_while_out_is_registered_again_by_the_next(aws, group):
+    store = StateStore(group["state"])
+    elb = group["elb"]
+    dead = Rotation(elb, group["arn"], group["me"], store=store)
+    dead.deregister([Target(group["me"], 8080, "healthy")])  # ... and the hook was killed here
+    doc = store.read(TargetGroupDoc)
+    assert doc.out_since is not None and doc.ports == [8080] and doc.instance_id == group["me"]
+    assert states(group) == {group["other"]: "healthy"}
+    cfg = _cfg(group)
+    with out_of_rotation(cfg, AwsClients(cfg), instance_id=group["me"]) as outcome:
+        # registered again first, then the usual decision: out while the block runs
+        assert outcome.rotated and states(group) == {group["other"]: "healthy"}
+    assert states(group) == {group["me"]: "healthy", group["other"]: "healthy"}
+    doc = store.read(TargetGroupDoc)
+    assert doc.out_since is None and doc.last_result == "registered"
+    calls = elb_calls(aws)
+    assert calls[:2] == ["DeregisterTargets", "DescribeTargetHealth"]  # the dead run's
+    # (the test's own read), then the next run's repair before its decision
+    assert calls[3:6] == ["DescribeTargetHealth", "RegisterTargets", "DescribeTargetHealth"]

@@ -17,8 +17,10 @@ After deregistering, the other targets are read again: if none of them is health
 so two instances that decide together never leave the group empty for longer than one check.
 
 If the block raises, the instance is still registered again (and that is logged): it must not
-stay out of rotation silently. The waits run on an injected clock and sleep, so the decisions
-are testable on virtual time; every error names the target group and the instance.
+stay out of rotation silently. A run that dies while the instance is out (a hook killed at its
+timeout) leaves that on record (agent.platform.target_group_state); the next run registers the
+instance again before it decides anything. The waits run on an injected clock and sleep, so
+the decisions are testable on virtual time; every error names the target group and instance.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from agent.errors import AgentError
 from agent.platform.aws import AWS_ERRORS, describe_error
+from agent.platform.target_group_state import TargetGroupDoc
+from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,9 @@ class Rotation:
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        store: Optional[StateStore] = None,
     ):
+        self.store = store  # where the record of being out lives; None: no record
         self.elbv2 = elbv2
         self.arn = target_group_arn
         self.instance_id = instance_id
@@ -138,6 +144,46 @@ class Rotation:
         self.poll_interval = poll_interval
         self.clock = clock
         self.sleep = sleep
+
+    def _record(self, mine: List[Target], out: bool, result: str, reason: str) -> None:
+        """Record whether this instance is out now (a failure to write is only logged)."""
+        if self.store is None:
+            return
+        now = time.time()
+        try:
+            self.store.update_doc(
+                TargetGroupDoc,
+                target_group_arn=self.arn,
+                instance_id=self.instance_id,
+                ports=[t.port for t in mine],
+                out_since=now if out else None,
+                last_result=result,
+                last_reason=reason,
+                last_change=now,
+            )
+        except OSError as exc:
+            log.warning("%s: could not record %s: %s", self._where(), result, exc)
+
+    def _left_out_before(self) -> None:
+        """Register again an instance a previous run left out (it died before registering)."""
+        doc = self.store.load_doc(TargetGroupDoc) if self.store is not None else None
+        if doc is None or doc.out_since is None:
+            return
+        if (doc.target_group_arn, doc.instance_id) != (self.arn, self.instance_id):
+            return
+        serving = {
+            t.port
+            for t in self.health()
+            if t.id == self.instance_id and t.state not in GONE + DRAINING
+        }
+        mine = [Target(self.instance_id, p, "unused") for p in doc.ports if p not in serving]
+        log.warning(
+            "%s: a previous run left this instance out of the target group; registering it again",
+            self._where(),
+        )
+        if mine:
+            self.register(mine, wait=False)
+        self._record(mine, False, "registered again", "a previous run left it out")
 
     def _where(self) -> str:
         return f"target group {self.arn}, instance {self.instance_id}"
@@ -168,6 +214,7 @@ class Rotation:
         still draining at target_group.deregister_timeout (the caller goes on: no new requests reach
         it, only the slowest in-flight ones may be cut)."""
         self._call("DeregisterTargets", Targets=[{"Id": t.id, "Port": t.port} for t in mine])
+        self._record(mine, True, "out", "deregistered for a restart")
 
         def draining() -> Optional[str]:
             states = self._states(mine)
@@ -187,6 +234,7 @@ class Rotation:
     def register(self, mine: List[Target], wait: bool = True) -> None:
         """RegisterTargets, then (`wait`) until every port of this instance reads `healthy`."""
         self._call("RegisterTargets", Targets=[{"Id": t.id, "Port": t.port} for t in mine])
+        self._record(mine, False, "registered", "registered again")
         if not wait:
             return
 
@@ -206,6 +254,7 @@ class Rotation:
     @contextlib.contextmanager
     def out(self) -> Iterator[Outcome]:
         """Deregister (if another target is healthy), run the block, register again."""
+        self._left_out_before()
         decision = decide(self.health(), self.instance_id)
         outcome = Outcome(reason=decision.reason, targets=decision.mine)
         if not decision.rotate:
@@ -272,6 +321,7 @@ def out_of_rotation(
         poll_interval=tg.poll_interval,
         clock=clock,
         sleep=sleep,
+        store=StateStore(cfg.state_dir),
     )
     with rotation.out() as outcome:
         yield outcome
