@@ -14,7 +14,9 @@ The same holds when this instance is not registered at all (a first boot: the Au
 registers it once it is InService) and when target_group.arn is null (no load balancer).
 After deregistering, the other targets are read again: if none of them is healthy any more
 (another api-server left at the same moment) this one goes back at once and restarts in place,
-so two instances that decide together never leave the group empty for longer than one check.
+so two instances that decide together do not both restart out of the group (on AWS a target
+registered again reads `initial` until its health checks pass: that race can still leave the
+group short of healthy targets that long; taking turns is for a coordination layer above).
 
 If the block raises, the instance is still registered again (and that is logged): it must not
 stay out of rotation silently. A run that dies while the instance is out (a hook killed at its
