@@ -49,6 +49,13 @@ AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # AIRFLOW__CELERY__BROKER_URL_SECRET through Airflow's Secrets Manager backend settings
     # (drain, ValidateService ping, lifecycle busy counts), with the instance role
     "drain broker settings": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
+    # agent/platform/target_group.py: an api-server leaves its target group around a restart
+    # (deployment, config push) when another target is healthy, and registers again
+    "target group rotation": (
+        "elasticloadbalancing:DescribeTargetHealth",
+        "elasticloadbalancing:DeregisterTargets",
+        "elasticloadbalancing:RegisterTargets",
+    ),
     # agent/jobs/worker_db/job.py (scheduler, after db migrate): the worker user's secret and the
     # master URL through Airflow's sql_alchemy_conn_secret
     "worker db user": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
@@ -102,6 +109,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "role",
         "bootstrap",
         "task credentials",
+        "target group rotation",
         "airflow remote logs (read)",
         "airflow config secrets",
         "codedeploy agent",
@@ -134,6 +142,7 @@ UNSCOPED_ACTIONS: FrozenSet[str] = frozenset(
         "ec2:DescribeTags",
         "autoscaling:DescribeAutoScalingInstances",
         "autoscaling:DescribeLifecycleHooks",
+        "elasticloadbalancing:DescribeTargetHealth",
     }
     # the SSM agent's message channels (its ssm:UpdateInstanceInformation is scoped)
     | {a for a in OTHER_ACTIONS["ssm agent"] if a.startswith(("ssmmessages:", "ec2messages:"))}

@@ -168,6 +168,11 @@ def checks(
         arns = _autoscaling(action, params, account, region)
     elif service == "sts" and params.get("RoleArn"):
         arns = [params["RoleArn"]]
+    elif service == "elasticloadbalancing" and not action.startswith("Describe"):
+        # Register/DeregisterTargets and the other writes: on the target group (or load
+        # balancer) they name; ELBv2's Describe actions have no resource-level permission
+        named = params.get("TargetGroupArn") or params.get("LoadBalancerArn")
+        arns = [named] if named else ["*"]
     else:
         arns = ["*"]
     out = [(f"{service}:{action}", arn, base) for arn in arns]
