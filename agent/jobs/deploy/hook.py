@@ -304,12 +304,15 @@ class DeployHook(ValidateSteps, UnitSteps):
 
     def _restart_guard(self):
         """Held around a restart of this instance's units (agent.jobs.deploy.units): the
-        role's fleet-wide restart slot, shared with confapply. Waited for at most
-        deploy.validate_timeout, so the wait and the restart fit ApplicationStart's timeout."""
-        from agent.airflow.restart_slot import restart_slot
+        role's fleet-wide restart slot, shared with confapply, and an api-server out of the
+        load balancer's rotation (agent.airflow.restart_guard). The slot is waited for at
+        most deploy.validate_timeout, so the wait and the restart fit ApplicationStart's."""
+        from agent.airflow.restart_guard import restart_guard
 
         holder = f"{socket.gethostname()} deployment {self.deployment}"
-        return restart_slot(self.cfg, self.role, holder, timeout=self.cfg.deploy.validate_timeout)
+        return restart_guard(
+            self.cfg, self.role, holder, slot_timeout=self.cfg.deploy.validate_timeout
+        )
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:
