@@ -142,6 +142,11 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
     assert all(d.succeeded for d in second.values()), {n: d.message for n, d in second.items()}
     assert service_pids(stack) == pids
     answers = probe.result
+    print(
+        f"\nDAG-only deployment: {len(pids)} scheduler/api-server units kept their MainPIDs; "
+        f"health probes {[answers.count(u) for u in urls]} (load balancer, then each api-server),"
+        f" {len(answers.failures())} failed, over {answers.span():.0f} s"
+    )
     assert answers.failures() == [], answers.failures()[:5]
     assert min(answers.count(u) for u in urls) >= 20, [answers.count(u) for u in urls]
     for member in stack.role_members("scheduler") + stack.role_members("webserver"):
@@ -190,6 +195,18 @@ def test_a_plugins_change_restarts_one_api_server_at_a_time_out_of_rotation(stac
     for member in stack.role_members("scheduler") + stack.role_members("webserver"):
         (start,) = third[member.name].event("ApplicationStart")
         assert "the bundle changed plugins" in start.output, start.output[-1500:]
+    took = [
+        ln.split(" restarted ", 1)[1]
+        for d in third.values()
+        for e in d.event("ApplicationStart")
+        for ln in e.output.splitlines()
+        if " restarted (MainPID " in ln
+    ]
+    print(
+        f"\nplugins deployment: restarts {took}; load balancer probes {probe.result.count(lb_url)}"
+        f", {len(probe.result.failures())} failed; at most {rotation.max_out()} api-server(s) "
+        f"out of rotation in {len(rotation.samples)} samples"
+    )
     assert probe.result.failures() == [], probe.result.failures()[:5]
     # never both api-servers out of the target group, and each was out once
     webservers = [m.instance.address for m in stack.role_members("webserver")]
@@ -268,6 +285,9 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
             interval=2,
         )
         spans = slot_intervals(stack, role, "airflow-agent-confapply", since)
+        print(f"\nconfig push, {role} slots: " + ", ".join(
+            f"{name} {held - since:.1f}-{released - since:.1f} s" for held, released, name in spans
+        ))  # fmt: skip
         for (_, released, first), (held, _, second) in zip(spans, spans[1:]):
             assert released <= held, (role, first, second, spans)
     for member in stack.role_members("worker"):

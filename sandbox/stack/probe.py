@@ -51,6 +51,11 @@ class ProbeResult:
     def count(self, url: str) -> int:
         return sum(1 for a in self.answers if a["url"] == url)
 
+    def span(self) -> float:
+        """Seconds from the first answer to the last."""
+        times = [a["t"] for a in self.answers]
+        return max(times) - min(times) if times else 0.0
+
 
 class HealthProbe:
     def __init__(self, member: Any, urls: Sequence[str], interval: float = 0.5) -> None:
