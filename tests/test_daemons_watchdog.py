@@ -32,6 +32,7 @@ from agent.runtime.config_watch import EXIT_CONFIG_CHANGED
 from agent.runtime.daemon import Daemon, DaemonRuntime
 from agent.state import StateStore
 from sandbox.notify_socket import NotifySocket
+from sandbox.systemctl_standin import ActiveUnits
 
 WATCHDOG_USEC = 400_000
 BOUND = 0.2  # WatchdogSec/2: how long a pass counts as alive after its last sign of life
@@ -116,32 +117,17 @@ def run_hang_and_sigterm(
 # -- confapply -----------------------------------------------------------------------------------
 
 
-class StandInSystemctl:
+class StandInSystemctl(ActiveUnits):
     """What confapply asks systemd, for units that are always active; `show`-based queries wait
     at the gate (a systemd that stopped answering)."""
 
     def __init__(self, gate: Gate):
+        super().__init__()
         self.gate = gate
-        self.restarted: List[str] = []
 
     def active_state(self, unit: str) -> str:
         self.gate.wait()
         return "active"
-
-    def restart(self, unit: str) -> None:
-        self.restarted.append(unit)
-
-    def wait_active(self, unit: str, timeout: float) -> None:
-        return None
-
-    def show(self, unit: str, *props: str) -> dict:
-        return {}
-
-    def main_pid(self, unit: str) -> int:
-        return 4242
-
-    def reset_failed(self, unit: str) -> None:
-        return None
 
 
 def test_confapply_watchdog_stops_when_its_loop_hangs_and_sigterm_sends_stopping(tmp_path, notify):

@@ -32,6 +32,7 @@ from agent.airflow.restart_slot import restart_slot
 from agent.config import config_from_dict
 from sandbox.proc import wait_for
 from sandbox.redis_server import free_port
+from sandbox.systemctl_standin import ActiveUnits
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -260,31 +261,17 @@ class Runtime:
         pass
 
 
-class TimedSystemctl:
+class TimedSystemctl(ActiveUnits):
     """Units that are always active; a restart takes `seconds` and is recorded (start, end)."""
 
     def __init__(self, seconds: float, spans: List[Tuple[str, float, float]], name: str):
+        super().__init__()
         self.seconds, self.spans, self.name = seconds, spans, name
-
-    def active_state(self, unit: str) -> str:
-        return "active"
 
     def restart(self, unit: str) -> None:
         start = time.monotonic()
         time.sleep(self.seconds)  # the restart's own duration
         self.spans.append((self.name, start, time.monotonic()))
-
-    def wait_active(self, unit: str, timeout: float) -> None:
-        return None
-
-    def show(self, unit: str, *props: str) -> dict:
-        return {}
-
-    def main_pid(self, unit: str) -> int:
-        return 4242
-
-    def reset_failed(self, unit: str) -> None:
-        return None
 
 
 def test_two_confapply_instances_of_one_role_never_restart_at_once(pg, tmp_path, caplog):

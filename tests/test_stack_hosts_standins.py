@@ -24,7 +24,7 @@ from sandbox.airflow_cluster import AIRFLOW_VENV
 from sandbox.proc import wait_for
 from sandbox.stack.model import StackModel
 from sandbox.stack.network import GATEWAY, Switch
-from sandbox.stack.standins import Broker, LoadBalancer, Postgres
+from sandbox.stack.standins import ECHO_TARGET, Broker, LoadBalancer, Postgres
 from sandbox.stack.tls import SandboxCa
 from sandbox.systemd_host import SystemdHost
 
@@ -39,16 +39,6 @@ DB_CHECK = (
     "where pid = pg_backend_pid()')).one())\n"
 )
 BROKER_CHECK = "import sys, redis\nprint(redis.Redis.from_url(sys.stdin.read().strip()).ping())\n"
-SERVE = (
-    "import http.server, sys\n"
-    "class H(http.server.BaseHTTPRequestHandler):\n"
-    "    def do_GET(self):\n"
-    "        b = sys.argv[1].encode(); self.send_response(200)\n"
-    "        self.send_header('Content-Length', str(len(b))); self.end_headers()\n"
-    "        self.wfile.write(b)\n"
-    "    def log_message(self, *a): pass\n"
-    "http.server.ThreadingHTTPServer((sys.argv[2], 8080), H).serve_forever()\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +111,7 @@ def test_load_balancer_from_the_template(model: StackModel, tmp_path: Path) -> N
         addrs = [switch.attach(a), switch.attach(b)]
         for h, addr in ((a, addrs[0]), (b, addrs[1])):
             h.write_file("/etc/hosts", f"127.0.0.1 localhost\n{GATEWAY} {lb_host}\n")
-            h.run(["systemd-run", "--unit", "api", "python3", "-c", SERVE, h.name, addr])
+            h.run(["systemd-run", "--unit", "api", "python3", "-c", ECHO_TARGET, h.name, addr])
         lb = LoadBalancer.from_model(model, switch, addrs[:1])
         cfg = lb.config()
         assert f"bind {GATEWAY}:80\n" in cfg

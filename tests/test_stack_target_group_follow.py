@@ -24,20 +24,10 @@ from sandbox.proc import end_process, wait_for
 from sandbox.stack.model import StackModel
 from sandbox.stack.network import GATEWAY, PREFIX, Switch
 from sandbox.stack.registrations import Follower
-from sandbox.stack.standins import LoadBalancer
+from sandbox.stack.standins import ECHO_TARGET, LoadBalancer
 
 pytestmark = [pytest.mark.systemd, pytest.mark.aws]
 
-SERVE = (
-    "import http.server, sys\n"
-    "class H(http.server.BaseHTTPRequestHandler):\n"
-    "    def do_GET(self):\n"
-    "        b = sys.argv[1].encode(); self.send_response(200)\n"
-    "        self.send_header('Content-Length', str(len(b))); self.end_headers()\n"
-    "        self.wfile.write(b)\n"
-    "    def log_message(self, *a): pass\n"
-    "http.server.ThreadingHTTPServer((sys.argv[1], 8080), H).serve_forever()\n"
-)
 GET = (
     "import sys, urllib.request\n"
     "for _ in range(int(sys.argv[2])):\n"
@@ -73,7 +63,9 @@ def test_haproxy_follows_the_target_groups_registrations(aws, tmp_path: Path) ->
         try:
             for addr in addrs:
                 switch.ip("addr", "add", f"{addr}/24", "dev", "br0")
-                servers.append(subprocess.Popen(switch.argv([sys.executable, "-c", SERVE, addr])))
+                servers.append(
+                    subprocess.Popen(switch.argv([sys.executable, "-c", ECHO_TARGET, addr, addr]))
+                )
             lb = LoadBalancer.from_model(model, switch, addrs)
             lb.interval = 1  # the template's 15 s, shortened
             with lb:

@@ -39,6 +39,20 @@ from sandbox.tiers import heavy
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
+# A stand-in target for the load balancer's tests: `python3 -c ECHO_TARGET BODY ADDRESS`
+# serves GET on ADDRESS:8080, answering 200 with BODY (which target answered).
+ECHO_TARGET = (
+    "import http.server, sys\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        b = sys.argv[1].encode(); self.send_response(200)\n"
+    "        self.send_header('Content-Length', str(len(b))); self.end_headers()\n"
+    "        self.wfile.write(b)\n"
+    "    def log_message(self, *a): pass\n"
+    "http.server.ThreadingHTTPServer((sys.argv[2], 8080), H).serve_forever()\n"
+)
+
+
 def _resolved(value: Any, what: str) -> str:
     text = str(value)
     if "{{resolve:" in text:
