@@ -195,6 +195,8 @@ def test_a_plugins_change_restarts_one_api_server_at_a_time_out_of_rotation(stac
     for member in stack.role_members("scheduler") + stack.role_members("webserver"):
         (start,) = third[member.name].event("ApplicationStart")
         assert "the bundle changed plugins" in start.output, start.output[-1500:]
+        if member.role == "webserver":
+            assert "leaving the target group" in start.output, start.output[-1500:]
     took = [
         ln.split(" restarted ", 1)[1]
         for d in third.values()
@@ -290,6 +292,10 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
         ))  # fmt: skip
         for (_, released, first), (held, _, second) in zip(spans, spans[1:]):
             assert released <= held, (role, first, second, spans)
+    for member in stack.role_members("webserver"):  # each restarted out of rotation
+        journal = [m for _, m in journal_lines(member, "airflow-agent-confapply", since)]
+        for what in ("leaving the target group", "back in the target group, healthy"):
+            assert any(what in m for m in journal), (member.name, what, journal[-20:])
     for member in stack.role_members("worker"):
         journal = [m for _, m in journal_lines(member, "airflow-worker", since)]
         assert any("Warm shutdown" in m for m in journal), (member.name, journal[-20:])
