@@ -20,6 +20,7 @@ from agent.config_file import ConfigFile, config_sha256, parse_yaml, read_config
 from agent.config_schema import build
 from agent.errors import ConfigError
 from agent.jobs.env_sync.plan import refused_variable
+from agent.jobs.metrics.config import MetricsConfig, check_metrics
 from agent.jobs.task_credentials.config import TaskCredentialsConfig, check_task_credentials
 from agent.jobs.worker_db.config import WorkerDbConfig, check_worker_db
 
@@ -34,14 +35,14 @@ DEFAULT_UNITS: Dict[str, List[str]] = {
     "worker": ["airflow-worker"],
 }
 
-# every role refreshes the task role's credentials (agent.jobs.task_credentials)
 _TASK_CREDENTIALS = "airflow-agent-task-credentials.timer"
 DEFAULT_AGENT_UNITS: Dict[str, List[str]] = {
     "scheduler": [
         "airflow-agent-env",
         "airflow-agent-confapply",
         "airflow-agent-variables.timer",
-        _TASK_CREDENTIALS,
+        _TASK_CREDENTIALS,  # every role: the task role's credentials (agent.jobs.task_credentials)
+        "airflow-agent-metrics",  # one publisher per cluster (agent.jobs.metrics)
     ],
     "webserver": ["airflow-agent-env", "airflow-agent-confapply", _TASK_CREDENTIALS],
     "worker": [
@@ -215,8 +216,8 @@ class AgentConfig:
     task_credentials: TaskCredentialsConfig = field(default_factory=TaskCredentialsConfig)
     worker_db: WorkerDbConfig = field(default_factory=WorkerDbConfig)
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
-    # where the config came from, for error messages; not a YAML key
-    source: str = field(default="<defaults>", metadata={"internal": True})
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})  # for messages
     # set by load_config (not a field: no key, not in asdict); the daemons watch it
     loaded_from = None  # Optional[ConfigFile]
 
@@ -350,7 +351,7 @@ def _validate(cfg: AgentConfig) -> None:
     if not cfg.systemctl:
         fail("systemctl", "must be a command")
     checks = (check_task_credentials(cfg.task_credentials), check_worker_db(cfg.worker_db))
-    for bad in (*checks, check_coordination(cfg.coordination, ROLES)):
+    for bad in (*checks, check_coordination(cfg.coordination, ROLES), check_metrics(cfg.metrics)):
         if bad:
             fail(*bad)
     if cfg.airflow_config.command_user in ("root", "0", ""):

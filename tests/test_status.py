@@ -23,6 +23,8 @@ TOP_KEYS = {
     "lifecycle",
     "variables_watch",
     "task_credentials",
+    "deploy",
+    "metrics",
     "worker",
     "systemd",
     "units",
