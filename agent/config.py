@@ -1,8 +1,7 @@
 """The agent's configuration: one typed object loaded from agent.yaml, defaults in one place.
 
-`load_config(path)` reads the YAML file, checks every key against the dataclasses below and
-returns an `AgentConfig`. An unknown key, a wrong type or a bad value raises `ConfigError`
-naming the dotted key and the file. The defaults here are the contract in the README.
+`load_config(path)` returns an `AgentConfig` (its defaults are the README's contract); an unknown
+key, a wrong type or a bad value raises `ConfigError` naming the dotted key and the file.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from agent.jobs.env_sync.plan import refused_variable
 from agent.jobs.metrics.config import MetricsConfig, check_metrics
 from agent.jobs.task_credentials.config import TaskCredentialsConfig, check_task_credentials
 from agent.jobs.worker_db.config import WorkerDbConfig, check_worker_db
+from agent.platform.target_group_config import TargetGroupConfig, check_target_group
 
 DEFAULT_CONFIG_PATH = "/etc/airflow-agent/agent.yaml"
 CONFIG_ENV_VAR = "AIRFLOW_AGENT_CONFIG"
@@ -34,7 +34,6 @@ DEFAULT_UNITS: Dict[str, List[str]] = {
     "webserver": ["airflow-api-server"],
     "worker": ["airflow-worker"],
 }
-
 _TASK_CREDENTIALS = "airflow-agent-task-credentials.timer"
 DEFAULT_AGENT_UNITS: Dict[str, List[str]] = {
     "scheduler": [
@@ -216,8 +215,9 @@ class AgentConfig:
     task_credentials: TaskCredentialsConfig = field(default_factory=TaskCredentialsConfig)
     worker_db: WorkerDbConfig = field(default_factory=WorkerDbConfig)
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    target_group: TargetGroupConfig = field(default_factory=TargetGroupConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    source: str = field(default="<defaults>", metadata={"internal": True})  # for messages
+    source: str = field(default="<defaults>", metadata={"internal": True})  # for errors; no key
     # set by load_config (not a field: no key, not in asdict); the daemons watch it
     loaded_from = None  # Optional[ConfigFile]
 
@@ -341,8 +341,7 @@ def _validate(cfg: AgentConfig) -> None:
         if role not in ROLES:
             fail(f"role.groups.{pattern}", f"maps to {role!r}; roles are {', '.join(ROLES)}")
     if cfg.env.splay > MAX_SPLAY:
-        # a run waits this long before doing anything: beyond an hour it outlives Run
-        # Command's default timeout and looks hung
+        # a run waits this long first: beyond an hour it outlives Run Command's timeout
         fail("env.splay", f"must be at most {MAX_SPLAY:g} seconds, got {cfg.env.splay:g}")
     if cfg.confapply.max_wait < cfg.confapply.debounce:
         fail("confapply.max_wait", "must be >= confapply.debounce")
@@ -350,7 +349,8 @@ def _validate(cfg: AgentConfig) -> None:
         fail("imds.token_ttl", "must be 1..21600 seconds")
     if not cfg.systemctl:
         fail("systemctl", "must be a command")
-    checks = (check_task_credentials(cfg.task_credentials), check_worker_db(cfg.worker_db))
+    tc, wdb, tg = cfg.task_credentials, cfg.worker_db, cfg.target_group
+    checks = (check_task_credentials(tc), check_worker_db(wdb), check_target_group(tg))
     for bad in (*checks, check_coordination(cfg.coordination, ROLES), check_metrics(cfg.metrics)):
         if bad:
             fail(*bad)

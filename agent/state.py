@@ -60,6 +60,7 @@ DOCUMENT_MODULES = (
     "agent.jobs.task_credentials.state",
     "agent.jobs.deploy.state",
     "agent.jobs.metrics.state",
+    "agent.platform.target_group_state",
     "agent.worker.state",
 )
 

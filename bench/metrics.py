@@ -50,8 +50,8 @@ times = []
 for _ in range(int(sys.argv[1])):
     t = time.monotonic()
     with create_session() as s:
-        rows = (s.query(TI.queue, TI.state, func.count()).filter(TI.state.in_(["running", "queued"]))
-                .group_by(TI.queue, TI.state).all())
+        rows = (s.query(TI.queue, TI.state, func.count())
+                .filter(TI.state.in_(["running", "queued"])).group_by(TI.queue, TI.state).all())
     times.append(time.monotonic() - t)
 print(json.dumps({"import": t_import, "times": times, "rows": [list(r) for r in rows]}))
 """

@@ -146,6 +146,11 @@ class Resolver:
             return "0000aaaa-bbbb-cccc-dddd-" + name.lower()[:12].ljust(12, "0")
         if rtype == "AWS::S3::Bucket":
             return f"{self.pseudo['AWS::StackName']}-{name.lower()}-1a2b3c"
+        if rtype == "AWS::ElasticLoadBalancingV2::TargetGroup":
+            tg = f"{self.pseudo['AWS::StackName']}-{name}"[:25].rstrip("-") + "-1A2B3C"
+            return (
+                f"arn:aws:elasticloadbalancing:{region}:{account}:targetgroup/{tg}/0123456789abcdef"
+            )
         return f"{name}-physical-id"
 
     def get_att(self, name: str, attr: str) -> Any:

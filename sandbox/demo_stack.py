@@ -27,6 +27,7 @@ from sandbox.stack.scenario import (
     admin_credentials,
     deploy_everywhere,
     revision,
+    service_pids,
     updated_template,
 )
 
@@ -102,6 +103,7 @@ def main() -> int:
         line = next((ln for ln in log.splitlines() if "sandbox task" in ln), log[-200:])
         say(f"    {line.strip()[:120]}")
         t = time.monotonic()
+        pids = service_pids(stack)
         # workers first (the DeploymentOrder output): their drain meets the running tasks
         second = deploy_everywhere(stack, revision(work / "v2", "v2"), "d-V2")
         for name, dep in second.items():
@@ -112,6 +114,8 @@ def main() -> int:
             if waited:  # the drain's first count of the tasks it waited for
                 say(f"    {waited[0].split(': ', 1)[-1].strip()[:110]}")
         say(f"  deployment v2: {time.monotonic() - t:.0f}s")
+        kept = sum(pids[k] == pid for k, pid in service_pids(stack).items())
+        say(f"  a DAG-only bundle: {kept} of {len(pids)} scheduler/api-server units kept running")
         api.wait_run(DAG, "inflight")
         tis = api.task_instances(DAG, "inflight")
         say(

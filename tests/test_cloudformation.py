@@ -326,6 +326,15 @@ def test_agent_yaml_names_the_templates_resources(template, resolver, role):
         assert cfg.drain.timeout == float(template["Parameters"]["DrainTimeout"]["Default"])
     else:
         assert cfg.lifecycle.hook_name is None
+    # the api-server's restarts leave the load balancer's target group (agent.platform.
+    # target_group): the template's own target group, the one the webserver group registers in
+    if role == "webserver":
+        assert cfg.target_group.arn == resolver.ref("ApiServerTargetGroup")
+        assert res["WebserverGroup"]["Properties"]["TargetGroupARNs"] == [
+            {"Ref": "ApiServerTargetGroup"}
+        ]
+    else:
+        assert cfg.target_group.arn is None
 
 
 def test_drain_timeout_fits_codedeploys_application_stop(template):
@@ -725,7 +734,7 @@ def test_cfn_init_metadata_is_in_one_place_and_roles_differ_only_in_their_own_pa
     assert comments["webserver"] == comments["worker"] == comments["scheduler"]
     role_specific = {
         "scheduler": {"variables", "worker_db"},
-        "webserver": set(),
+        "webserver": {"target_group"},
         "worker": {"drain", "lifecycle"},
     }
     common = None
@@ -936,6 +945,8 @@ def _scoped_resources(template, resolver) -> Dict[str, Set[str]]:
         "kms": {resolver.get_att("SecretsKey", "Arn")},
         # the task role the agent assumes for Airflow's processes (agent/jobs/task_credentials)
         "sts": {resolver.get_att("TaskRole", "Arn"), resolver.get_att("WorkerTaskRole", "Arn")},
+        # the api-servers' target group (agent/platform/target_group.py)
+        "elasticloadbalancing": {resolver.ref("ApiServerTargetGroup")},
     }
 
 
@@ -997,6 +1008,11 @@ def test_instance_roles_grant_what_their_jobs_call_and_nothing_of_other_roles(
         "autoscaling:SetInstanceProtection",
     }
     assert bool(granted & lifecycle_writes) == (role == "worker")
+    target_group_writes = {
+        "elasticloadbalancing:DeregisterTargets",
+        "elasticloadbalancing:RegisterTargets",
+    }
+    assert bool(granted & target_group_writes) == (role == "webserver")
     # the variables secret only for the scheduler; the broker URL everywhere: Celery runs on
     # scheduler and worker, and the Airflow CLI root runs with the instance role at first boot
     # (the webserver's db check-migrations) resolves every configured _secret option (seen on
@@ -1015,6 +1031,7 @@ def _boto_operations() -> Dict[str, Dict[str, str]]:
         "secretsmanager",
         "autoscaling",
         "ec2",
+        "elbv2",
         "s3",
         "kms",
         "sts",
@@ -1023,9 +1040,12 @@ def _boto_operations() -> Dict[str, Dict[str, str]]:
         "elasticache",
         "rds",
         "sqs",
+        "cloudwatch",
     ):
         model = session.get_service_model(service)
-        prefix = model.signing_name or model.endpoint_prefix
+        # CloudWatch signs as "monitoring"; its IAM actions are "cloudwatch:..."
+        iam_prefix = {"cloudwatch": "cloudwatch"}.get(service)
+        prefix = iam_prefix or model.signing_name or model.endpoint_prefix
         out[service] = {botocore.xform_name(op): f"{prefix}:{op}" for op in model.operation_names}
     return out
 

@@ -332,6 +332,8 @@ def test_scheduler_role_keeps_its_units_for_dags_and_restarts_them_for_plugins(c
     out = deployment("d-S2", {plugin_file: plugin + "    name = 'p'\n"})
     for unit in units:
         assert f"restarting {unit}: the bundle changed plugins" in out, out
+    # in the role's fleet-wide restart slot (through the cluster's metadata database)
+    assert "restart slot scheduler 0/1 held" in out and "restart slot scheduler 0/1 released" in out
     restarted = pids()
     assert all(restarted[u] != before[u] for u in units), (before, restarted)
     assert "scheduler job alive" in out

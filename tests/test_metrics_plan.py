@@ -351,3 +351,29 @@ def test_status_shows_what_this_instance_last_published(tmp_path):
     )
     assert "role=publisher last_result=published last_publish_at=" in text
     assert "total 3/37/10" in text
+
+
+def test_the_co_process_is_restarted_only_when_the_database_url_changes(tmp_path, caplog):
+    clock, db = VirtualClock(), Database()
+    daemon, _ = make_daemon(tmp_path, clock, db, "a")
+    starts: List[Link] = []
+
+    def start(cfg, url, key, holder, url_hash):
+        starts.append(Link(db, url_hash))
+        return starts[-1]
+
+    daemon.link_start = start
+    daemon.step()
+    daemon.step()
+    assert len(starts) == 1  # the URL is resolved once, not every pass
+    env = tmp_path / "a.env"
+    env.write_text(env.read_text() + "AIRFLOW__CORE__PARALLELISM=64\n")
+    daemon.step()
+    assert len(starts) == 1 and starts[0].open  # another file, the same URL: kept
+    env.write_text(env.read_text().replace("@db/", "@db2/"))
+    daemon.step()
+    assert len(starts) == 2 and not starts[0].open and starts[1].open
+    env.unlink()  # unreadable for a while: the running co-process is kept
+    daemon.step()
+    assert len(starts) == 2 and starts[1].open and daemon.doc.last_result == "published"
+    assert "keeping the co-process started before" in caplog.text

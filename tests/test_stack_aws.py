@@ -339,3 +339,43 @@ def test_a_stack_update_writes_what_changed_and_keeps_the_rest(stack, tmp_path):
     assert new.ref("BrokerUrlSecret") == model.ref("BrokerUrlSecret")
     text = new.init_metadata("worker")["configure"]["files"]["/etc/airflow-agent/roles/worker.yaml"]
     assert "# config revision: sandbox-2" in text["content"]
+
+
+def test_the_api_servers_target_group_and_the_webserver_role_in_it(stack):
+    """The template's target group is in moto, the webserver group's instances registered in it
+    (moto's Auto Scaling group does it, as AWS's does); the webserver role may take its own
+    instances out and back (agent.platform.target_group), no other role may."""
+    model, _report, aws = stack
+    arn = model.ref("ApiServerTargetGroup")
+    assert arn.startswith("arn:aws:elasticloadbalancing:") and ":targetgroup/" in arn
+    admin = aws.client("elbv2")
+    (tg,) = admin.describe_target_groups(TargetGroupArns=[arn])["TargetGroups"]
+    props = model.properties("ApiServerTargetGroup")
+    assert (tg["Port"], tg["Protocol"], tg["HealthCheckPath"]) == (
+        int(props["Port"]), props["Protocol"], props["HealthCheckPath"]
+    )  # fmt: skip
+    attrs = admin.describe_target_group_attributes(TargetGroupArn=arn)["Attributes"]
+    assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in attrs
+    group = aws.client("autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=[model.ref("WebserverGroup")]
+    )["AutoScalingGroups"][0]
+    ids = sorted(i["InstanceId"] for i in group["Instances"])
+    health = admin.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
+    assert sorted(d["Target"]["Id"] for d in health) == ids and ids
+    assert {d["TargetHealth"]["State"] for d in health} == {"healthy"}
+
+    elb = role_client(aws, model, "webserver", "elbv2", "i-rotation")
+    target = [{"Id": ids[0], "Port": tg["Port"]}]
+    elb.describe_target_health(TargetGroupArn=arn)
+    elb.deregister_targets(TargetGroupArn=arn, Targets=target)
+    elb.register_targets(TargetGroupArn=arn, Targets=target)
+    assert not [d for d in aws.denials() if d["session"] == "i-rotation"]
+    other = admin.create_target_group(
+        Name="not-this-stacks", Protocol="HTTP", Port=80, VpcId=tg["VpcId"]
+    )["TargetGroups"][0]["TargetGroupArn"]
+    err = refused(elb.register_targets, TargetGroupArn=other, Targets=target)
+    assert f"elasticloadbalancing:RegisterTargets on resource: {other}" in str(err)
+    scheduler = role_client(aws, model, "scheduler", "elbv2", "i-not-webserver")
+    err = refused(scheduler.deregister_targets, TargetGroupArn=arn, Targets=target)
+    assert f"elasticloadbalancing:DeregisterTargets on resource: {arn}" in str(err)
+    admin.delete_target_group(TargetGroupArn=other)

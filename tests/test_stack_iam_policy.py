@@ -74,3 +74,22 @@ def test_a_condition_it_cannot_evaluate_is_listed_and_not_taken_as_met():
     decision = evaluate([allow("s3:GetObject", "*", Condition=cond)], "s3:GetObject", "arn:x")
     assert not decision.allowed
     assert decision.unevaluated == ['IpAddress {"aws:SourceIp": "10.0.0.0/8"}']
+
+
+def test_target_group_writes_are_checked_on_the_target_group_and_reads_on_star():
+    from sandbox.stack.iam_request import checks
+
+    tg = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/api/0123456789abcdef"
+    params = {"Action": "DeregisterTargets", "TargetGroupArn": tg, "Targets.member.1.Id": "i-1"}
+    ((verb, arn, _ctx),) = checks("elasticloadbalancing", "DeregisterTargets", params, {},
+                                  "123456789012", "us-east-1")  # fmt: skip
+    assert (verb, arn) == ("elasticloadbalancing:DeregisterTargets", tg)
+    params = {"Action": "DescribeTargetHealth", "TargetGroupArn": tg}
+    ((verb, arn, _ctx),) = checks("elasticloadbalancing", "DescribeTargetHealth", params, {},
+                                  "123456789012", "us-east-1")  # fmt: skip
+    assert (verb, arn) == ("elasticloadbalancing:DescribeTargetHealth", "*")
+    stmts = [allow(["elasticloadbalancing:RegisterTargets"], tg)]
+    assert evaluate(stmts, "elasticloadbalancing:RegisterTargets", tg).allowed
+    assert not evaluate(
+        stmts, "elasticloadbalancing:RegisterTargets", tg.replace("api", "x")
+    ).allowed

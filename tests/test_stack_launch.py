@@ -6,13 +6,19 @@ for the whole module (it takes minutes); the tests run in order on it:
 - the schema is migrated once, on the scheduler, before any api-server or worker starts;
 - the admin logs in with the template's credentials (one password, from its secret) on both
   api-servers and through the load balancer;
-- a DAG bundle deployed to every instance through codedeploy/appspec.yml; with tasks in flight
-  on a worker, a second one: the tasks' live log is read through the api-server from the
-  worker's log server, the worker drains (none killed: every task success on try 1);
+- a DAG bundle deployed through codedeploy/appspec.yml to the template's deployment groups in
+  its DeploymentOrder; with tasks in flight on a worker, a second, DAG-only one: the tasks' live
+  log is read through the api-server from the worker's log server, the worker drains (none
+  killed: every task success on try 1), the scheduler's and api-servers' units keep running
+  (same MainPIDs) and a health probe every 0.5 s (directly and through the load balancer)
+  never fails;
+- a bundle adding a plugin restarts those units, each api-server out of the load balancer's
+  rotation while the other serves (never both out; the load balancer answers every probe);
 - the example DAG the bundle ships (examples/dags) runs;
 - Variables put in the template's variables secret reach Airflow;
 - a stack update (ConfigRevision + one Airflow setting, in a copy of the template) lands on
-  every instance through its cfn-hup hook;
+  every instance through its cfn-hup hook, and confapply restarts never two instances of a
+  role at once (the restart slot, from the journals), with tasks in flight succeeding;
 - a worker scale-in through the termination lifecycle hook: drained, then exactly one
   CompleteLifecycleAction;
 - with the real template, no request was refused and no journal holds an AccessDenied.

@@ -187,6 +187,7 @@ def test_the_registry_knows_every_job_document():
         "task_credentials",
         "deploy",
         "metrics",
+        "target_group",
         "worker",
     ]
     for entry in registered():

@@ -25,6 +25,7 @@ TOP_KEYS = {
     "task_credentials",
     "deploy",
     "metrics",
+    "target_group",
     "worker",
     "systemd",
     "units",

@@ -239,15 +239,17 @@ def restart_slot(
     *,
     clock: Callable[[], float] = time.monotonic,
     stop: Callable[[], bool] = lambda: False,
+    timeout: Optional[float] = None,
 ) -> Iterator[Slot]:
     """Hold one of `role`'s restart slots (or go uncoordinated, see the module) for the body.
 
     `holder` names this instance in logs and pg_stat_activity. `stop` is polled while waiting:
     when it turns true the wait ends uncoordinated at once. The wait may block up to
-    `coordination.timeout` + REPORT_GRACE (a caller with a watchdog says so first)."""
+    `coordination.timeout` (or `timeout`, a caller's shorter bound) + REPORT_GRACE (a caller
+    with a watchdog says so first)."""
     c = cfg.coordination
     n = c.slots_for(role)
-    acq = Acquisition(role, n, c.timeout, clock())
+    acq = Acquisition(role, n, c.timeout if timeout is None else timeout, clock())
     if not c.enabled:
         slot = acq.uncoordinated("coordination.enabled is false", clock())
         log.info("%s: %s", slot.describe(), slot.why)

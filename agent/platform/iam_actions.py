@@ -49,6 +49,18 @@ AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # AIRFLOW__CELERY__BROKER_URL_SECRET through Airflow's Secrets Manager backend settings
     # (drain, ValidateService ping, lifecycle busy counts), with the instance role
     "drain broker settings": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
+    # agent/platform/target_group.py: an api-server leaves its target group around a restart
+    # (deployment, config push) when another target is healthy, and registers again
+    "target group rotation": (
+        "elasticloadbalancing:DescribeTargetHealth",
+        "elasticloadbalancing:DeregisterTargets",
+        "elasticloadbalancing:RegisterTargets",
+    ),
+    # agent/jobs/metrics/daemon.py (scheduler): one PutMetricData per interval from the elected
+    # publisher (no resource-level permissions: restrict it with the cloudwatch:namespace
+    # condition key to metrics.namespace), and the metadata database's URL through Airflow's
+    # sql_alchemy_conn_secret
+    "metrics": ("cloudwatch:PutMetricData", "secretsmanager:GetSecretValue", "kms:Decrypt"),
     # agent/jobs/worker_db/job.py (scheduler, after db migrate): the worker user's secret and the
     # master URL through Airflow's sql_alchemy_conn_secret
     "worker db user": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
@@ -91,6 +103,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "task credentials",
         "worker db user",
         "variables sync",
+        "metrics",
         "airflow remote logs",
         "airflow config secrets",
         "codedeploy agent",
@@ -102,6 +115,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "role",
         "bootstrap",
         "task credentials",
+        "target group rotation",
         "airflow remote logs (read)",
         "airflow config secrets",
         "codedeploy agent",
@@ -134,6 +148,8 @@ UNSCOPED_ACTIONS: FrozenSet[str] = frozenset(
         "ec2:DescribeTags",
         "autoscaling:DescribeAutoScalingInstances",
         "autoscaling:DescribeLifecycleHooks",
+        "elasticloadbalancing:DescribeTargetHealth",
+        "cloudwatch:PutMetricData",  # the cloudwatch:namespace condition key scopes it
     }
     # the SSM agent's message channels (its ssm:UpdateInstanceInformation is scoped)
     | {a for a in OTHER_ACTIONS["ssm agent"] if a.startswith(("ssmmessages:", "ec2messages:"))}

@@ -6,8 +6,9 @@ properties: KMS keys and aliases, Secrets Manager secrets (GenerateSecretString 
 SecretStringTemplate + GenerateStringKey, PasswordLength, Exclude*/Include*/Require*, drawn
 with GetRandomPassword), secret target attachments, SSM parameters, IAM roles with their
 policies, instance profiles, security groups and their rules, S3 buckets,
-launch templates, Auto Scaling groups (moto launches their instances) and lifecycle hooks,
-the CodeDeploy application and deployment groups. As each is created its physical id and
+launch templates, the api-servers' target group, Auto Scaling groups (moto launches their
+instances and registers them in their target groups) and lifecycle hooks, the CodeDeploy
+application and deployment groups. As each is created its physical id and
 attributes go into the model, so later resources (and dynamic references) resolve to them.
 Types it does not create are reported with the reason (their stand-ins are in stack/standins.py).
 
@@ -37,8 +38,6 @@ NOT_CREATED = {
     "AWS::ElastiCache::ParameterGroup": "no ElastiCache: its settings are the broker stand-in's",
     "AWS::ElasticLoadBalancingV2::LoadBalancer": "HAProxy stand-in in front of the api-servers",
     "AWS::ElasticLoadBalancingV2::Listener": "HAProxy's frontend (the listener's port)",
-    "AWS::ElasticLoadBalancingV2::TargetGroup": "HAProxy's backend (the target group's port and "
-    "health check)",
     "AWS::CloudFormation::WaitConditionHandle": "creates nothing; its metadata is read by the "
     "sandbox's cfn-init",
     "AWS::CloudFormation::WaitCondition": "the launch waits for each instance's cfn-init itself",

@@ -1,5 +1,5 @@
 """The rest of create_in_aws's per-type creators: EC2 (security groups, launch templates), S3
-buckets, Auto Scaling groups and lifecycle hooks, CodeDeploy.
+buckets, Auto Scaling groups and lifecycle hooks, the ELBv2 target group, CodeDeploy.
 
 Each takes (model, aws, logical id, report), creates the resource from its resolved properties
 and returns the value `Ref` gives it; attributes (Arn, LatestVersionNumber, ...) go into
@@ -162,11 +162,49 @@ def _group(model, aws, rid, report):
     if "HealthCheckType" in p:
         kwargs["HealthCheckType"] = p["HealthCheckType"]
     if p.get("TargetGroupARNs"):
+        # moto registers the group's instances in its target groups, as Auto Scaling does
+        kwargs["TargetGroupARNs"] = list(p["TargetGroupARNs"])
         report.notes.append(
-            (rid, "target group registration: HAProxy's backend lists the group's instances")
+            (rid, "its instances registered in the target group(s); HAProxy follows them")
         )
     asg.create_auto_scaling_group(**kwargs)
     return name
+
+
+def _target_group(model, aws, rid, report):
+    """The target group in moto (its ARN is what the api-servers' agent.yaml names); HAProxy
+    stands in for its data plane and follows moto's registrations (sandbox/stack/standins.py).
+    moto does not emulate the data plane: a registered running instance reads `healthy` at
+    once (no health checks) and a deregistered one `unused` at once (no deregistration delay)."""
+    p = model.properties(rid)
+    elb = aws.client("elbv2")
+    kwargs: Dict[str, Any] = {
+        "Name": p.get("Name") or model.generated_name(rid, 32),
+        "TargetType": p.get("TargetType", "instance"),
+    }
+    for key in ("Protocol", "VpcId", "HealthCheckPath", "HealthCheckProtocol", "Matcher"):
+        if key in p:
+            kwargs[key] = p[key]
+    for key in (
+        "Port", "HealthCheckIntervalSeconds", "HealthCheckTimeoutSeconds",
+        "HealthyThresholdCount", "UnhealthyThresholdCount",
+    ):  # fmt: skip
+        if key in p:
+            kwargs[key] = int(p[key])
+    tg = elb.create_target_group(**kwargs)["TargetGroups"][0]
+    attributes = [
+        {"Key": a["Key"], "Value": str(a["Value"])} for a in p.get("TargetGroupAttributes", [])
+    ]
+    if attributes:
+        elb.modify_target_group_attributes(
+            TargetGroupArn=tg["TargetGroupArn"], Attributes=attributes
+        )
+    model.attributes[(rid, "TargetGroupName")] = tg["TargetGroupName"]
+    model.attributes[(rid, "TargetGroupFullName")] = tg["TargetGroupArn"].split(":")[-1]
+    report.notes.append(
+        (rid, "moto: targets healthy/unused at once (no health checks, no draining delay)")
+    )
+    return tg["TargetGroupArn"]
 
 
 def _lifecycle_hook(model, aws, rid, report):
@@ -229,6 +267,7 @@ HANDLERS_MORE: Dict[str, Callable[..., Any]] = {
     "AWS::S3::Bucket": _bucket,
     "AWS::AutoScaling::AutoScalingGroup": _group,
     "AWS::AutoScaling::LifecycleHook": _lifecycle_hook,
+    "AWS::ElasticLoadBalancingV2::TargetGroup": _target_group,
     "AWS::CodeDeploy::Application": _codedeploy_application,
     "AWS::CodeDeploy::DeploymentGroup": _codedeploy_group,
 }

@@ -157,6 +157,13 @@ def checks(
         return [(verb, arn, base)]
     if service == "sts" and action == "GetCallerIdentity":
         return []  # AWS allows it to everyone
+    if service == "monitoring":
+        # CloudWatch signs as "monitoring" and names its IAM actions "cloudwatch:..."; PutMetricData
+        # has no resource-level permission, its namespace is the condition key cloudwatch:namespace
+        ctx = dict(base)
+        if isinstance(params.get("Namespace"), str):
+            ctx["cloudwatch:namespace"] = params["Namespace"]
+        return [(f"cloudwatch:{action}", "*", ctx)]
     extra: List[Check] = []
     if service == "ssm":
         arns = _ssm(action, params, account, region)
@@ -168,6 +175,11 @@ def checks(
         arns = _autoscaling(action, params, account, region)
     elif service == "sts" and params.get("RoleArn"):
         arns = [params["RoleArn"]]
+    elif service == "elasticloadbalancing" and not action.startswith("Describe"):
+        # Register/DeregisterTargets and the other writes: on the target group (or load
+        # balancer) they name; ELBv2's Describe actions have no resource-level permission
+        named = params.get("TargetGroupArn") or params.get("LoadBalancerArn")
+        arns = [named] if named else ["*"]
     else:
         arns = ["*"]
     out = [(f"{service}:{action}", arn, base) for arn in arns]

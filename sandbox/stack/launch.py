@@ -251,6 +251,7 @@ class Stack:
         self.standins["load balancer"] = lb = LoadBalancer.from_model(
             self.model, self.switch, targets
         ).start()
+        self._follow_target_group(group_rid, lb)
         if not self.wait_healthy:  # exploring a stack whose api-servers may not come up
             return
         try:
@@ -265,6 +266,25 @@ class Stack:
             )
             raise TimeoutError(f"{exc}: {lb.target_health()}\n{tails}") from exc
         self.progress(f"  load balancer stand-in: {len(targets)} healthy target(s)")
+
+    def _follow_target_group(self, group_rid: str, lb: Any) -> None:
+        """HAProxy follows the group's target group in moto (moto's group registered the
+        instances in it at launch; the agent deregisters and registers them around restarts)."""
+        from sandbox.stack.registrations import Follower
+
+        assert self.model is not None and self.aws is not None
+        name = self.model.ref(group_rid)
+        (arn,) = self.model.prop(group_rid, "TargetGroupARNs")
+        members = [m for m in self.members if m.group == name]
+
+        def addresses() -> Dict[str, str]:
+            return {m.instance_id: m.instance.address for m in self.members if m.group == name}
+
+        follower = Follower(lb, self.aws.client("elbv2"), arn, addresses)
+        missing = {m.instance_id for m in members} - follower.registered()
+        if missing:
+            raise RuntimeError(f"{name}: not registered in the target group {arn}: {missing}")
+        self.standins["target group"] = follower.start()
 
     @staticmethod
     def _all_healthy(lb: Any) -> bool:

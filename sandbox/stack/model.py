@@ -203,6 +203,9 @@ class StackModel(StackQueries):
             return self.generated_name(name, 63, lower=True)
         if rtype in ("AWS::IAM::Role", "AWS::IAM::InstanceProfile"):
             return self.generated_name(name)
+        if rtype == "AWS::ElasticLoadBalancingV2::TargetGroup":
+            tg = self.generated_name(name, 32).replace("_", "-")
+            return f"arn:aws:elasticloadbalancing:{region}:{account}:targetgroup/{tg}/{'0' * 16}"
         return f"{name}-physical-id"
 
     def get_att(self, name: str, attr: str) -> Any:

@@ -327,6 +327,31 @@ class LoadBalancer(_Process):
             if answer and not answer.startswith("New server registered"):
                 raise RuntimeError(f"haproxy: {cmd}: {answer}")
 
+    def _server(self, addr: str) -> str:
+        return f"targets/t{self.targets.index(addr)}"
+
+    def set_in_rotation(self, addr: str, on: bool) -> None:
+        """As the ALB on (de)registration: `drain` takes a target out of rotation (requests in
+        flight finish, no new ones reach it; health checks go on), `ready` puts it back."""
+        cmd = f"set server {self._server(addr)} state {'ready' if on else 'drain'}"
+        answer = (self._admin(cmd) or "").strip()
+        if answer:
+            raise RuntimeError(f"haproxy: {cmd}: {answer}")
+
+    def in_rotation(self) -> List[str]:
+        """The targets HAProxy may send new requests to right now (admin state ready, whatever
+        their health), from its stats socket: the test of "at most one api-server out"."""
+        lines = (self._admin("show servers state targets") or "").splitlines()
+        # "1" (the format), "# be_id be_name srv_id srv_name ... srv_admin_state ...", rows
+        header = next((ln[2:].split() for ln in lines if ln.startswith("# ")), [])
+        names = {f"t{i}": a for i, a in enumerate(self.targets)}
+        rows = [dict(zip(header, ln.split())) for ln in lines if not ln.startswith("#")]
+        return [
+            names[r["srv_name"]]
+            for r in rows
+            if r.get("srv_name") in names and r.get("srv_admin_state") == "0"
+        ]
+
     def target_health(self) -> Optional[Dict[str, str]]:
         """{target address: UP/DOWN/...} from HAProxy's stats socket (None until it answers)."""
         data = self._admin("show stat")

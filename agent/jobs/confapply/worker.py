@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 from typing import Iterator, Optional
 
-from agent.airflow.restart_slot import restart_slot
-from agent.airflow.restart_slot_plan import REPORT_GRACE, Slot
+from agent.airflow.restart_guard import restart_guard
+from agent.airflow.restart_slot_plan import REPORT_GRACE
 from agent.errors import AgentError
 from agent.jobs.confapply.state import ConfapplyDoc
 from agent.worker.state import WorkerRecord
@@ -33,20 +34,31 @@ HELD = "held by the worker's state"
 
 class WorkerHold:
     @contextlib.contextmanager
-    def _restart_slot(self) -> Iterator[Slot]:
-        """The role's fleet-wide restart slot (agent.airflow.restart_slot) for one pass over
-        this instance's units; the watchdog is told the wait may block that long. Taken
+    def _restart_slot(self) -> Iterator[None]:
+        """One pass over this instance's units as every restart is done
+        (agent.airflow.restart_guard): in the role's fleet-wide restart slot and, on an
+        api-server behind a load balancer, out of its rotation. The watchdog is told how long
+        taking (slot, deregistration) and leaving (registration, health) may block. Taken
         outside the worker record's lock, so waiting for a slot never holds up a drain."""
-        wait = self.cfg.coordination.timeout + REPORT_GRACE + RESTART_SLACK
+        tg = self.cfg.target_group
+        enter = self.cfg.coordination.timeout + REPORT_GRACE + RESTART_SLACK + tg.deregister_timeout
+        leave = tg.register_timeout + self.cfg.deploy.validate_timeout + RESTART_SLACK
         self.rt.status(f"waiting for a restart slot of the {self.role} role")
-        with contextlib.ExitStack() as stack:
-            with self.rt.busy(wait):
-                slot = stack.enter_context(
-                    restart_slot(
-                        self.cfg, self.role, socket.gethostname(), stop=lambda: self.rt.stopping
-                    )
+        guard = contextlib.ExitStack()
+        with self.rt.busy(enter):
+            guard.enter_context(
+                restart_guard(
+                    self.cfg, self.role, socket.gethostname(), stop=lambda: self.rt.stopping
                 )
-            yield slot
+            )
+        try:
+            yield
+        except BaseException:
+            with self.rt.busy(leave):
+                guard.__exit__(*sys.exc_info())
+            raise
+        with self.rt.busy(leave):
+            guard.close()
 
     @contextlib.contextmanager
     def _worker_record(self) -> Iterator:

@@ -46,6 +46,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -302,8 +303,16 @@ class DeployHook(ValidateSteps, UnitSteps):
         log.info("undrain: %s", done)
 
     def _restart_guard(self):
-        """Held around a restart of this instance's units (agent.jobs.deploy.units)."""
-        return self._no_guard()
+        """Held around a restart of this instance's units (agent.jobs.deploy.units): the
+        role's fleet-wide restart slot, shared with confapply, and an api-server out of the
+        load balancer's rotation (agent.airflow.restart_guard). The slot is waited for at
+        most deploy.validate_timeout, so the wait and the restart fit ApplicationStart's."""
+        from agent.airflow.restart_guard import restart_guard
+
+        holder = f"{socket.gethostname()} deployment {self.deployment}"
+        return restart_guard(
+            self.cfg, self.role, holder, slot_timeout=self.cfg.deploy.validate_timeout
+        )
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:

@@ -16,9 +16,8 @@ api-server restarts in place, as fast as systemd restarts it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 from agent.jobs.deploy import content
 from agent.jobs.deploy.state import DeployUnitsDoc
@@ -110,7 +109,3 @@ class UnitSteps:
         if self.role == "webserver":
             # polled often: the restart is over, for the tasks, when this answers
             self.wait_healthy(self.clock() + self.cfg.deploy.validate_timeout, interval=0.25)
-
-    @contextlib.contextmanager
-    def _no_guard(self) -> Iterator[None]:
-        yield

@@ -5,11 +5,10 @@ and consuming, the scheduler job alive, the api-server healthy, each retried unt
 from __future__ import annotations
 
 import logging
-import urllib.error
-import urllib.request
 from typing import Optional
 
 from agent.errors import DeadlineError
+from agent.platform.health import health_problem
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +90,5 @@ class ValidateSteps:
     def wait_healthy(self, until: float, interval: float = 1.0) -> None:
         """Until the api-server's health URL answers 200 (deploy.health_url; none: no check)."""
         url = self.cfg.deploy.health_url
-        if not url:
-            return
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-        def check() -> Optional[str]:
-            try:
-                with opener.open(url, timeout=5) as resp:
-                    return None if resp.status == 200 else f"{url} answered {resp.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                return f"{url}: {exc}"
-
-        self._retry("api-server", check, interval, until)
+        if url:
+            self._retry("api-server", lambda: health_problem(url), interval, until)

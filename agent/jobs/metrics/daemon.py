@@ -91,6 +91,7 @@ class Metrics(Daemon):
         self.wall = wall
         self.link_start = link_start  # (cfg, url, key, holder, url_hash) -> a DatabaseLink
         self.link: Optional[DatabaseLink] = None
+        self.env_hash: Optional[str] = None  # of the env file the co-process's URL came from
         self.election = Election()
         self.state = StateStore(cfg.state_dir)
         previous = self.state.load_doc(MetricsDoc)
@@ -103,12 +104,14 @@ class Metrics(Daemon):
 
     # -- one pass
 
-    def _env(self) -> dict:
+    def _env(self) -> tuple:
+        """(the env file's variables, a hash of its bytes); ({}, "") when it cannot be read."""
         try:
             with open(self.cfg.env.file, "rb") as f:
-                return parse_env(f.read())
+                data = f.read()
         except OSError:
-            return {}
+            return {}, ""
+        return parse_env(data), hashlib.sha256(data).hexdigest()
 
     def _concurrency(self, env: dict) -> tuple:
         value = None
@@ -121,16 +124,34 @@ class Metrics(Daemon):
             log.warning("metrics: [celery] worker_concurrency: %s", exc)
         return concurrency_from(self.cfg.metrics.worker_concurrency, value)
 
-    def _ensure_link(self) -> Optional[str]:
-        """Start (or restart on a changed URL) the co-process; why not, or None."""
+    def _aws_budget(self) -> float:
+        """The longest one AWS call may take with botocore's retries (+ slack)."""
+        a = self.cfg.aws
+        return a.max_attempts * (a.connect_timeout + a.read_timeout) + 5
+
+    def _ensure_link(self, env_hash: str) -> Optional[str]:
+        """Start the co-process, or restart it when the env file changed and gives another URL;
+        why not, or None. The URL is resolved (its _CMD or _SECRET form run) only then, not
+        every pass; a running co-process is kept when a changed file cannot be resolved."""
+        if self.link is not None and not self.link.alive():
+            self.link = None
+        if self.link is not None and env_hash == self.env_hash:
+            return None
         try:
-            url = sql_alchemy_conn(self.cfg)
+            with self.rt.busy(self._aws_budget()):
+                url = sql_alchemy_conn(self.cfg)
+            why = None if url is not None else f"{self.cfg.env.file} gives no sql_alchemy_conn"
         except (OptionError, AgentError) as exc:
-            return f"cannot resolve [database] sql_alchemy_conn: {exc}"
+            url, why = None, f"cannot resolve [database] sql_alchemy_conn: {exc}"
         if url is None:
-            return f"{self.cfg.env.file} gives no [database] sql_alchemy_conn"
+            if self.link is not None:
+                log.warning("metrics: %s; keeping the co-process started before", why)
+                return None
+            return why
+        self.env_hash = env_hash
         url_hash = hashlib.sha256(url.encode()).hexdigest()
-        if self.link is not None and (not self.link.alive() or self.link.url_hash != url_hash):
+        if self.link is not None and self.link.url_hash != url_hash:
+            log.info("metrics: the database URL changed; restarting the co-process")
             self.link.close()
             self.link = None
         if self.link is None:
@@ -153,9 +174,9 @@ class Metrics(Daemon):
 
     def pass_once(self) -> None:
         self.error = None
-        env = self._env()
+        env, env_hash = self._env()
         concurrency, source = self._concurrency(env)
-        why = self._ensure_link()
+        why = self._ensure_link(env_hash)
         if why is not None:
             return self._failed("db", why)
         assert self.link is not None
@@ -180,11 +201,8 @@ class Metrics(Daemon):
         if left_out:
             log.warning("metrics: %d queue(s) over PutMetricData's limit left out", left_out)
         datums = metric_data(self.cfg.cluster, shown, overall, self.wall())
-        budget = self.cfg.aws.max_attempts * (
-            self.cfg.aws.connect_timeout + self.cfg.aws.read_timeout
-        )
         try:
-            with self.rt.busy(budget + 5):
+            with self.rt.busy(self._aws_budget()):
                 self.cloudwatch().put_metric_data(
                     Namespace=self.cfg.metrics.namespace, MetricData=datums
                 )
