@@ -132,9 +132,12 @@ def test_the_election_logs_changes_only():
     e = Election()
     assert e.observe(Report("standby"), 10.0) == "standby: another scheduler publishes the metrics"
     assert e.observe(Report("standby"), 20.0) is None
-    assert e.observe(Report("error", why="x"), 30.0) is None and e.role == "standby"
-    line = e.observe(Report("publisher"), 40.0)
+    line = e.observe(Report("publisher"), 25.0)
     assert line == "now the cluster's metrics publisher (took over from another scheduler)"
+    assert (e.role, e.since) == ("publisher", 25.0)
+    # an error: the session (and a lock it held) ended; the role is unknown until a report
+    assert e.observe(Report("error", why="x"), 30.0) is None and e.role is None
+    assert e.observe(Report("publisher"), 40.0) == "now the cluster's metrics publisher"
     assert (e.role, e.since) == ("publisher", 40.0)
 
 
@@ -377,3 +380,25 @@ def test_the_co_process_is_restarted_only_when_the_database_url_changes(tmp_path
     daemon.step()
     assert len(starts) == 2 and starts[1].open and daemon.doc.last_result == "published"
     assert "keeping the co-process started before" in caplog.text
+
+
+def test_a_publisher_that_cannot_reach_cloudwatch_steps_down_for_another(tmp_path):
+    from agent.jobs.metrics.daemon import STEP_DOWN_AFTER
+
+    clock, db = VirtualClock(), Database()
+    db.rows = [["default", "queued", 8]]
+    broken = CloudWatch(clock, fail=10**6)  # this scheduler's path to CloudWatch is broken
+    working = CloudWatch(clock)
+    a, _ = make_daemon(tmp_path, clock, db, "a", broken)
+    b, _ = make_daemon(tmp_path, clock, db, "b", working)
+    start = clock.now()
+    due = {a: start, b: start + 10}
+    drive(clock, due, start + (STEP_DOWN_AFTER - 1) * 60 - 5)  # before a's third failure
+    assert b.election.role == "standby" and not working.calls
+    drive(clock, due, start + 600)
+    # a failed 3 passes in a row, let the lock go and sat out; b took over and publishes
+    assert len(broken.calls) == STEP_DOWN_AFTER
+    assert b.election.role == "publisher" and len(working.calls) >= 7
+    assert working.calls[0]["t"] - broken.calls[-1]["t"] <= 60
+    doc = a.state.read(MetricsDoc)
+    assert doc.cloudwatch_errors == STEP_DOWN_AFTER and doc.role == "standby"

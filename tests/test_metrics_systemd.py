@@ -112,7 +112,8 @@ def test_the_scheduler_unit_publishes_from_its_sandbox(rig, aws_server, imds_ser
         lambda: (
             not pg.psql(
                 "airflow",
-                "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'airflow-agent metrics %'",
+                "SELECT 1 FROM pg_stat_activity "
+                "WHERE application_name LIKE 'airflow-agent metrics %'",
             )
         ),
         10,

@@ -39,6 +39,7 @@ from agent.jobs.metrics.plan import (
     PUBLISHER,
     Election,
     QueueCounts,
+    Report,
     capped,
     concurrency_from,
     lock_key,
@@ -55,6 +56,9 @@ from agent.state import StateStore
 log = logging.getLogger(__name__)
 
 FAILURE_DOCUMENT = MetricsDoc
+# a publisher whose PutMetricData fails this many passes in a row lets the lock go and sits
+# out 1.5 intervals, so another scheduler (perhaps with a working path to CloudWatch) takes over
+STEP_DOWN_AFTER = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -101,6 +105,8 @@ class Metrics(Daemon):
         self.error: Optional[str] = None
         self.counts: List[QueueCounts] = []
         self.seen: set = set()  # queues published this run: a drained one publishes zeros
+        self.cloudwatch_failures = 0  # in a row
+        self.sit_out_until: Optional[float] = None
 
     # -- one pass
 
@@ -172,8 +178,25 @@ class Metrics(Daemon):
         self.doc.last_result = "failed"
         log.error("metrics: %s", why)
 
+    def _step_down(self) -> None:
+        log.warning(
+            "metrics: %d PutMetricData calls in a row failed; letting another scheduler publish",
+            self.cloudwatch_failures,
+        )
+        if self.link is not None:
+            self.link.close()  # the session ends, and the lock with it
+            self.link = None
+        self.cloudwatch_failures = 0
+        self.election.observe(Report(ERROR), self.rt.now())
+        self.doc.role, self.doc.role_since = None, None
+        self.sit_out_until = self.rt.now() + 1.5 * self.interval
+
     def pass_once(self) -> None:
         self.error = None
+        if self.sit_out_until is not None and self.rt.now() < self.sit_out_until:
+            self.error = f"stepped down after {STEP_DOWN_AFTER} failed PutMetricData calls"
+            return None
+        self.sit_out_until = None
         env, env_hash = self._env()
         concurrency, source = self._concurrency(env)
         why = self._ensure_link(env_hash)
@@ -183,14 +206,14 @@ class Metrics(Daemon):
         timeout = self.cfg.metrics.query_timeout + GRACE
         with self.rt.busy(timeout + 5):
             report = self.link.tick(timeout, self.rt.now)
+        changed = self.election.observe(report, self.rt.now())
+        self.doc.role, self.doc.role_since = self.election.role, self.election.since
         if report.role == ERROR:
             if not self.link.alive():
                 self.link = None
             return self._failed("db", report.why)
-        changed = self.election.observe(report, self.rt.now())
         if changed:
             log.info("metrics: %s (cluster %s)", changed, self.cfg.cluster)
-        self.doc.role, self.doc.role_since = self.election.role, self.election.since
         self.doc.last_query_seconds = round(report.took, 4)
         if report.role != PUBLISHER:
             self.doc.last_result = "standby"
@@ -209,7 +232,12 @@ class Metrics(Daemon):
         except Exception as exc:  # botocore's errors, no region, no credentials: next pass
             from agent.platform.aws import describe_error
 
-            return self._failed("cloudwatch", f"CloudWatch PutMetricData: {describe_error(exc)}")
+            self._failed("cloudwatch", f"CloudWatch PutMetricData: {describe_error(exc)}")
+            self.cloudwatch_failures += 1
+            if self.cloudwatch_failures >= STEP_DOWN_AFTER:
+                self._step_down()
+            return None
+        self.cloudwatch_failures = 0
         self.seen |= {c.queue for c in shown}
         self.counts = shown
         self.doc.last_result = "published"

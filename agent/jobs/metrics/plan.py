@@ -188,10 +188,14 @@ class Election:
         self.since: Optional[float] = None
 
     def observe(self, report: Report, now: float) -> Optional[str]:
-        """Take a report in; a line to log when the role changed, else None. An error report
-        leaves the role as it was: the next tick decides (a publisher whose session died lost
-        its lock with it, and tries again like any standby)."""
-        if report.role == ERROR or report.role == self.role:
+        """Take a report in; a line to log when the role changed, else None. After an error
+        the role is unknown (None: the session, and a lock it held, ended with it; the next
+        tick decides, a former publisher trying again like any standby). Errors are logged by
+        the caller."""
+        if report.role == ERROR:
+            self.role = self.since = None
+            return None
+        if report.role == self.role:
             return None
         before, self.role, self.since = self.role, report.role, now
         if report.role == PUBLISHER:
