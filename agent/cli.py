@@ -91,6 +91,12 @@ COMMANDS: Dict[str, Tuple[str, str, str, str]] = {
         "run",
         "scheduler: create or update the Celery workers' own database user",
     ),
+    "metrics": (
+        "agent.jobs.metrics.daemon",
+        "add_arguments",
+        "run",
+        "scheduler: publish Celery queue depth and desired workers to CloudWatch",
+    ),
     "worker-gate": (
         "agent.worker.boot_gate",
         "add_arguments",

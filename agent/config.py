@@ -1,8 +1,7 @@
 """The agent's configuration: one typed object loaded from agent.yaml, defaults in one place.
 
-`load_config(path)` reads the YAML file, checks every key against the dataclasses below and
-returns an `AgentConfig`. An unknown key, a wrong type or a bad value raises `ConfigError`
-naming the dotted key and the file. The defaults here are the contract in the README.
+`load_config(path)` returns an `AgentConfig` (its defaults are the README's contract); an unknown
+key, a wrong type or a bad value raises `ConfigError` naming the dotted key and the file.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from agent.config_file import ConfigFile, config_sha256, parse_yaml, read_config
 from agent.config_schema import build
 from agent.errors import ConfigError
 from agent.jobs.env_sync.plan import refused_variable
+from agent.jobs.metrics.config import MetricsConfig, check_metrics
 from agent.jobs.task_credentials.config import TaskCredentialsConfig, check_task_credentials
 from agent.jobs.worker_db.config import WorkerDbConfig, check_worker_db
 from agent.platform.target_group_config import TargetGroupConfig, check_target_group
@@ -34,15 +34,14 @@ DEFAULT_UNITS: Dict[str, List[str]] = {
     "webserver": ["airflow-api-server"],
     "worker": ["airflow-worker"],
 }
-
-# every role refreshes the task role's credentials (agent.jobs.task_credentials)
 _TASK_CREDENTIALS = "airflow-agent-task-credentials.timer"
 DEFAULT_AGENT_UNITS: Dict[str, List[str]] = {
     "scheduler": [
         "airflow-agent-env",
         "airflow-agent-confapply",
         "airflow-agent-variables.timer",
-        _TASK_CREDENTIALS,
+        _TASK_CREDENTIALS,  # every role: the task role's credentials (agent.jobs.task_credentials)
+        "airflow-agent-metrics",  # one publisher per cluster (agent.jobs.metrics)
     ],
     "webserver": ["airflow-agent-env", "airflow-agent-confapply", _TASK_CREDENTIALS],
     "worker": [
@@ -217,6 +216,7 @@ class AgentConfig:
     worker_db: WorkerDbConfig = field(default_factory=WorkerDbConfig)
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     target_group: TargetGroupConfig = field(default_factory=TargetGroupConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})  # for errors; no key
     # set by load_config (not a field: no key, not in asdict); the daemons watch it
     loaded_from = None  # Optional[ConfigFile]
@@ -351,7 +351,7 @@ def _validate(cfg: AgentConfig) -> None:
         fail("systemctl", "must be a command")
     tc, wdb, tg = cfg.task_credentials, cfg.worker_db, cfg.target_group
     checks = (check_task_credentials(tc), check_worker_db(wdb), check_target_group(tg))
-    for bad in (*checks, check_coordination(cfg.coordination, ROLES)):
+    for bad in (*checks, check_coordination(cfg.coordination, ROLES), check_metrics(cfg.metrics)):
         if bad:
             fail(*bad)
     if cfg.airflow_config.command_user in ("root", "0", ""):

@@ -59,6 +59,7 @@ DOCUMENT_MODULES = (
     "agent.jobs.lifecycle.state",
     "agent.jobs.task_credentials.state",
     "agent.jobs.deploy.state",
+    "agent.jobs.metrics.state",
     "agent.platform.target_group_state",
     "agent.worker.state",
 )

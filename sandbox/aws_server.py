@@ -3,7 +3,8 @@
 The wrapper adds what moto lacks (TESTING.md): it answers Auto Scaling's
 `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction` and records them; it can inject
 N errors (throttling, AccessDenied, ...) for any action; and it records every call's service
-and action so tests and benchmarks can count API calls. Control endpoints live under `/_rig/`.
+and action (and the access key id that signed it, so a test can tell two callers apart) so
+tests and benchmarks can count API calls. Control endpoints live under `/_rig/`.
 
 IAM (issue 11): `/_rig/iam/credentials` issues credentials of an IAM role of the embedded AWS
 (what an instance's IMDS serves); a request signed with them is allowed only if that role's
@@ -264,6 +265,8 @@ class RigApp:
             return self._error(start_response, json_protocol, fault, service)
         with self.lock:
             call = {"service": service, "action": action, "time": time.time()}
+            signed = _KEY_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+            call["key"] = signed.group(1) if signed else None
             if action in _LIFECYCLE_ACTIONS:
                 call["params"] = params
             self.calls.append(call)

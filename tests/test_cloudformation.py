@@ -1040,9 +1040,12 @@ def _boto_operations() -> Dict[str, Dict[str, str]]:
         "elasticache",
         "rds",
         "sqs",
+        "cloudwatch",
     ):
         model = session.get_service_model(service)
-        prefix = model.signing_name or model.endpoint_prefix
+        # CloudWatch signs as "monitoring"; its IAM actions are "cloudwatch:..."
+        iam_prefix = {"cloudwatch": "cloudwatch"}.get(service)
+        prefix = iam_prefix or model.signing_name or model.endpoint_prefix
         out[service] = {botocore.xform_name(op): f"{prefix}:{op}" for op in model.operation_names}
     return out
 

@@ -186,6 +186,7 @@ def test_the_registry_knows_every_job_document():
         "lifecycle",
         "task_credentials",
         "deploy",
+        "metrics",
         "target_group",
         "worker",
     ]

@@ -24,6 +24,7 @@ TOP_KEYS = {
     "variables_watch",
     "task_credentials",
     "deploy",
+    "metrics",
     "target_group",
     "worker",
     "systemd",

@@ -34,6 +34,7 @@ AGENT_UNITS = [
     "airflow-agent-variables-watch.service",
     "airflow-agent-lifecycle.service",
     "airflow-agent-task-credentials.service",
+    "airflow-agent-metrics.service",
 ]
 TIMERS = ["airflow-agent-variables.timer", "airflow-agent-task-credentials.timer"]
 AIRFLOW_UNITS = [
@@ -52,6 +53,7 @@ THRESHOLD = {
     "airflow-agent-variables.service": 2.3,
     "airflow-agent-variables-watch.service": 2.3,
     "airflow-agent-task-credentials.service": 2.2,
+    "airflow-agent-metrics.service": 2.3,
     **{u: 2.0 for u in AIRFLOW_UNITS},
 }
 assert all(THRESHOLD[u] <= 5.0 for u in AGENT_UNITS)
@@ -176,6 +178,9 @@ elif job == "variables sync":
     step("tcp", tcp_socket)
 elif job == "variables watch":
     daemon([("as-airflow", as_airflow), ("tcp", tcp_socket)])
+elif job == "metrics":
+    # the co-process as airflow (election + counts in the metadata database), CloudWatch
+    daemon([("read-env", read_env), ("as-airflow", as_airflow), ("tcp", tcp_socket)])
 elif job == "task-credentials":
     step("write-credentials", write_credentials)
     step("tcp", tcp_socket)
@@ -375,6 +380,23 @@ def test_airflow_units_start_as_airflow(host: SystemdHost, unit: str) -> None:
     host.systemctl("stop", unit)
 
 
+def test_metrics_unit_notifies_and_runs_its_co_process_as_airflow(host: SystemdHost) -> None:
+    unit = "airflow-agent-metrics.service"
+    host.systemctl("start", "airflow-agent-env.service")
+    host.systemctl("start", unit)  # returns after READY=1
+    host.wait_active(unit)
+    res = host.wait_for(
+        lambda: (lambda r: r if "ready" in r else None)(_results(host, "metrics")),
+        10,
+        "metrics stub ready",
+    )
+    _assert_all_ok(res, ["state-dir", "read-env", "as-airflow", "tcp"])
+    assert host.unit_property(unit, "StatusText") == "stub running"
+    assert host.unit_property(unit, "NotifyAccess") == "main"
+    host.systemctl("stop", unit)
+    assert "stopped" in _results(host, "metrics")
+
+
 def test_task_credentials_unit_writes_a_file_airflow_reads(host: SystemdHost) -> None:
     unit = "airflow-agent-task-credentials.service"
     cursor = host.journal_cursor()
@@ -419,6 +441,7 @@ def test_worker_unit_starts_only_through_its_boot_gate(host: SystemdHost) -> Non
         "airflow-agent-confapply.service",
         "airflow-agent-lifecycle.service",
         "airflow-agent-variables-watch.service",
+        "airflow-agent-metrics.service",
     ],
 )
 def test_daemons_restart_on_exit_75_without_failing(host: SystemdHost, unit: str) -> None:

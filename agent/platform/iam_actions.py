@@ -56,6 +56,11 @@ AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
         "elasticloadbalancing:DeregisterTargets",
         "elasticloadbalancing:RegisterTargets",
     ),
+    # agent/jobs/metrics/daemon.py (scheduler): one PutMetricData per interval from the elected
+    # publisher (no resource-level permissions: restrict it with the cloudwatch:namespace
+    # condition key to metrics.namespace), and the metadata database's URL through Airflow's
+    # sql_alchemy_conn_secret
+    "metrics": ("cloudwatch:PutMetricData", "secretsmanager:GetSecretValue", "kms:Decrypt"),
     # agent/jobs/worker_db/job.py (scheduler, after db migrate): the worker user's secret and the
     # master URL through Airflow's sql_alchemy_conn_secret
     "worker db user": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
@@ -98,6 +103,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "task credentials",
         "worker db user",
         "variables sync",
+        "metrics",
         "airflow remote logs",
         "airflow config secrets",
         "codedeploy agent",
@@ -143,6 +149,7 @@ UNSCOPED_ACTIONS: FrozenSet[str] = frozenset(
         "autoscaling:DescribeAutoScalingInstances",
         "autoscaling:DescribeLifecycleHooks",
         "elasticloadbalancing:DescribeTargetHealth",
+        "cloudwatch:PutMetricData",  # the cloudwatch:namespace condition key scopes it
     }
     # the SSM agent's message channels (its ssm:UpdateInstanceInformation is scoped)
     | {a for a in OTHER_ACTIONS["ssm agent"] if a.startswith(("ssmmessages:", "ec2messages:"))}

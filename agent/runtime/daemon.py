@@ -1,4 +1,4 @@
-"""The one loop every daemon runs on: confapply, lifecycle watch, variables watch.
+"""The one loop every daemon runs on: confapply, lifecycle watch, variables watch, metrics.
 
 A daemon supplies only its own decisions (a `Daemon`): `step()` does one pass and returns the
 seconds until the next one, `status()` is its one-line state. `DaemonRuntime.run()` does the

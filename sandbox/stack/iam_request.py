@@ -157,6 +157,13 @@ def checks(
         return [(verb, arn, base)]
     if service == "sts" and action == "GetCallerIdentity":
         return []  # AWS allows it to everyone
+    if service == "monitoring":
+        # CloudWatch signs as "monitoring" and names its IAM actions "cloudwatch:..."; PutMetricData
+        # has no resource-level permission, its namespace is the condition key cloudwatch:namespace
+        ctx = dict(base)
+        if isinstance(params.get("Namespace"), str):
+            ctx["cloudwatch:namespace"] = params["Namespace"]
+        return [(f"cloudwatch:{action}", "*", ctx)]
     extra: List[Check] = []
     if service == "ssm":
         arns = _ssm(action, params, account, region)

@@ -1,0 +1,1 @@
+"""`airflow-agent metrics`: Celery queue depth and the desired worker count to CloudWatch."""
