@@ -145,7 +145,8 @@ def test_a_deployment_with_tasks_in_flight_drains_the_worker_and_kills_none(stac
     print(
         f"\nDAG-only deployment: {len(pids)} scheduler/api-server units kept their MainPIDs; "
         f"health probes {[answers.count(u) for u in urls]} (load balancer, then each api-server),"
-        f" {len(answers.failures())} failed, over {answers.span():.0f} s"
+        f" {len(answers.failures())} failed, over {answers.span():.0f} s, slowest answer "
+        f"{answers.slowest():.2f} s"
     )
     assert answers.failures() == [], answers.failures()[:5]
     assert min(answers.count(u) for u in urls) >= 20, [answers.count(u) for u in urls]
@@ -206,7 +207,9 @@ def test_a_plugins_change_restarts_one_api_server_at_a_time_out_of_rotation(stac
     ]
     print(
         f"\nplugins deployment: restarts {took}; load balancer probes {probe.result.count(lb_url)}"
-        f", {len(probe.result.failures())} failed; at most {rotation.max_out()} api-server(s) "
+        f", {len(probe.result.failures())} failed, slowest answer {probe.result.slowest():.2f} s "
+        f"(failures at {probe.result.failure_times()} s);"
+        f" at most {rotation.max_out()} api-server(s) "
         f"out of rotation in {len(rotation.samples)} samples"
     )
     assert probe.result.failures() == [], probe.result.failures()[:5]

@@ -20,6 +20,7 @@ from sandbox.proc import wait_for
 _PROBE = r"""
 import json, sys, time, urllib.error, urllib.request
 urls, interval, out = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+limit = float(sys.argv[4])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 with open(out, "a", buffering=1) as f:
     while True:
@@ -27,17 +28,22 @@ with open(out, "a", buffering=1) as f:
         for url in urls:
             t = time.time()
             try:
-                with opener.open(url, timeout=2) as resp:
+                with opener.open(url, timeout=limit) as resp:
                     status, err = resp.status, ""
             except urllib.error.HTTPError as e:
                 status, err = e.code, ""
             except Exception as e:
                 status, err = 0, repr(e)[:200]
-            f.write(json.dumps({"url": url, "t": t, "status": status, "error": err}) + "\n")
+            took = time.time() - t
+            row = {"url": url, "t": t, "took": took, "status": status, "error": err}
+            f.write(json.dumps(row) + "\n")
         time.sleep(max(0.0, interval - (time.monotonic() - tick)))
 """
 
 _UNIT = "sandbox-health-probe"
+# how long one probe waits for its answer: the task SDK's own wait for an execution API call
+# ([workers] execution_api_timeout, 5 s), so a probe fails when a task's call would have
+EXECUTION_API_TIMEOUT = 5.0
 _OUT = "/run/sandbox-health-probe.jsonl"
 
 
@@ -50,6 +56,15 @@ class ProbeResult:
 
     def count(self, url: str) -> int:
         return sum(1 for a in self.answers if a["url"] == url)
+
+    def slowest(self) -> float:
+        """The longest any answer took (s)."""
+        return max((a.get("took", 0.0) for a in self.answers), default=0.0)
+
+    def failure_times(self) -> List[float]:
+        """Seconds from the first answer to each failure."""
+        start = self.answers[0]["t"] if self.answers else 0.0
+        return [round(a["t"] - start, 1) for a in self.failures()]
 
     def span(self) -> float:
         """Seconds from the first answer to the last."""
@@ -67,7 +82,7 @@ class HealthProbe:
         self.host.run(["rm", "-f", _OUT])
         self.host.run(
             ["systemd-run", f"--unit={_UNIT}", "--collect", "/usr/bin/python3", "-I", "-c",
-             _PROBE, json.dumps(self.urls), str(self.interval), _OUT]
+             _PROBE, json.dumps(self.urls), str(self.interval), _OUT, str(EXECUTION_API_TIMEOUT)]
         )  # fmt: skip
         # started: every URL answered once (whatever it answered)
         wait_for(lambda: len(self._read()) >= len(self.urls), 30, "the health probe's first round")
