@@ -29,8 +29,9 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
+from sandbox.elbv2_draining import mark_draining
 from sandbox.proc import ServerProcess, serve_forever
 from sandbox.tiers import heavy
 
@@ -53,6 +54,8 @@ class RigApp:
         self.principals: Dict[str, Dict[str, str]] = {}
         self.denials: List[Dict[str, Any]] = []
         self.unevaluated: List[Dict[str, Any]] = []
+        # instance ids the load balancer stand-in still routes to (sandbox.elbv2_draining)
+        self.routed: Set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -82,6 +85,9 @@ class RigApp:
             if path == "/_rig/faults" and method == "DELETE":
                 self.faults.clear()
                 return self._json(start_response, "200 OK", {"ok": True})
+            if path == "/_rig/elbv2/routed" and method == "POST":
+                self.routed = set(payload["targets"])
+                return self._json(start_response, "200 OK", {"ok": True})
             if path == "/_rig/calls":
                 return self._json(start_response, "200 OK", self.calls)
             if path == "/_rig/calls/clear":
@@ -102,6 +108,7 @@ class RigApp:
                 self.principals.clear()
                 self.denials.clear()
                 self.unevaluated.clear()
+                self.routed.clear()
         if path == "/_rig/reset":
             # moto's own reset, through its app, so every backend is cleared
             inner = dict(environ)
@@ -288,7 +295,20 @@ class RigApp:
         environ["CONTENT_LENGTH"] = str(len(body))
         if service == "sts" and action == "AssumeRole":
             return self._assume_role(environ, start_response, params)
+        if action == "DescribeTargetHealth":
+            return self._target_health(environ, start_response)
         return self.moto_app(environ, start_response)
+
+    def _target_health(self, environ, start_response):
+        """moto's answer, a target the load balancer stand-in still routes to `draining`
+        (sandbox.elbv2_draining)."""
+        got: Dict[str, Any] = {}
+        out = b"".join(self.moto_app(environ, lambda s, h, e=None: got.update(s=s, h=h)))
+        with self.lock:
+            out = mark_draining(out, self.routed)
+        headers = [(k, v) for k, v in got["h"] if k.lower() != "content-length"]
+        start_response(got["s"], headers + [("Content-Length", str(len(out)))])
+        return [out]
 
     def _assume_role(self, environ, start_response, params: Dict[str, Any]):
         """moto's AssumeRole, with the credentials it issues held to the assumed role's policies
@@ -334,6 +354,10 @@ class AwsServer(ServerProcess):
 
     def clear_faults(self) -> None:
         self.request("DELETE", "/_rig/faults")
+
+    def set_routed(self, instance_ids: Set[str]) -> None:
+        """The instances the load balancer stand-in routes to now (sandbox.elbv2_draining)."""
+        self.post("/_rig/elbv2/routed", {"targets": sorted(instance_ids)})
 
     def calls(self, action: Optional[str] = None) -> List[Dict[str, Any]]:
         calls = self.get("/_rig/calls")

@@ -266,3 +266,28 @@ def test_a_run_that_died_while_out_is_registered_again_by_the_next(aws, group):
     assert calls[:2] == ["DeregisterTargets", "DescribeTargetHealth"]  # the dead run's
     # (the test's own read), then the next run's repair before its decision
     assert calls[3:6] == ["DescribeTargetHealth", "RegisterTargets", "DescribeTargetHealth"]
+
+
+def test_the_wait_lasts_while_the_load_balancer_still_routes_to_the_instance(aws, group):
+    """As on AWS (`draining` until the load balancer stopped routing to it): the embedded AWS
+    answers `draining` while the sandbox's load balancer reports it still routes to the
+    instance (sandbox.elbv2_draining), so the restart starts only once it no longer does."""
+    cfg, t = _cfg(group), VirtualTime()
+    routed = {group["me"], group["other"]}
+    aws.set_routed(routed)
+
+    def sleep(seconds: float) -> None:  # the load balancer catches up after three polls
+        t.sleep(seconds)
+        if len(t.slept) == 3:
+            aws.set_routed({group["other"]})
+
+    try:
+        with out_of_rotation(cfg, AwsClients(cfg), group["me"], t.clock, sleep) as outcome:
+            assert outcome.drained and len(t.slept) == 3
+            assert states(group) == {group["other"]: "healthy"}
+        reads = group["elb"].describe_target_health(
+            TargetGroupArn=group["arn"], Targets=[{"Id": group["other"]}]
+        )["TargetHealthDescriptions"]
+        assert [d["TargetHealth"]["State"] for d in reads] == ["healthy"]
+    finally:
+        aws.set_routed(set())

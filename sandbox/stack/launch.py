@@ -280,7 +280,9 @@ class Stack:
         def addresses() -> Dict[str, str]:
             return {m.instance_id: m.instance.address for m in self.members if m.group == name}
 
-        follower = Follower(lb, self.aws.client("elbv2"), arn, addresses)
+        follower = Follower(
+            lb, self.aws.client("elbv2"), arn, addresses, report=self.aws.set_routed
+        )
         missing = {m.instance_id for m in members} - follower.registered()
         if missing:
             raise RuntimeError(f"{name}: not registered in the target group {arn}: {missing}")

@@ -8,9 +8,11 @@ every `interval` seconds; a target no longer registered (`unused`, `draining` or
 put in HAProxy's `drain` state (no new requests, those in flight finish), a registered one back
 to `ready`, and a registered instance HAProxy does not know yet is added to its backend.
 
-What moto does not emulate, and the sandbox therefore does not either: the deregistration delay
-(moto reports a deregistered target `unused` at once, so the agent's wait for draining ends on
-its first read, while HAProxy's `drain` lets requests in flight finish without a time limit),
+What moto does not emulate: the `draining` state (moto reports a deregistered target `unused`
+at once); the follower reports after every pass which instances HAProxy still routes to, and
+the embedded AWS answers such a target `draining` (sandbox.elbv2_draining), so the agent's wait
+ends only once HAProxy stopped routing to it, as on AWS (the deregistration delay itself is not
+emulated: HAProxy's `drain` lets requests in flight finish without a time limit);
 and health checks (moto reports every registered running instance `healthy` at once; the
 traffic is still gated by HAProxy's own health checks, which follow the template's).
 """
@@ -36,8 +38,12 @@ class Follower:
         target_group_arn: str,
         addresses: Callable[[], Dict[str, str]],
         interval: float = 0.5,
+        report: Optional[Callable[[Set[str]], None]] = None,
     ) -> None:
         self.lb, self.elbv2, self.arn = lb, elbv2, target_group_arn
+        # told after every pass which instances HAProxy routes to: the embedded AWS answers a
+        # deregistered one `draining` until then (sandbox.elbv2_draining)
+        self.report = report
         self.addresses = addresses  # instance id -> its address on the link, read each pass
         self.interval = interval
         self.errors: List[str] = []
@@ -64,7 +70,10 @@ class Follower:
         for addr in self.lb.targets:
             if (addr in wanted) != (addr in current):
                 self.lb.set_in_rotation(addr, addr in wanted)
-        return self.lb.in_rotation()
+        routed = self.lb.in_rotation()
+        if self.report is not None:
+            self.report({i for i, a in addresses.items() if a in routed})
+        return routed
 
     def start(self) -> Follower:
         self.sync()
