@@ -47,6 +47,7 @@ import time
 from typing import Callable, Iterator, List, Optional
 
 from agent.airflow.config_options import OptionError
+from agent.airflow.db_session import KEEPALIVES, POSTGRES_SCHEMES, PRELUDE, password_of
 from agent.airflow.option_sources import SERVICE_PATH, sql_alchemy_conn
 from agent.airflow.restart_slot_plan import Acquisition, Slot, slot_keys
 from agent.errors import AgentError
@@ -56,45 +57,18 @@ from agent.platform.process import PIPE, RunAs
 
 log = logging.getLogger(__name__)
 
-POSTGRES_SCHEMES = ("postgresql", "postgresql+psycopg2")
-# the holder's session: TCP keepalives so a vanished instance's slot frees in about a minute
-KEEPALIVES = {"idle": 20, "interval": 5, "count": 6}
 # how long a released co-process may take to unlock and exit before it is killed
 RELEASE_WAIT = 10.0
 
-SLOT_SCRIPT = r"""
-import json, random, sys, time
-req = json.loads(sys.stdin.readline())
+SLOT_SCRIPT = (
+    PRELUDE
+    + r"""
 deadline = time.monotonic() + req["timeout"]
-
-def say(**kw):
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
-
-def why(exc):
-    text = (str(exc).strip().splitlines() or [""])[0]
-    for s in req["hide"]:
-        text = text.replace(s, "***")
-    return (type(exc).__name__ + ": " + text)[:300]
-
-import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
-
-ka = req["keepalives"]
 said = None
 while True:
     left = deadline - time.monotonic()
     try:
-        engine = sa.create_engine(
-            req["url"], poolclass=NullPool, isolation_level="AUTOCOMMIT",
-            connect_args={"connect_timeout": max(2, min(10, int(left))),
-                          "application_name": req["name"][:63], "keepalives": 1,
-                          "keepalives_idle": ka["idle"], "keepalives_interval": ka["interval"],
-                          "keepalives_count": ka["count"]})
-        with engine.connect() as conn:
-            # server side: the database ends the session of a holder that vanished
-            for name, value in ka.items():
-                conn.exec_driver_sql("SET tcp_keepalives_%s = %d" % (name, value))
+        with connect(max(2, min(10, int(left)))) as conn:
             while True:
                 for i, key in enumerate(req["keys"]):
                     got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
@@ -124,15 +98,7 @@ while True:
         said = reason
     time.sleep(min(left, req["poll"] * random.uniform(0.75, 1.25)))
 """
-
-
-def _password(url: str) -> Optional[str]:
-    """The password part of a URL (to blank it in the co-process's messages)."""
-    netloc = url.split("://", 1)[-1].split("/", 1)[0]
-    if "@" not in netloc:
-        return None
-    userinfo = netloc.rsplit("@", 1)[0]
-    return userinfo.split(":", 1)[1] if ":" in userinfo else None
+)
 
 
 def _resolve_url(cfg, acq: Acquisition, clock, stop) -> tuple[Optional[str], str]:
@@ -259,7 +225,7 @@ def restart_slot(
     url, why = _resolve_url(cfg, acq, clock, stop)
     slot: Optional[Slot] = None
     if url is not None:
-        hide: List[str] = [p for p in [_password(url)] if p]
+        hide: List[str] = [p for p in [password_of(url)] if p]
         register_secrets([url] + hide)
         request = {
             "url": url,

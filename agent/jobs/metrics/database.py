@@ -23,10 +23,10 @@ import json
 import os
 import select
 import subprocess
-from typing import Callable, List, Optional
+from typing import Callable, List
 
+from agent.airflow.db_session import KEEPALIVES, POSTGRES_SCHEMES, PRELUDE, password_of
 from agent.airflow.option_sources import SERVICE_PATH
-from agent.airflow.restart_slot import KEEPALIVES, POSTGRES_SCHEMES
 from agent.jobs.metrics.plan import ERROR, Report, parse_report
 from agent.logs import register_secrets
 from agent.platform import process
@@ -41,24 +41,9 @@ COUNT_SQL = (
     "WHERE state IN ('running', 'queued') GROUP BY queue, state"
 )
 
-LINK_SCRIPT = r"""
-import json, sys, time
-req = json.loads(sys.stdin.readline())
-
-def say(**kw):
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
-
-def why(exc):
-    text = (str(exc).strip().splitlines() or [""])[0]
-    for s in req["hide"]:
-        text = text.replace(s, "***")
-    return (type(exc).__name__ + ": " + text)[:300]
-
-import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
-
-ka = req["keepalives"]
+LINK_SCRIPT = (
+    PRELUDE
+    + r"""
 conn, held = None, False
 for line in sys.stdin:
     t0 = time.monotonic()
@@ -66,16 +51,7 @@ for line in sys.stdin:
     try:
         if conn is None:
             held = False
-            engine = sa.create_engine(
-                req["url"], poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                connect_args={"connect_timeout": req["connect_timeout"],
-                              "application_name": req["name"][:63], "keepalives": 1,
-                              "keepalives_idle": ka["idle"],
-                              "keepalives_interval": ka["interval"],
-                              "keepalives_count": ka["count"]})
-            conn = engine.connect()
-            for name, value in ka.items():
-                conn.exec_driver_sql("SET tcp_keepalives_%s = %d" % (name, value))
+            conn = connect(req["connect_timeout"])
             conn.exec_driver_sql("SET statement_timeout = %d" % req["statement_timeout_ms"])
         if not held:
             queries += 1
@@ -96,18 +72,11 @@ for line in sys.stdin:
         conn, held = None, False  # the session (and the lock) ended or is ended here
         say(role="error", why="metadata database: " + why(exc))
 """
+)
 
 
 class LinkError(Exception):
     """The co-process cannot be started (no python, no user, not PostgreSQL)."""
-
-
-def password_of(url: str) -> Optional[str]:
-    netloc = url.split("://", 1)[-1].split("/", 1)[0]
-    if "@" not in netloc:
-        return None
-    userinfo = netloc.rsplit("@", 1)[0]
-    return userinfo.split(":", 1)[1] if ":" in userinfo else None
 
 
 class DatabaseLink:
