@@ -23,9 +23,14 @@ from sandbox.systemd_host import SystemdHost
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
 UNIT = "airflow-agent-metrics.service"
+# test rig only: the Airflow venv's python lives under /root/.pyenv on this machine, and a
+# clone may live under /tmp, which the unit's PrivateTmp= hides: a fresh /tmp instead, with the
+# venv bound into it read-only (what the launched stack's drop-in does)
 RIG_DROPIN = """[Service]
-# test rig only: the Airflow venv's python lives under /root/.pyenv on this machine
 ProtectHome=no
+PrivateTmp=no
+TemporaryFileSystem=/tmp:mode=1777
+BindReadOnlyPaths={venv}
 """
 
 
@@ -51,7 +56,10 @@ def rig(tmp_path_factory, aws_server, imds_server, ssm):
             h.run(["mkdir", "-p", "/opt/airflow"])
             h.run(["ln", "-sfn", str(AIRFLOW_VENV), "/opt/airflow/venv"])
             h.run(["chmod", "0711", "/root"])  # inside the overlay only
-            h.write_file(f"/etc/systemd/system/{UNIT}.d/50-rig.conf", RIG_DROPIN)
+            h.write_file(
+                f"/etc/systemd/system/{UNIT}.d/50-rig.conf",
+                RIG_DROPIN.format(venv=AIRFLOW_VENV.resolve()),
+            )
             h.systemctl("daemon-reload")
             ah.agent(h, aws_server, imds_server, "bootstrap", "--role", "scheduler")
             yield h, pg

@@ -22,6 +22,7 @@ import copy
 import fnmatch
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -662,11 +663,11 @@ def test_cfn_hup_hook_restarts_running_agent_daemons_only_when_agent_yaml_change
     init = template["Resources"]["InstanceConfig"]["Metadata"]["AWS::CloudFormation::Init"]
     action = "/usr/local/sbin/airflow-agent-cfn-update"
     script = resolver.resolve(init["configure"]["files"][action]["content"])
-    daemons = [
-        "airflow-agent-confapply",
-        "airflow-agent-lifecycle",
-        "airflow-agent-variables-watch",
-    ]
+    # the daemons the hook restarts, as it names them (every unit is installed on every role)
+    restarted = re.search(r"systemctl try-restart ([^\n]+)", script)
+    assert restarted, script
+    daemons = [u.removesuffix(".service") for u in restarted.group(1).split()]
+    assert "airflow-agent-confapply" in daemons and "airflow-agent-variables-watch" in daemons
     with SystemdHost(tmp_path, name="aea-cfn-hup-hook") as host:
         host.write_file(action, script, mode=0o700)
         host.write_file("/opt/aws/bin/cfn-init", _HOOK_CFN_INIT_STUB, mode=0o755)
