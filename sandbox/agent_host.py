@@ -156,3 +156,27 @@ def put_params(ssm, values: Dict[str, str], path: str = SSM_PATH) -> None:
         ssm.put_parameter(
             Name=f"{path}env/{name}", Value=value, Type="SecureString", Overwrite=True
         )
+
+
+# test rig only: the Airflow venv's python lives under /root/.pyenv on this machine, and a
+# clone may live under /tmp, which a unit's PrivateTmp= hides: a fresh /tmp instead, with the
+# venv bound into it read-only (what the launched stack's drop-in does)
+_VENV_DROPIN = """[Service]
+ProtectHome=no
+PrivateTmp=no
+TemporaryFileSystem=/tmp:mode=1777
+BindReadOnlyPaths={venv}
+"""
+
+
+def give_airflow_venv(host, unit: str) -> None:
+    """/opt/airflow/venv in the host as the machine's Airflow venv, reachable by `unit` (an
+    agent unit whose co-process runs that venv's python as the airflow user)."""
+    from sandbox.airflow_cluster import AIRFLOW_VENV
+
+    host.run(["mkdir", "-p", "/opt/airflow"])
+    host.run(["ln", "-sfn", str(AIRFLOW_VENV), "/opt/airflow/venv"])
+    host.run(["chmod", "0711", "/root"])  # inside the overlay only
+    dropin = _VENV_DROPIN.format(venv=AIRFLOW_VENV.resolve())
+    host.write_file(f"/etc/systemd/system/{unit}.d/50-rig.conf", dropin)
+    host.systemctl("daemon-reload")

@@ -23,20 +23,11 @@ from sandbox.systemd_host import SystemdHost
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
 UNIT = "airflow-agent-metrics.service"
-# test rig only: the Airflow venv's python lives under /root/.pyenv on this machine, and a
-# clone may live under /tmp, which the unit's PrivateTmp= hides: a fresh /tmp instead, with the
-# venv bound into it read-only (what the launched stack's drop-in does)
-RIG_DROPIN = """[Service]
-ProtectHome=no
-PrivateTmp=no
-TemporaryFileSystem=/tmp:mode=1777
-BindReadOnlyPaths={venv}
-"""
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory, aws_server, imds_server, ssm):
-    from sandbox.airflow_cluster import AIRFLOW_VENV, Postgres
+    from sandbox.airflow_cluster import Postgres
 
     pg = Postgres().start()
     try:
@@ -53,14 +44,7 @@ def rig(tmp_path_factory, aws_server, imds_server, ssm):
         with SystemdHost(tmp_path_factory.mktemp("metrics-host"), name="aea-metrics") as h:
             ah.prepare(h, aws_server, imds_server, {"metrics": {"interval": 2.0}})
             h.bridge_port(pg.port)
-            h.run(["mkdir", "-p", "/opt/airflow"])
-            h.run(["ln", "-sfn", str(AIRFLOW_VENV), "/opt/airflow/venv"])
-            h.run(["chmod", "0711", "/root"])  # inside the overlay only
-            h.write_file(
-                f"/etc/systemd/system/{UNIT}.d/50-rig.conf",
-                RIG_DROPIN.format(venv=AIRFLOW_VENV.resolve()),
-            )
-            h.systemctl("daemon-reload")
+            ah.give_airflow_venv(h, UNIT)
             ah.agent(h, aws_server, imds_server, "bootstrap", "--role", "scheduler")
             yield h, pg
     finally:
