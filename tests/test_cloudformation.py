@@ -85,8 +85,10 @@ TEST_PARAMS: Dict[str, Any] = {
 # silently skip some): the moto test drops these from the template and says so.
 EXPECTED_MOTO_SKIPPED_TYPES = {
     "AWS::AutoScaling::LifecycleHook",
+    "AWS::AutoScaling::ScalingPolicy",
     # InstanceConfig: moto accepts it as a no-op and records neither it nor its metadata
     "AWS::CloudFormation::WaitConditionHandle",
+    "AWS::CloudWatch::Alarm",
     "AWS::CodeDeploy::Application",
     "AWS::CodeDeploy::DeploymentGroup",
     "AWS::EC2::SecurityGroupEgress",

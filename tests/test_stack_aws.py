@@ -170,6 +170,42 @@ def test_groups_launch_their_instances_with_the_launch_templates(stack):
         assert dg["deploymentConfigName"] == model.prop(rid, "DeploymentConfigName")
 
 
+def test_the_worker_scaling_policy_is_the_templates_and_the_group_collects_its_metric(stack):
+    model, _report, aws = stack
+    asg = aws.client("autoscaling")
+    name = model.ref("WorkerGroup")
+    (policy,) = asg.describe_policies(AutoScalingGroupName=name)["ScalingPolicies"]
+    assert policy["PolicyARN"] == model.ref("WorkerScalingPolicy")
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert policy["EstimatedInstanceWarmup"] == 180
+    tt = model.prop("WorkerScalingPolicy", "TargetTrackingConfiguration")
+    assert policy["TargetTrackingConfiguration"]["TargetValue"] == tt["TargetValue"]
+    stored = policy["TargetTrackingConfiguration"]["CustomizedMetricSpecification"]["Metrics"]
+    assert stored == tt["CustomizedMetricSpecification"]["Metrics"]
+    (group,) = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+    assert {m["Metric"] for m in group["EnabledMetrics"]} == {
+        "GroupInServiceInstances",
+        "GroupDesiredCapacity",
+    }
+    # WorkerMinSize 1 in the example: the wake-up alarm and its policy are not created
+    assert not model.active("WorkerWakeAlarm") and not model.active("WorkerWakePolicy")
+
+
+def test_with_no_minimum_worker_the_wake_up_alarm_invokes_its_step_policy():
+    with AwsServer() as aws:
+        model = StackModel.load(extra={"WorkerMinSize": "0"})
+        report = create_in_aws(model, aws)
+        assert report.count("AWS::CloudWatch::Alarm") == 1
+        assert report.count("AWS::AutoScaling::ScalingPolicy") == 2
+        (alarm,) = aws.client("cloudwatch").describe_alarms()["MetricAlarms"]
+        assert alarm["AlarmName"] == model.ref("WorkerWakeAlarm")
+        assert alarm["AlarmActions"] == [model.ref("WorkerWakePolicy")]
+        queries = {m["Id"]: m for m in alarm["Metrics"]}
+        assert (
+            queries["e1"]["Expression"] == model.prop("WorkerWakeAlarm", "Metrics")[2]["Expression"]
+        )
+
+
 def test_types_not_created_are_named_with_the_reason(stack):
     model, report, _aws = stack
     skipped = {rid: (rtype, why) for rid, rtype, why in report.skipped}

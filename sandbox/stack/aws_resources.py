@@ -7,9 +7,10 @@ SecretStringTemplate + GenerateStringKey, PasswordLength, Exclude*/Include*/Requ
 with GetRandomPassword), secret target attachments, SSM parameters, IAM roles with their
 policies, instance profiles, security groups and their rules, S3 buckets,
 launch templates, the api-servers' target group, Auto Scaling groups (moto launches their
-instances and registers them in their target groups) and lifecycle hooks, the CodeDeploy
-application and deployment groups. As each is created its physical id and
-attributes go into the model, so later resources (and dynamic references) resolve to them.
+instances and registers them in their target groups), lifecycle hooks, scaling policies and
+the alarms that invoke them (stored, not run: sandbox/stack/aws_scaling.py), the CodeDeploy
+application and deployment groups. As each is created its physical id and attributes go into
+the model, so later resources (and dynamic references) resolve to them.
 Types it does not create are reported with the reason (their stand-ins are in stack/standins.py).
 
 Parameters the sandbox takes from the embedded AWS (`{"from": ...}` in parameters.sandbox.json)

@@ -1,5 +1,6 @@
 """The rest of create_in_aws's per-type creators: EC2 (security groups, launch templates), S3
-buckets, Auto Scaling groups and lifecycle hooks, the ELBv2 target group, CodeDeploy.
+buckets, Auto Scaling groups (with their metrics collection) and lifecycle hooks, the ELBv2
+target group, CodeDeploy; the scaling policies and alarms are sandbox/stack/aws_scaling.py's.
 
 Each takes (model, aws, logical id, report), creates the resource from its resolved properties
 and returns the value `Ref` gives it; attributes (Arn, LatestVersionNumber, ...) go into
@@ -9,6 +10,8 @@ and returns the value `Ref` gives it; attributes (Arn, LatestVersionNumber, ...)
 from __future__ import annotations
 
 from typing import Any, Callable, Dict
+
+from sandbox.stack.aws_scaling import HANDLERS_SCALING, enable_metrics_collection
 
 
 def _tags(p: Dict[str, Any]) -> list:
@@ -168,6 +171,7 @@ def _group(model, aws, rid, report):
             (rid, "its instances registered in the target group(s); HAProxy follows them")
         )
     asg.create_auto_scaling_group(**kwargs)
+    enable_metrics_collection(aws, name, p.get("MetricsCollection", []))
     return name
 
 
@@ -270,4 +274,5 @@ HANDLERS_MORE: Dict[str, Callable[..., Any]] = {
     "AWS::ElasticLoadBalancingV2::TargetGroup": _target_group,
     "AWS::CodeDeploy::Application": _codedeploy_application,
     "AWS::CodeDeploy::DeploymentGroup": _codedeploy_group,
+    **HANDLERS_SCALING,
 }
