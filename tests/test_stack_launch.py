@@ -19,8 +19,9 @@ for the whole module (it takes minutes); the tests run in order on it:
 - a stack update (ConfigRevision + one Airflow setting, in a copy of the template) lands on
   every instance through its cfn-hup hook, and confapply restarts never two instances of a
   role at once (the restart slot, from the journals), with tasks in flight succeeding;
-- a worker scale-in through the termination lifecycle hook: drained, then exactly one
-  CompleteLifecycleAction;
+- a worker scale-in through the termination lifecycle hook, as the template's scaling policy
+  decides it (the queue falls to work for one worker) and of the worker Auto Scaling's default
+  termination policy picks: drained, then exactly one CompleteLifecycleAction;
 - with the real template, no request was refused and no journal holds an AccessDenied.
 """
 
@@ -54,6 +55,12 @@ from sandbox.stack.scenario import (
     unit_last_logged_at,
     unit_started_at,
     updated_template,
+)
+from sandbox.stack.target_tracking import (
+    LOW_DATAPOINTS,
+    choose_for_scale_in,
+    simulate,
+    tracking_policy,
 )
 
 AWS_DENIED = re.compile(r"(?<!DBus\.Error\.)AccessDenied\w*[^\n]*")
@@ -307,8 +314,37 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
     assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
 
 
+def policy_scale_in(stack):
+    """The scale-in the template's scaling policy decides when the queue falls from work for
+    every worker to work for one (sandbox/stack/target_tracking.py, from the stack's resolved
+    template), and the workers it removes as Auto Scaling's default termination policy picks
+    them from the group in the embedded AWS (none protected from scale in: a busy worker with
+    lifecycle.scale_in_protection on is waited for until its agent lifts the protection)."""
+    workers = stack.role_members("worker")
+    policy = tracking_policy(stack.model)
+    run = simulate(policy, [float(len(workers))] * 3 + [1.0] * LOW_DATAPOINTS, start=len(workers))
+    (decision,) = run.scale_ins()
+    count = decision.before - decision.after
+    asg = stack.aws.client("autoscaling")
+    name = stack.model.ref("WorkerGroup")
+
+    def chosen():
+        (group,) = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])[
+            "AutoScalingGroups"
+        ]
+        ids = choose_for_scale_in(group["Instances"], count)
+        return ids if len(ids) == count else None
+
+    ids = wait_for(chosen, 600, f"{count} worker(s) not protected from scale in", interval=5)
+    print(f"\nscaling policy: {decision} -> removes {ids}")
+    return decision, [m for m in workers if m.instance_id in ids]
+
+
 def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):
-    member = stack.role_members("worker")[-1]
+    # the scale-in comes from the policy's decision: 2 workers, work for 1 -> remove 1
+    decision, chosen = policy_scale_in(stack)
+    assert (decision.before, decision.after) == (2, 1), decision
+    (member,) = chosen
     result = stack.scale_in(member)
     mine = [
         a
