@@ -177,7 +177,7 @@ def test_the_worker_scaling_policy_is_the_templates_and_the_group_collects_its_m
     (policy,) = asg.describe_policies(AutoScalingGroupName=name)["ScalingPolicies"]
     assert policy["PolicyARN"] == model.ref("WorkerScalingPolicy")
     assert policy["PolicyType"] == "TargetTrackingScaling"
-    assert policy["EstimatedInstanceWarmup"] == 180
+    assert "EstimatedInstanceWarmup" not in policy  # the group's DefaultInstanceWarmup applies
     tt = model.prop("WorkerScalingPolicy", "TargetTrackingConfiguration")
     assert policy["TargetTrackingConfiguration"]["TargetValue"] == tt["TargetValue"]
     stored = policy["TargetTrackingConfiguration"]["CustomizedMetricSpecification"]["Metrics"]

@@ -159,7 +159,9 @@ def _group(model, aws, rid, report):
             "LaunchTemplateId": lt["LaunchTemplateId"],
             "Version": str(lt["Version"]),
         }
-    for key in ("DesiredCapacity", "HealthCheckGracePeriod"):
+    # DefaultInstanceWarmup: sent as CloudFormation would; moto 5.2 does not keep it (the
+    # warmup the sandbox's evaluator applies is read from the template, target_tracking.py)
+    for key in ("DesiredCapacity", "HealthCheckGracePeriod", "DefaultInstanceWarmup"):
         if key in p:
             kwargs[key] = int(p[key])
     if "HealthCheckType" in p:

@@ -16,7 +16,8 @@ over them (sandbox/stack/metric_math.py) and the alarms' rules applied:
   a missing datapoint breaches neither (the alarms treat missing data as missing);
 - capacity is rounded up (a scale-out adds enough, a scale-in removes no more than the metric
   allows) and clamped to MinSize..MaxSize;
-- no scale-in while instances launch or warm up (EstimatedInstanceWarmup from InService);
+- no scale-in while instances launch or warm up (the policy's EstimatedInstanceWarmup, else
+  the group's DefaultInstanceWarmup, from InService);
   a scale-out counts every in-service instance, warming or not;
 - a new instance is in service `launch_minutes` after the decision (boot, cfn-init and the
   CodeDeploy launch hook's first deployment); a scale-in takes instances out of service at once
@@ -123,7 +124,8 @@ def tracking_policy(model, rid: str = POLICY) -> TrackingPolicy:
         target=float(tt["TargetValue"]),
         queries=queries,
         expression=expression,
-        warmup_s=int(p.get("EstimatedInstanceWarmup", 0)),
+        # the policy's own warmup, else the group's default (the template sets the latter)
+        warmup_s=int(p.get("EstimatedInstanceWarmup", g.get("DefaultInstanceWarmup", 0))),
         scale_in=not bool(tt.get("DisableScaleIn", False)),
         min_size=int(g["MinSize"]),
         max_size=int(g["MaxSize"]),
