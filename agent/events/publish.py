@@ -3,8 +3,8 @@
 `record(cfg, metric, value, role)` appends one event to the spool (agent.events.spool) and
 never raises: an event must not fail the job it describes (a problem is one WARNING line).
 
-`flush(cfg)` runs at the end of every job (agent.runtime.runner) and after every daemon pass
-(agent.runtime.daemon), only when the spool holds something (one stat otherwise). One flusher
+`flush(cfg)` runs at the end of every job that recorded an event (agent.runtime.runner) and
+after every daemon pass (agent.runtime.daemon), only when the spool holds something. One flusher
 at a time; it sends the oldest events as one PutMetricData call (`metrics.namespace`,
 dimensions Cluster and Role, agent.events.plan.batch) on the agent's client plumbing
 (agent.platform.aws: region from agent.yaml, the environment or IMDS; instance-profile
@@ -169,8 +169,13 @@ def _flush(cfg: Any, client: Optional[Callable[[], Any]], now: Callable[[], floa
         return FlushResult(sent=len(ids), left=left, dropped=len(stale))
 
 
-def flush_pending(cfg: Any) -> None:
-    """The end-of-job / end-of-pass hook: a flush when the spool holds something."""
+def flush_pending(cfg: Any, recorded_here: bool = False) -> None:
+    """The end-of-job / end-of-pass hook: a flush when the spool holds something. With
+    `recorded_here` (the end of a job) only when this process recorded an event: a job with
+    nothing to say (worker-gate, status, a credentials refresh) never waits on CloudWatch;
+    what an outage left in the spool goes with the daemons' passes or the next job's events."""
+    if recorded_here and not _counter[0]:
+        return
     ecfg = _events_cfg(cfg)
     state_dir = getattr(cfg, "state_dir", None)
     if ecfg is None or not state_dir or not Spool(state_dir, ecfg.spool_max).pending():

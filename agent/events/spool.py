@@ -85,6 +85,8 @@ class Spool:
             return dropped
 
     def read(self) -> List[Event]:
+        if not self.dir.is_dir():
+            return []  # nothing was ever recorded here
         with self._locked():
             return self._read()[0]
 

@@ -125,7 +125,7 @@ def run_job(
             # metrics.events.flush_timeout; those that cannot wait in the spool
             from agent.events.publish import flush_pending
 
-            flush_pending(cfg)
+            flush_pending(cfg, recorded_here=True)
 
 
 def _failed(
