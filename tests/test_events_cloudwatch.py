@@ -101,3 +101,24 @@ def test_a_job_without_events_makes_no_call(aws, cfg):
     before = len(aws.calls())
     assert run_job("status", lambda _a, _c: 0, None, lambda: cfg).exit_code == 0
     assert len(aws.calls()) == before
+
+
+def test_an_endpoint_that_never_answers_costs_one_flush_timeout_then_nothing(cfg, monkeypatch):
+    """A listener on 127.0.0.1 that accepts nothing: the call times out within
+    metrics.events.flush_timeout, the events stay, and the next flush does not even try."""
+    import socket
+    import time
+
+    record(cfg, "Drains", role="worker")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        down = flush(cfg)
+        took = time.monotonic() - started
+        assert down.left == 1 and "timeout" in down.error.lower()
+        assert took <= cfg.metrics.events.flush_timeout + 1.0, took
+        started = time.monotonic()
+        assert flush(cfg).skipped.startswith("backing off")
+        assert time.monotonic() - started < 0.5

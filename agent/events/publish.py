@@ -148,7 +148,9 @@ def _flush(cfg: Any, client: Optional[Callable[[], Any]], now: Callable[[], floa
         try:
             make().put_metric_data(Namespace=cfg.metrics.namespace, MetricData=datums)
         except Exception as exc:  # noqa: BLE001 - botocore's, no region, IMDS: try later
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            # a ClientError's response names the code; a timeout's response is None
+            response = getattr(exc, "response", None) or {}
+            code = response.get("Error", {}).get("Code", "")
             why = describe_error(exc)
             if code in INVALID:
                 log.warning("CloudWatch refused %d event(s) as invalid (%s)", len(ids), why)
