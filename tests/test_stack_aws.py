@@ -182,6 +182,22 @@ def test_types_not_created_are_named_with_the_reason(stack):
     assert "Database: PostgreSQL 15 stand-in" in lines and "HAProxy" in lines
 
 
+def test_the_alarms_exist_on_their_metrics_without_actions_when_no_topic(stack):
+    model, report, aws = stack
+    rids = [rid for rid, res in model.resources.items() if res["Type"] == "AWS::CloudWatch::Alarm"]
+    assert report.count("AWS::CloudWatch::Alarm") == len(rids) >= 10
+    got = {a["AlarmName"]: a for a in aws.client("cloudwatch").describe_alarms()["MetricAlarms"]}
+    drain = got[f"{model.stack_name}-drain-past-deadline"]
+    assert (drain["Namespace"], drain["MetricName"]) == ("AirflowEC2Agent", "DrainsPastDeadline")
+    assert {d["Name"]: d["Value"] for d in drain["Dimensions"]} == {
+        "Cluster": model.stack_name,
+        "Role": "worker",
+    }
+    env = got[f"{model.stack_name}-env-sync-failures"]
+    assert len(env["Metrics"]) == 7 and env["Threshold"] == 1.0
+    assert all(not a.get("AlarmActions") for a in got.values())  # AlarmTopicArn is empty
+
+
 # -- Build 2: IAM enforced -------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ for the whole module (it takes minutes); the tests run in order on it:
   role at once (the restart slot, from the journals), with tasks in flight succeeding;
 - a worker scale-in through the termination lifecycle hook: drained, then exactly one
   CompleteLifecycleAction;
+- the workers sent the agent's event metrics (the drains) with their own credentials;
 - with the real template, no request was refused and no journal holds an AccessDenied.
 """
 
@@ -321,6 +322,37 @@ def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):
     assert member.instance.host.unit_property("airflow-worker", "ActiveState") == "inactive"
     assert "drain" in result["journal"].lower()
     stack.remove(member)
+
+
+def test_workers_sent_the_agents_event_metrics_with_their_own_role(stack):
+    """The drains of the deployments above (and the scale-in's) were sent by the workers
+    themselves, with their instance role's credentials (as their IMDS serves them), to the
+    agent's namespace; none refused."""
+    from agent.events.plan import METRICS
+    from agent.platform.imds import ImdsClient
+
+    role = stack.model.instance_role_for("worker")
+    keys = set()
+    for member in stack.role_members("worker"):
+        creds = ImdsClient(member.imds.url + "/").get(f"meta-data/iam/security-credentials/{role}")
+        keys.add(json.loads(creds or "{}").get("AccessKeyId"))
+    sent = wait_for(
+        lambda: [c for c in stack.aws.calls("PutMetricData") if c["key"] in keys],
+        timeout=60,
+        what="a PutMetricData call signed with a worker's credentials",
+    )
+    assert sent
+    cw = stack.aws.client("cloudwatch")
+    published = cw.list_metrics(
+        Namespace="AirflowEC2Agent",
+        Dimensions=[
+            {"Name": "Cluster", "Value": stack.model.stack_name},
+            {"Name": "Role", "Value": "worker"},
+        ],
+    )["Metrics"]
+    names = {m["MetricName"] for m in published}
+    assert {"Drains", "DrainSeconds"} <= names <= set(METRICS), names
+    assert [d for d in stack.aws.denials() if d["action"] == "cloudwatch:PutMetricData"] == []
 
 
 def test_no_access_denied_with_the_real_template(stack):
