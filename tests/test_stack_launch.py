@@ -363,3 +363,32 @@ def test_no_access_denied_with_the_real_template(stack):
         # fd limit", which every test host's dbus-daemon logs at boot)
         denied = AWS_DENIED.findall(member.instance.journal() + member.instance.cfn_init_log())
         assert denied == [], member.name
+
+
+def test_the_operator_docs_sandbox_blocks_run_on_the_stack(stack, tmp_path):
+    """docs/operations.md, upgrading.md and troubleshooting.md: every shell block marked
+    `<!-- sandbox: ROLE -->` (tools/doc_blocks.py) runs, in doc order, as root (what Session
+    Manager's `sudo -i` gives) on the first instance of its role: exit 0, and every `expect:`
+    text in its output. The shell gets the sandbox's one override, the embedded AWS's endpoint
+    (a real instance reaches AWS's own). Blocks marked `needs: aws-account` are not run."""
+    from tools.doc_blocks import sandbox_blocks
+
+    (worker, *_) = stack.role_members("worker")
+    deployed = worker.instance.run(["test", "-e", "/airflow/.deployed-revision"], check=False)
+    if deployed.returncode != 0:  # run alone (-k): the runbook's worker gets a revision first
+        done = deploy_everywhere(stack, revision(tmp_path / "v1", "v1"), "d-RUNBOOK")
+        assert all(d.succeeded for d in done.values()), {n: d.message for n, d in done.items()}
+    env = {"AWS_ENDPOINT_URL": f"http://{stack.aws_at}"}
+    failed = []
+    for block in sandbox_blocks(Path(__file__).resolve().parents[1]):
+        member = stack.role_members(block.role)[0]
+        t = time.monotonic()
+        p = member.instance.run(
+            ["bash", "-eo", "pipefail", "-c", block.text], check=False, timeout=900, env=env
+        )
+        out = p.stdout + p.stderr
+        missing = [text for text in block.expect if text not in out]
+        print(f"\n{block.name} on {member.name}: rc {p.returncode} in {time.monotonic() - t:.1f} s")
+        if p.returncode != 0 or missing:
+            failed.append((block.name, member.name, p.returncode, missing, out[-2500:]))
+    assert failed == []
