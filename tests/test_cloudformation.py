@@ -88,6 +88,7 @@ EXPECTED_MOTO_SKIPPED_TYPES = {
     "AWS::AutoScaling::ScalingPolicy",
     # InstanceConfig: moto accepts it as a no-op and records neither it nor its metadata
     "AWS::CloudFormation::WaitConditionHandle",
+    # moto's CloudFormation has no alarms; the sandbox creates them (sandbox/stack/aws_alarms.py)
     "AWS::CloudWatch::Alarm",
     "AWS::CodeDeploy::Application",
     "AWS::CodeDeploy::DeploymentGroup",
@@ -1211,3 +1212,17 @@ def test_create_stack_on_moto_then_env_sync_with_the_templates_agent_yaml(
     own = [n for n in names if n.startswith(tuple(role_ssm_paths("scheduler")))]
     mapped = map_parameters([Parameter(n, "") for n in own], role_ssm_paths("scheduler"))
     assert set(env) == set(mapped) | {"AIRFLOW_HOME"}
+
+
+def test_the_outputs_name_roles_security_groups_endpoints_and_groups(template):
+    outputs = template["Outputs"]
+    resources = template["Resources"]
+    for role in ("Scheduler", "Webserver", "Worker"):
+        assert outputs[f"{role}RoleArn"]["Value"] == {"Fn::GetAtt": [f"{role}Role", "Arn"]}
+        assert outputs[f"{role}GroupName"]["Value"] == {"Ref": f"{role}Group"}
+        assert outputs[f"{role}DeploymentGroupName"]["Value"] == {"Ref": f"{role}DeploymentGroup"}
+    groups = [rid for rid, r in resources.items() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    for rid in groups:
+        assert outputs[f"{rid}Id"]["Value"] == {"Ref": rid}
+    for name in ("DatabaseEndpoint", "BrokerEndpoint", "LoadBalancerDnsName"):
+        assert name in outputs

@@ -222,6 +222,24 @@ def test_import_error_output_parsing_ignores_log_lines_with_brackets():
     assert _parse_import_errors("only logs [here]\n") is None
 
 
+def test_every_import_error_gets_its_own_line_with_the_errors_last_line():
+    from agent.jobs.deploy.hook import import_error_lines
+
+    errors = [
+        {"filepath": "/airflow/dags/a.py", "error": "Traceback\nImportError: no module x"},
+        {"fileloc": "/airflow/dags/b.py", "stacktrace": "SyntaxError: bad\n"},
+        {"error": ""},
+    ]
+    assert import_error_lines(errors) == [
+        "DAG import error 1/3: /airflow/dags/a.py: ImportError: no module x",
+        "DAG import error 2/3: /airflow/dags/b.py: SyntaxError: bad",
+        "DAG import error 3/3: ?: unknown error",
+    ]
+    assert import_error_lines([{"filepath": "c.py", "error": "E" * 500}])[0].endswith(
+        ": " + "E" * 200
+    )
+
+
 # -- the persisted state, exactly (each kills a mutant `make mutate` found surviving) ---------
 
 _FINITE = st.floats(allow_nan=False, allow_infinity=False, width=32)

@@ -193,7 +193,11 @@ def test_forty_queued_with_concurrency_four_publish_ten_desired_workers(daemons,
     calls = put_calls(aws, a.key)
     assert len(calls) == a.doc()["publishes"] == len(put_calls(aws))
     gaps = [b["time"] - c["time"] for c, b in zip(calls, calls[1:])]
-    assert min(gaps) > 0.8 * INTERVAL, gaps
+    # Passes run on a fixed-rate schedule, so one late call (a loaded machine) shortens the next
+    # gap; what must hold is one call per pass (a second call in one pass would come ~0 s after)
+    # and one pass per interval on average.
+    assert min(gaps) > 0.5 * INTERVAL, gaps
+    assert abs(sum(gaps) / len(gaps) - INTERVAL) < 0.15 * INTERVAL, gaps
     print(f"desired 10 published {within:.2f} s after the insert; gaps {gaps}")
 
 

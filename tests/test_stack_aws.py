@@ -195,10 +195,10 @@ def test_with_no_minimum_worker_the_wake_up_alarm_invokes_its_step_policy():
     with AwsServer() as aws:
         model = StackModel.load(extra={"WorkerMinSize": "0"})
         report = create_in_aws(model, aws)
-        assert report.count("AWS::CloudWatch::Alarm") == 1
         assert report.count("AWS::AutoScaling::ScalingPolicy") == 2
-        (alarm,) = aws.client("cloudwatch").describe_alarms()["MetricAlarms"]
-        assert alarm["AlarmName"] == model.ref("WorkerWakeAlarm")
+        (alarm,) = aws.client("cloudwatch").describe_alarms(
+            AlarmNames=[model.ref("WorkerWakeAlarm")]
+        )["MetricAlarms"]
         assert alarm["AlarmActions"] == [model.ref("WorkerWakePolicy")]
         queries = {m["Id"]: m for m in alarm["Metrics"]}
         assert (
@@ -216,6 +216,26 @@ def test_types_not_created_are_named_with_the_reason(stack):
             assert rid not in skipped, f"{rid} ({res['Type']}) skipped: {skipped.get(rid)}"
     lines = "\n".join(report.lines())
     assert "Database: PostgreSQL 15 stand-in" in lines and "HAProxy" in lines
+
+
+def test_the_alarms_exist_on_their_metrics_without_actions_when_no_topic(stack):
+    model, report, aws = stack
+    rids = [
+        rid
+        for rid, res in model.resources.items()
+        if res["Type"] == "AWS::CloudWatch::Alarm" and model.active(rid)  # no wake-up alarm
+    ]
+    assert report.count("AWS::CloudWatch::Alarm") == len(rids) >= 10
+    got = {a["AlarmName"]: a for a in aws.client("cloudwatch").describe_alarms()["MetricAlarms"]}
+    drain = got[f"{model.stack_name}-drain-past-deadline"]
+    assert (drain["Namespace"], drain["MetricName"]) == ("AirflowEC2Agent", "DrainsPastDeadline")
+    assert {d["Name"]: d["Value"] for d in drain["Dimensions"]} == {
+        "Cluster": model.stack_name,
+        "Role": "worker",
+    }
+    env = got[f"{model.stack_name}-env-sync-failures"]
+    assert len(env["Metrics"]) == 7 and env["Threshold"] == 1.0
+    assert all(not a.get("AlarmActions") for a in got.values())  # AlarmTopicArn is empty
 
 
 # -- Build 2: IAM enforced -------------------------------------------------------------------

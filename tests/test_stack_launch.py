@@ -22,6 +22,7 @@ for the whole module (it takes minutes); the tests run in order on it:
 - a worker scale-in through the termination lifecycle hook, as the template's scaling policy
   decides it (the queue falls to work for one worker) and of the worker Auto Scaling's default
   termination policy picks: drained, then exactly one CompleteLifecycleAction;
+- the workers sent the agent's event metrics (the drains) with their own credentials;
 - with the real template, no request was refused and no journal holds an AccessDenied.
 """
 
@@ -359,6 +360,37 @@ def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):
     stack.remove(member)
 
 
+def test_workers_sent_the_agents_event_metrics_with_their_own_role(stack):
+    """The drains of the deployments above (and the scale-in's) were sent by the workers
+    themselves, with their instance role's credentials (as their IMDS serves them), to the
+    agent's namespace; none refused."""
+    from agent.events.plan import METRICS
+    from agent.platform.imds import ImdsClient
+
+    role = stack.model.instance_role_for("worker")
+    keys = set()
+    for member in stack.role_members("worker"):
+        creds = ImdsClient(member.imds.url + "/").get(f"meta-data/iam/security-credentials/{role}")
+        keys.add(json.loads(creds or "{}").get("AccessKeyId"))
+    sent = wait_for(
+        lambda: [c for c in stack.aws.calls("PutMetricData") if c["key"] in keys],
+        timeout=60,
+        what="a PutMetricData call signed with a worker's credentials",
+    )
+    assert sent
+    cw = stack.aws.client("cloudwatch")
+    published = cw.list_metrics(
+        Namespace="AirflowEC2Agent",
+        Dimensions=[
+            {"Name": "Cluster", "Value": stack.model.stack_name},
+            {"Name": "Role", "Value": "worker"},
+        ],
+    )["Metrics"]
+    names = {m["MetricName"] for m in published}
+    assert {"Drains", "DrainSeconds"} <= names <= set(METRICS), names
+    assert [d for d in stack.aws.denials() if d["action"] == "cloudwatch:PutMetricData"] == []
+
+
 def test_no_access_denied_with_the_real_template(stack):
     assert stack.aws.denials() == []
     assert stack.aws.unevaluated_conditions() == []  # every condition of the template evaluated
@@ -367,3 +399,32 @@ def test_no_access_denied_with_the_real_template(stack):
         # fd limit", which every test host's dbus-daemon logs at boot)
         denied = AWS_DENIED.findall(member.instance.journal() + member.instance.cfn_init_log())
         assert denied == [], member.name
+
+
+def test_the_operator_docs_sandbox_blocks_run_on_the_stack(stack, tmp_path):
+    """docs/operations.md, upgrading.md and troubleshooting.md: every shell block marked
+    `<!-- sandbox: ROLE -->` (tools/doc_blocks.py) runs, in doc order, as root (what Session
+    Manager's `sudo -i` gives) on the first instance of its role: exit 0, and every `expect:`
+    text in its output. The shell gets the sandbox's one override, the embedded AWS's endpoint
+    (a real instance reaches AWS's own). Blocks marked `needs: aws-account` are not run."""
+    from tools.doc_blocks import sandbox_blocks
+
+    (worker, *_) = stack.role_members("worker")
+    deployed = worker.instance.run(["test", "-e", "/airflow/.deployed-revision"], check=False)
+    if deployed.returncode != 0:  # run alone (-k): the runbook's worker gets a revision first
+        done = deploy_everywhere(stack, revision(tmp_path / "v1", "v1"), "d-RUNBOOK")
+        assert all(d.succeeded for d in done.values()), {n: d.message for n, d in done.items()}
+    env = {"AWS_ENDPOINT_URL": f"http://{stack.aws_at}"}
+    failed = []
+    for block in sandbox_blocks(Path(__file__).resolve().parents[1]):
+        member = stack.role_members(block.role)[0]
+        t = time.monotonic()
+        p = member.instance.run(
+            ["bash", "-eo", "pipefail", "-c", block.text], check=False, timeout=900, env=env
+        )
+        out = p.stdout + p.stderr
+        missing = [text for text in block.expect if text not in out]
+        print(f"\n{block.name} on {member.name}: rc {p.returncode} in {time.monotonic() - t:.1f} s")
+        if p.returncode != 0 or missing:
+            failed.append((block.name, member.name, p.returncode, missing, out[-2500:]))
+    assert failed == []

@@ -61,6 +61,10 @@ AGENT_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # condition key to metrics.namespace), and the metadata database's URL through Airflow's
     # sql_alchemy_conn_secret
     "metrics": ("cloudwatch:PutMetricData", "secretsmanager:GetSecretValue", "kms:Decrypt"),
+    # agent/events/publish.py (every role): the agent's own events (drains, lifecycle holds,
+    # confapply restarts, env sync failures) at the end of a job or daemon pass; held to
+    # metrics.namespace by the same cloudwatch:namespace condition
+    "events": ("cloudwatch:PutMetricData",),
     # agent/jobs/worker_db/job.py (scheduler, after db migrate): the worker user's secret and the
     # master URL through Airflow's sql_alchemy_conn_secret
     "worker db user": ("secretsmanager:GetSecretValue", "kms:Decrypt"),
@@ -98,6 +102,7 @@ OTHER_ACTIONS: Dict[str, Tuple[str, ...]] = {
 ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
     "scheduler": (
         "env sync",
+        "events",
         "role",
         "bootstrap",
         "task credentials",
@@ -112,6 +117,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
     ),
     "webserver": (
         "env sync",
+        "events",
         "role",
         "bootstrap",
         "task credentials",
@@ -124,6 +130,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
     ),
     "worker": (
         "env sync",
+        "events",
         "role",
         "bootstrap",
         "task credentials",

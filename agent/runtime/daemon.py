@@ -19,6 +19,8 @@ rest, the same way for all of them:
   the daemon saw, e.g. a file change);
 - time comes from an injected `Clock` (now, wait on an event, a periodic callback), so tests
   can run the whole loop, pinger included, on virtual time;
+- after each pass the agent's events it recorded are flushed (agent.events.publish), as a busy
+  section bounded by `metrics.events.flush_timeout`;
 - agent.yaml is watched (agent/runtime/config_watch.py): the file the daemon's config was
   loaded from (`config=`, else the daemon's own `cfg`) is hashed before each pass and every
   `CHECK_INTERVAL` s of the sleep; once it holds different content that loads, the loop ends
@@ -271,6 +273,17 @@ class DaemonRuntime:
                 # a problem found (or gone) while sleeping shows now, not after the next pass
                 self.status(self._status_text(self._daemon))
 
+    def _flush_events(self, daemon: Daemon) -> None:
+        """The events the pass recorded (agent.events), sent within their flush timeout."""
+        cfg = self.config if self.config is not None else getattr(daemon, "cfg", None)
+        events = getattr(getattr(cfg, "metrics", None), "events", None)
+        if events is None:
+            return
+        from agent.events.publish import flush_pending
+
+        with self.busy(events.flush_timeout + 10):  # + IMDS's region and credentials
+            flush_pending(cfg)
+
     def _status_text(self, daemon: Daemon) -> str:
         text = daemon.status()
         problem = self.config_watch.problem if self.config_watch is not None else ""
@@ -295,6 +308,7 @@ class DaemonRuntime:
                 if self.config_changed or (not first and self._config_changed()):
                     break
                 delay = daemon.step()
+                self._flush_events(daemon)
                 text = self._status_text(daemon)
                 if first:
                     first = False

@@ -118,20 +118,34 @@ def run_job(
         cfg = load_cfg()
         return Outcome(int(job(args, cfg) or 0))
     except (Exception, KeyboardInterrupt) as exc:
-        code, result, reason = classify(exc)
-        if isinstance(exc, (KeyboardInterrupt, AgentError)):
-            log.error("%s", reason)
-        elif reason.startswith("internal error: "):
-            # the last line of defence: one clear line, not a traceback dump
-            log.error("internal error in %s: %s", command, reason[len("internal error: ") :])
-            log.debug("traceback", exc_info=True)
-        else:
-            log.error("%s: %s", command, reason)
-        recorded = False
-        if cfg is not None and not isinstance(exc, ConfigError):
-            doc_type = None
-            with contextlib.suppress(Exception):  # an odd args object must not hide the error
-                doc_type = _document(failure_document, args)
-            if doc_type is not None:
-                recorded = record_failure(cfg.state_dir, doc_type, result, reason)
-        return Outcome(code, result, reason, recorded)
+        return _failed(command, exc, args, cfg, failure_document)
+    finally:
+        if cfg is not None:
+            # the events the job recorded (a drain, a refused sync) go out now, bounded by
+            # metrics.events.flush_timeout; those that cannot wait in the spool
+            from agent.events.publish import flush_pending
+
+            flush_pending(cfg, recorded_here=True)
+
+
+def _failed(
+    command: str, exc: BaseException, args: Any, cfg: Any, failure_document: FailureDocument
+) -> Outcome:
+    """Log and record a failed run (see the module docstring); its outcome."""
+    code, result, reason = classify(exc)
+    if isinstance(exc, (KeyboardInterrupt, AgentError)):
+        log.error("%s", reason)
+    elif reason.startswith("internal error: "):
+        # the last line of defence: one clear line, not a traceback dump
+        log.error("internal error in %s: %s", command, reason[len("internal error: ") :])
+        log.debug("traceback", exc_info=True)
+    else:
+        log.error("%s: %s", command, reason)
+    recorded = False
+    if cfg is not None and not isinstance(exc, ConfigError):
+        doc_type = None
+        with contextlib.suppress(Exception):  # an odd args object must not hide the error
+            doc_type = _document(failure_document, args)
+        if doc_type is not None:
+            recorded = record_failure(cfg.state_dir, doc_type, result, reason)
+    return Outcome(code, result, reason, recorded)

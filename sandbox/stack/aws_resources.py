@@ -7,10 +7,10 @@ SecretStringTemplate + GenerateStringKey, PasswordLength, Exclude*/Include*/Requ
 with GetRandomPassword), secret target attachments, SSM parameters, IAM roles with their
 policies, instance profiles, security groups and their rules, S3 buckets,
 launch templates, the api-servers' target group, Auto Scaling groups (moto launches their
-instances and registers them in their target groups), lifecycle hooks, scaling policies and
-the alarms that invoke them (stored, not run: sandbox/stack/aws_scaling.py), the CodeDeploy
-application and deployment groups. As each is created its physical id and attributes go into
-the model, so later resources (and dynamic references) resolve to them.
+instances and registers them in their target groups), lifecycle hooks, scaling policies
+(stored, not run: sandbox/stack/aws_scaling.py), the CodeDeploy application and deployment
+groups, CloudWatch alarms. As each is created its physical id and attributes go into the
+model, so later resources (and dynamic references) resolve to them.
 Types it does not create are reported with the reason (their stand-ins are in stack/standins.py).
 
 Parameters the sandbox takes from the embedded AWS (`{"from": ...}` in parameters.sandbox.json)
@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
+from sandbox.stack.aws_alarms import put_alarm
 from sandbox.stack.aws_resources_more import HANDLERS_MORE
 from sandbox.stack.model import StackModel
 from sandbox.stack.parameters import sandbox_overrides
@@ -310,6 +311,7 @@ HANDLERS: Dict[str, Callable[..., Any]] = {
     "AWS::IAM::Policy": _iam_policy,
     "AWS::IAM::ManagedPolicy": _managed_policy,
     **HANDLERS_MORE,
+    "AWS::CloudWatch::Alarm": put_alarm,  # sandbox/stack/aws_alarms.py
 }
 
 

@@ -1,12 +1,12 @@
-"""create_in_aws's creators for the worker group's scaling: Auto Scaling policies (target
-tracking and step) and the CloudWatch alarms that invoke step policies, plus the group's
-metrics collection (`enable_metrics_collection`, called by the group's creator).
+"""create_in_aws's creator for the worker group's scaling policies (target tracking and step),
+plus the group's metrics collection (`enable_metrics_collection`, called by the group's
+creator). The alarm that invokes a step policy is sandbox/stack/aws_alarms.py's, as every alarm.
 
-Each creator takes (model, aws, logical id, report), creates the resource from its resolved
-properties in the embedded AWS and returns what `Ref` gives it (a policy's ARN, an alarm's
-name). moto stores a policy and an alarm as given and answers DescribePolicies and
-DescribeAlarms with them; it does not evaluate alarms or run policies: what the policy would do
-is sandbox/stack/target_tracking.py's, from the same resolved properties.
+The creator takes (model, aws, logical id, report), creates the policy from its resolved
+properties in the embedded AWS and returns what `Ref` gives it (the policy's ARN). moto stores
+a policy as given and answers DescribePolicies with it; it evaluates no alarm and runs no
+policy: what the policy would do is sandbox/stack/target_tracking.py's, from the same resolved
+properties.
 """
 
 from __future__ import annotations
@@ -78,47 +78,6 @@ def _scaling_policy(model, aws, rid, report):
     return policy["PolicyARN"]
 
 
-_ALARM_KEYS = (
-    "AlarmDescription",
-    "ComparisonOperator",
-    "TreatMissingData",
-    "AlarmActions",
-    "OKActions",
-    "InsufficientDataActions",
-    "Metrics",
-    "MetricName",
-    "Namespace",
-    "Statistic",
-    "Dimensions",
-    "Unit",
-)
-_ALARM_INTS = ("EvaluationPeriods", "DatapointsToAlarm", "Period")
-
-
-def _alarm(model, aws, rid, report):
-    p = model.properties(rid)
-    name = p.get("AlarmName") or model.generated_name(rid, 255)
-    kwargs: Dict[str, Any] = {"AlarmName": name}
-    for key in _ALARM_KEYS:
-        if key in p:
-            kwargs[key] = p[key]
-    for key in _ALARM_INTS:
-        if key in p:
-            kwargs[key] = int(p[key])
-    if "Threshold" in p:
-        kwargs["Threshold"] = float(p["Threshold"])
-    for query in kwargs.get("Metrics", []):
-        stat = query.get("MetricStat")
-        if stat and "Period" in stat:
-            stat["Period"] = int(stat["Period"])
-    aws.client("cloudwatch").put_metric_alarm(**kwargs)
-    region, account = model.pseudo["AWS::Region"], model.pseudo["AWS::AccountId"]
-    model.attributes[(rid, "Arn")] = f"arn:aws:cloudwatch:{region}:{account}:alarm:{name}"
-    report.notes.append((rid, "stored, not evaluated: moto's alarms do not change state"))
-    return name
-
-
 HANDLERS_SCALING: Dict[str, Callable[..., Any]] = {
     "AWS::AutoScaling::ScalingPolicy": _scaling_policy,
-    "AWS::CloudWatch::Alarm": _alarm,
 }

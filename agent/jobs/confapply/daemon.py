@@ -45,6 +45,7 @@ import time
 from typing import Optional
 
 from agent.errors import AgentError
+from agent.events.publish import record
 from agent.jobs.confapply.plan import (
     ApplyOutcome,
     Coalescer,
@@ -186,11 +187,13 @@ class Confapply(WorkerHold, Daemon):
                 elif why is None:
                     outcome.restarted.append(unit)
                     self.restarts += 1
+                    record(self.cfg, "ConfapplyRestarts", role=self.role)
                     log.info(
                         "%s restarted and active (MainPID %s)", unit, self.systemctl.main_pid(unit)
                     )
                 else:
                     outcome.failed[unit] = why
+                    record(self.cfg, "ConfapplyRestartFailures", role=self.role)
                     log.error("restart of %s failed: %s", unit, why)
                     # later units keep the old config too; the whole apply is retried
                     break

@@ -280,12 +280,14 @@ class DeployHook(ValidateSteps, UnitSteps):
                 f"airflow dags list-import-errors failed (rc {proc.returncode}): {tail}"
             )
         if errors:
-            first = errors[0]
-            where = first.get("filepath") or first.get("fileloc") or "?"
-            why = str(first.get("error") or first.get("stacktrace") or "").strip().splitlines()
+            # every error on its own line (the deployment's log keeps them all), so one
+            # failed deployment shows everything to fix, not one file per attempt
+            lines = import_error_lines(errors)
+            for line in lines:
+                log.error("%s", line)
             raise AgentError(
-                f"the bundle has {len(errors)} DAG import error(s); first: {where}: "
-                f"{why[-1][:200] if why else 'unknown error'}"
+                f"the bundle has {len(errors)} DAG import error(s); first: "
+                + lines[0].split(": ", 1)[1]
             )
         log.info("DAG import check: no import errors")
 
@@ -313,6 +315,20 @@ class DeployHook(ValidateSteps, UnitSteps):
         return restart_guard(
             self.cfg, self.role, holder, slot_timeout=self.cfg.deploy.validate_timeout
         )
+
+
+def import_error_lines(errors: List[dict]) -> List[str]:
+    """`DAG import error N/M: <file>: <the error's last line>` per error, as the hook logs
+    them (at most 200 characters of the error)."""
+    out = []
+    for n, e in enumerate(errors, 1):
+        where = e.get("filepath") or e.get("fileloc") or "?"
+        why = str(e.get("error") or e.get("stacktrace") or "").strip().splitlines()
+        out.append(
+            f"DAG import error {n}/{len(errors)}: {where}: "
+            f"{why[-1][:200] if why else 'unknown error'}"
+        )
+    return out
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:

@@ -294,8 +294,27 @@ def drain(
     on_progress: Optional[Callable[[DrainProgress], None]] = None,
     timeout: Optional[float] = None,
 ) -> DrainResult:
-    """Drain the local worker (see the module docstring). Raises DeadlineError / AgentError."""
-    return Drainer(cfg, on_progress=on_progress).drain(timeout=timeout, deadline=deadline)
+    """Drain the local worker (see the module docstring). Raises DeadlineError / AgentError.
+    Every trigger drains through here, so the drain's events are recorded here
+    (agent.events: Drains and DrainSeconds, DrainsPastDeadline, DrainFailures)."""
+    from agent.events.publish import record
+
+    try:
+        result = Drainer(cfg, on_progress=on_progress).drain(timeout=timeout, deadline=deadline)
+    except DeadlineError:
+        record(cfg, "DrainsPastDeadline", role="worker")
+        raise
+    except ConfigError:
+        raise  # nothing was drained: a bad --timeout
+    except AgentError:
+        record(cfg, "DrainFailures", role="worker")
+        raise
+    if result.stopped_at is not None:  # not a no-op on a stopped worker
+        record(cfg, "Drains", role="worker")
+        record(cfg, "DrainSeconds", max(0.0, result.stopped_at - result.started), role="worker")
+    if result.outcome == "stopped-at-deadline":
+        record(cfg, "DrainsPastDeadline", role="worker")
+    return result
 
 
 def stop_consuming(cfg) -> List[str]:

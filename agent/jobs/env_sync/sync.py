@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from agent.errors import EXIT_OK, AgentError, ConfigError, DeadlineError
+from agent.errors import EXIT_OK, AgentError, ConfigError, DeadlineError, RefusedError
+from agent.events.publish import record as record_event
 from agent.jobs.env_sync.pacing import Backoff, Pacer, ThrottledOut
 from agent.jobs.env_sync.plan import EnvPlan, Parameter, map_parameters, plan_env
 from agent.jobs.env_sync.state import EnvDoc
@@ -279,6 +280,9 @@ class EnvSync:
             _code, result, reason = classify(err or exc)
             record_failure(self.cfg.state_dir, EnvDoc, result, reason)
             self.failure_handled = True
+            if isinstance(exc, Exception):  # an interrupt is not a failed sync
+                refused = isinstance(exc, RefusedError)
+                record_event(self.cfg, "EnvSyncRefusals" if refused else "EnvSyncFailures")
         return err
 
     # -- the run

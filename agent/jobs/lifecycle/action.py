@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from agent.errors import AgentError
+from agent.events.publish import record
 from agent.jobs.lifecycle import plan
 from agent.jobs.lifecycle.aws import COMPLETE_RESULT, LifecycleAws, no_active_action
 from agent.platform.aws import AWS_ERRORS, describe_error
@@ -182,6 +183,7 @@ class HookAction:
                 "the hook's DefaultResult"
             )
             action.update(completed=True, result="expired")
+            record(self.cfg, "LifecycleHoldsExpired", role="worker")
             return
         retry_at = action.get("complete_retry_at") or 0.0
         if now < retry_at:
@@ -208,6 +210,9 @@ class HookAction:
         action.update(completed=True, completed_at=now, result=COMPLETE_RESULT)
         # persisted at once: a crash right after must not send it again
         self.save()
+        held = max(0.0, now - action["plan"].get("wait_started", now))
+        record(self.cfg, "LifecycleHolds", role="worker")
+        record(self.cfg, "LifecycleHoldSeconds", held, role="worker")
         log.info(
             "CompleteLifecycleAction(%s) sent for hook %s after %d heartbeat(s)",
             COMPLETE_RESULT,

@@ -1,4 +1,5 @@
-"""The `metrics` section of agent.yaml: what `airflow-agent metrics` publishes, and how often.
+"""The `metrics` section of agent.yaml: what `airflow-agent metrics` publishes, and how often;
+`metrics.events` (agent.events.config) is how every instance sends the agent's own events.
 
 Pure (stdlib only) so agent.config can import it. `check_metrics` holds the section's own checks;
 agent.config reports the (key, why) it returns like any other key.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
+
+from agent.events.config import EventsConfig, check_events
 
 # CloudWatch: a namespace is 1-255 of these, and may not start with "AWS/"
 NAMESPACE = re.compile(r"^[A-Za-z0-9.\-_/#:]{1,255}$")
@@ -32,6 +35,8 @@ class MetricsConfig:
     # the Airflow venv's interpreter (SQLAlchemy, psycopg2) and who runs it (never root)
     python: str = "/opt/airflow/venv/bin/python"
     user: Optional[str] = "airflow"
+    # the agent's own events from every instance (agent.events), in the same namespace
+    events: EventsConfig = field(default_factory=EventsConfig)
 
 
 def check_metrics(m: MetricsConfig) -> Optional[Tuple[str, str]]:
@@ -51,4 +56,4 @@ def check_metrics(m: MetricsConfig) -> Optional[Tuple[str, str]]:
         return "metrics.python", f"must be an absolute path, got {m.python!r}"
     if m.user in ("root", "0", ""):
         return "metrics.user", "must not be root (it connects with the env file's URL)"
-    return None
+    return check_events(m.events)

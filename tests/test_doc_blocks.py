@@ -1,0 +1,74 @@
+"""tools/doc_blocks.py: the operator docs' shell blocks and their marks (where each runs)."""
+
+import pytest
+
+from tools.doc_blocks import AWS_ACCOUNT, Block, DocBlockError, parse_blocks
+
+DOC = """# Title
+
+<!-- sandbox: worker -->
+```sh
+airflow-agent status
+```
+
+Text.
+
+<!-- sandbox: scheduler; expect: config hash; expect: in sync -->
+```sh
+airflow-agent env sync --dry-run
+```
+
+<!-- needs: aws-account -->
+```bash
+aws ssm start-session --target i-1
+```
+
+```text
+output shown, not run
+```
+"""
+
+
+def test_marked_blocks_come_back_in_order_with_role_and_expectations():
+    blocks = parse_blocks(DOC, "d.md")
+    assert blocks == [
+        Block("d.md", 4, "airflow-agent status\n", "sandbox", "worker", ()),
+        Block("d.md", 11, "airflow-agent env sync --dry-run\n", "sandbox", "scheduler",
+              ("config hash", "in sync")),
+        Block("d.md", 16, "aws ssm start-session --target i-1\n", AWS_ACCOUNT, None, ()),
+    ]  # fmt: skip
+    assert blocks[0].name == "d.md:4"
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("```sh\nls\n```\n", "d.md:1: shell block marked neither"),
+        ("<!-- sandbox: worker -->\n\n```sh\nls\n```\n", "a mark not right before a fence"),
+        ("<!-- sandbox: databaseserver -->\n```sh\nls\n```\n", "names a role"),
+        ("<!-- needs: a-laptop -->\n```sh\nls\n```\n", "`needs:` takes only"),
+        ("<!-- sandbox: worker; want: x -->\n```sh\nls\n```\n", "only `expect: TEXT` parts"),
+        ("<!-- sandbox: worker; expect: -->\n```sh\nls\n```\n", "only `expect: TEXT` parts"),
+        ("```\nls\n```\n", "a fence without an info string"),
+        ("```python\nprint()\n```\n", "unknown fence language 'python'"),
+        ("<!-- sandbox: worker -->\n```text\nout\n```\n", "is not a command; it takes no mark"),
+        ("```sh\nls\n", "fence never closed"),
+    ],
+)
+def test_an_unmarked_or_badly_marked_block_is_refused_naming_where(text, says):
+    with pytest.raises(DocBlockError) as err:
+        parse_blocks(text, "d.md")
+    assert says in str(err.value)
+
+
+def test_every_problem_is_named_at_once():
+    text = "```sh\na\n```\n\n```sh\nb\n```\n"
+    with pytest.raises(DocBlockError) as err:
+        parse_blocks(text, "d.md")
+    assert "d.md:1:" in str(err.value) and "d.md:5:" in str(err.value)
+
+
+def test_a_longer_fence_holds_a_shorter_one():
+    text = "<!-- needs: aws-account -->\n````sh\ncat <<EOF\n```\nEOF\n````\n"
+    (block,) = parse_blocks(text)
+    assert block.text == "cat <<EOF\n```\nEOF\n"
