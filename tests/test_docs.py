@@ -31,6 +31,7 @@ DOCS = [
     ROOT / "cloudformation" / "README.md",
     ROOT / "codedeploy" / "README.md",
     ROOT / "systemd" / "SECURITY.md",
+    ROOT / "CONTRIBUTING.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
 UNITS_DIR = ROOT / "systemd"

@@ -41,7 +41,7 @@ NAME = "airflow-ec2-agent"
 KEY_PREFIX = f"{NAME}/"
 # top-level files of the package (each that exists) and the trees under it
 PACKAGE_FILES = ("setup.cfg", "pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE")
-PACKAGE_TREES = ("agent", "systemd")
+PACKAGE_TREES = ("agent", "systemd", "docs")
 # what a revision takes from codedeploy/ (its README stays out of AIRFLOW_HOME)
 APPSPEC = "appspec.yml"
 HOOKS = "hooks"

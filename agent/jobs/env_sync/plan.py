@@ -5,7 +5,7 @@ Pure functions, no I/O:
   `AIRFLOW__<SECTION>__<KEY>`, `<path>/env/<NAME>` -> `NAME`) and reports every bad, colliding
   or refused parameter at once;
 - `refused_variable` says why a variable may not come from the env file at all: it would change
-  how processes load code or reach AWS (README: "Variables the env file never sets");
+  how processes load code or reach AWS (docs/design.md: "Variables the env file never sets");
 - `plan_env` merges static values (SSM wins), checks required keys, the drop limit and the
   systemd round-trip, and returns the bytes to write with a name-only diff.
 """
