@@ -233,7 +233,7 @@ def test_drop_refusal_message_is_exact_and_lists_at_most_ten():
     assert str(err.value).endswith(f"50%): {names}; rerun with --allow-drop if this is intended")
 
 
-# -- variables the env file never sets (docs/design.md: "Variables the env file never sets") ----------
+# -- variables the env file never sets (docs/design.md: "Variables the env file never sets") --
 
 LOADS_CODE = "changes how processes load code"
 REACHES_AWS = "changes how processes reach AWS (credentials, endpoints, config)"

@@ -122,7 +122,8 @@ def test_a_worker_built_by_the_templates_user_data(tmp_path: Path) -> None:
                 assert h.systemctl("is-enabled", "cfn-hup.service").stdout.strip() == "enabled"
                 assert h.systemctl("is-active", "cfn-hup.service").stdout.strip() == "active"
                 # the role's unit: enabled by bootstrap, not started until a revision is
-                # deployed (the boot gate, docs/design.md "Workers start only with a deployed revision")
+                # deployed (the boot gate: docs/design.md, "Workers start only with a
+                # deployed revision")
                 unit = "airflow-worker.service"
                 assert h.systemctl("is-enabled", unit).stdout.strip() == "enabled"
                 assert h.systemctl("is-active", unit, check=False).stdout.strip() == "inactive"
