@@ -182,6 +182,25 @@ def test_types_not_created_are_named_with_the_reason(stack):
     assert "Database: PostgreSQL 15 stand-in" in lines and "HAProxy" in lines
 
 
+def test_log_groups_with_the_templates_names_and_retention(stack):
+    """AWS::Logs::LogGroup (sandbox/stack/aws_logs.py): each group the template declares exists
+    with CloudWatchLogRetentionDays applied, and its Arn is the one the roles' policies name."""
+    model, report, aws = stack
+    groups = [rid for rid, res in model.resources.items() if res["Type"] == "AWS::Logs::LogGroup"]
+    assert groups
+    prefix = f"/airflow/{model.stack_name}/"
+    found = aws.client("logs").describe_log_groups(logGroupNamePrefix=prefix)
+    retention = {g["logGroupName"]: g.get("retentionInDays") for g in found["logGroups"]}
+    days = int(model.ref("CloudWatchLogRetentionDays"))
+    assert retention == {model.ref(rid): days for rid in groups}
+    for rid in groups:
+        assert model.get_att(rid, "Arn") == (
+            f"arn:aws:logs:{REGION}:{model.pseudo['AWS::AccountId']}:log-group:{model.ref(rid)}:*"
+        )
+    notes = dict(report.notes)
+    assert all("no CloudWatch agent" in notes[rid] for rid in groups)
+
+
 # -- Build 2: IAM enforced -------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
+from sandbox.stack.aws_logs import create_log_group
+
 
 def _tags(p: Dict[str, Any]) -> list:
     return [{"Key": t["Key"], "Value": str(t["Value"])} for t in p.get("Tags", [])]
@@ -270,4 +272,5 @@ HANDLERS_MORE: Dict[str, Callable[..., Any]] = {
     "AWS::ElasticLoadBalancingV2::TargetGroup": _target_group,
     "AWS::CodeDeploy::Application": _codedeploy_application,
     "AWS::CodeDeploy::DeploymentGroup": _codedeploy_group,
+    "AWS::Logs::LogGroup": create_log_group,
 }
