@@ -10,13 +10,16 @@ tests/test_cloudformation.py helpers), against the agent's own role -> units pla
   resources, each kept CloudWatchLogRetentionDays (a parameter of CloudWatch Logs' valid
   values, distinct from the S3 bucket's LogRetentionDays);
 - each instance role may write streams and events to those groups and nothing else of Logs;
-- the pure reader (sandbox/stack/cloudwatch_config.py) refuses what is not such a config.
+- the pure reader (sandbox/stack/cloudwatch_config.py) refuses what is not such a config;
+- the cfn-hup hook re-applies the CloudWatch agent only when an update changed its config.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+import os
+import subprocess
+from typing import Any, Dict, List
 
 import pytest
 
@@ -195,3 +198,56 @@ def test_the_reader_refuses_what_is_not_a_logs_configuration():
     other["logs"]["logs_collected"]["windows_events"] = {}
     with pytest.raises(ValueError, match="windows_events"):
         shipped(json.dumps(other))
+
+
+def test_the_cfn_hup_hook_reapplies_the_cloudwatch_agent_only_when_its_config_changed(
+    template, resolver, tmp_path
+):
+    """The hook script as the template writes it, with stand-ins for cfn-init (which may change
+    a role's CloudWatch configuration), systemctl, the agent and the apply script."""
+    action = "/usr/local/sbin/airflow-agent-cfn-update"
+    script = init_file(template, resolver, "update", action)
+    calls = tmp_path / "calls"
+    confdir = tmp_path / "airflow-roles"
+    confdir.mkdir()
+    (confdir / "worker.json").write_text("{}\n")
+    agent_yaml_file = tmp_path / "agent.yaml"
+    agent_yaml_file.write_text("cluster: a\n")
+    stubs = {
+        # an update that changes the worker's CloudWatch configuration, when asked to
+        "/opt/aws/bin/cfn-init": '[ -z "$CHANGE_LOGS" ] || echo changed > "{dir}/worker.json"',
+        "/usr/local/bin/airflow-agent": "",
+        "/usr/local/sbin/airflow-cloudwatch-agent": "",
+        "systemctl": "",
+    }
+    for real, extra in stubs.items():
+        stub = tmp_path / real.rsplit("/", 1)[-1]
+        body = f'#!/bin/sh\necho "{stub.name} $*" >> "{calls}"\n' + extra.replace(
+            "{dir}", str(confdir)
+        )
+        stub.write_text(body + "\n")
+        stub.chmod(0o755)
+        assert real in script, real
+        script = script.replace(real, str(stub))
+    script = script.replace("/opt/aws/amazon-cloudwatch-agent/etc/airflow-roles", str(confdir))
+    script = script.replace("/etc/airflow-agent/agent.yaml", str(agent_yaml_file))
+    hook = tmp_path / "hook.sh"
+    hook.write_text(script)
+
+    def run(**env: str) -> List[str]:
+        if calls.exists():
+            calls.unlink()
+        proc = subprocess.run(
+            ["sh", str(hook)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ, **env),
+        )
+        assert proc.returncode == 0, proc.stderr
+        return [c.split()[0] for c in calls.read_text().splitlines()]
+
+    # nothing of the CloudWatch configuration changed: the agent is left alone
+    assert run() == ["cfn-init", "airflow-agent"]
+    # a role's configuration changed: re-applied, before env sync
+    assert run(CHANGE_LOGS="1") == ["cfn-init", "airflow-cloudwatch-agent", "airflow-agent"]
