@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import yaml
 
+from sandbox.stack.aws_logs import log_group_arn
+
 _SHORT_TAGS = {
     "Ref": "Ref",
     "Condition": "Condition",
@@ -139,6 +141,7 @@ class Resolver:
             "AWS::CodeDeploy::Application": "ApplicationName",
             "AWS::CodeDeploy::DeploymentGroup": "DeploymentGroupName",
             "AWS::KMS::Alias": "AliasName",
+            "AWS::Logs::LogGroup": "LogGroupName",
         }
         if rtype in named and self._prop(name, named[rtype]) is not None:
             return self._prop(name, named[rtype])
@@ -164,6 +167,8 @@ class Resolver:
             if rtype in ("AWS::IAM::Role", "AWS::IAM::InstanceProfile"):
                 kind = "role" if rtype == "AWS::IAM::Role" else "instance-profile"
                 return f"arn:aws:iam::{account}:{kind}/{name}"
+            if rtype == "AWS::Logs::LogGroup":
+                return log_group_arn(region, account, self.ref(name))
         if attr.endswith(".Address"):
             return f"{name.lower()}.example.{region}.amazonaws.com"
         if attr.endswith(".Port"):

@@ -494,6 +494,7 @@ def run_hook_script(script: str, tmp_path: Path) -> None:
 
 
 BOOTSTRAP = "/usr/local/bin/airflow-agent bootstrap"
+CLOUDWATCH = "/usr/local/sbin/airflow-cloudwatch-agent"
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -537,7 +538,11 @@ def test_first_boot_installs_configures_and_bootstraps(template, resolver, role)
     after = [cmd for c, cmd in run if c != "install"]
     own = [cmd for c, cmd in run if c == role]
     (codedeploy,) = [cmd for cmd in after if "codedeploy-install" in cmd]
+    # the CloudWatch agent: the role's config starts it first, so the service logs ship before
+    # any of the role's own commands (which may fail the boot)
     assert after == own + [BOOTSTRAP, codedeploy]
+    assert own[0] == CLOUDWATCH
+    own = own[1:]
     assert "/latest/install" in codedeploy and "ruby /tmp/codedeploy-install auto" in codedeploy
     assert not [cmd for cmd in after[:-1] + [joined] if "codedeploy" in cmd]
     # agent.yaml links to the role's file before any of them runs (the role's config writes
@@ -950,6 +955,11 @@ def _scoped_resources(template, resolver) -> Dict[str, Set[str]]:
         "sts": {resolver.get_att("TaskRole", "Arn"), resolver.get_att("WorkerTaskRole", "Arn")},
         # the api-servers' target group (agent/platform/target_group.py)
         "elasticloadbalancing": {resolver.ref("ApiServerTargetGroup")},
+        # the CloudWatch agent's log streams, in the stack's log groups only
+        "logs": {
+            resolver.get_att(group, "Arn")
+            for group in resources_of_type(template, "AWS::Logs::LogGroup")
+        },
     }
 
 

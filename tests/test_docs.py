@@ -42,6 +42,8 @@ NOT_UNITS = {
     "airflow-agent": "the command",
     "airflow-ec2-agent": "the project and its package",
     "airflow-agent-cfn-update": "the cfn-hup hook's script in /usr/local/sbin (the template)",
+    "airflow-cloudwatch-agent": "the CloudWatch agent's apply script in /usr/local/sbin",
+    "airflow-roles": "the CloudWatch agent's per-role configurations' directory (the template)",
     "airflow-agent-gate": "the worker gate's public directory, /var/lib/airflow-agent-gate",
     "airflow-admin-password": "the admin secret's name part (the template)",
     "airflow-artifacts": "an example bucket name",

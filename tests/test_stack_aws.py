@@ -238,6 +238,52 @@ def test_the_alarms_exist_on_their_metrics_without_actions_when_no_topic(stack):
     assert all(not a.get("AlarmActions") for a in got.values())  # AlarmTopicArn is empty
 
 
+def test_log_groups_with_the_templates_names_and_retention(stack):
+    """AWS::Logs::LogGroup (sandbox/stack/aws_logs.py): each group the template declares exists
+    with CloudWatchLogRetentionDays applied, and its Arn is the one the roles' policies name."""
+    model, report, aws = stack
+    groups = [rid for rid, res in model.resources.items() if res["Type"] == "AWS::Logs::LogGroup"]
+    assert groups
+    prefix = f"/airflow/{model.stack_name}/"
+    found = aws.client("logs").describe_log_groups(logGroupNamePrefix=prefix)
+    retention = {g["logGroupName"]: g.get("retentionInDays") for g in found["logGroups"]}
+    days = int(model.ref("CloudWatchLogRetentionDays"))
+    assert retention == {model.ref(rid): days for rid in groups}
+    for rid in groups:
+        assert model.get_att(rid, "Arn") == (
+            f"arn:aws:logs:{REGION}:{model.pseudo['AWS::AccountId']}:log-group:{model.ref(rid)}:*"
+        )
+    notes = dict(report.notes)
+    assert all("no CloudWatch agent" in notes[rid] for rid in groups)
+
+
+@pytest.mark.parametrize("role", ["scheduler", "webserver", "worker"])
+def test_each_role_writes_its_streams_to_the_stacks_log_groups_and_no_other(stack, role):
+    """The ServiceLogs statement, enforced: what the CloudWatch agent calls with the instance's
+    credentials passes on the stack's log groups and is refused on any other group."""
+    model, _report, aws = stack
+    logs = role_client(aws, model, role, "logs", session=f"i-logs-{role}")
+    for rid in ("AirflowLogGroup", "ProvisioningLogGroup"):
+        group = model.ref(rid)
+        stream = f"i-logs-{role}/{rid}"
+        logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        logs.put_log_events(
+            logGroupName=group,
+            logStreamName=stream,
+            logEvents=[{"timestamp": 1_700_000_000_000, "message": "hello"}],
+        )
+        logs.describe_log_streams(logGroupName=group, logStreamNamePrefix=stream)
+    aws.client("logs").create_log_group(logGroupName=f"/other/{role}")
+    err = refused(logs.create_log_stream, logGroupName=f"/other/{role}", logStreamName="s")
+    assert err.response["Error"]["Code"] == "AccessDeniedException"
+    assert f"log-group:/other/{role}:log-stream:s" in str(err)
+    # the template owns the groups and their retention
+    err = refused(
+        logs.put_retention_policy, logGroupName=model.ref("AgentLogGroup"), retentionInDays=1
+    )
+    assert "logs:PutRetentionPolicy" in str(err)
+
+
 # -- Build 2: IAM enforced -------------------------------------------------------------------
 
 

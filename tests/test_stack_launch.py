@@ -23,6 +23,11 @@ for the whole module (it takes minutes); the tests run in order on it:
   decides it (the queue falls to work for one worker) and of the worker Auto Scaling's default
   termination policy picks: drained, then exactly one CompleteLifecycleAction;
 - the workers sent the agent's event metrics (the drains) with their own credentials;
+- a worker scale-in through the termination lifecycle hook: drained, then exactly one
+  CompleteLifecycleAction;
+- the CloudWatch agent's configuration cfn-init wrote on each instance names only the units of
+  its role (installed, enabled) and files that exist there, and the stack's log groups, which
+  exist in the embedded AWS with CloudWatchLogRetentionDays (the agent itself cannot run here);
 - with the real template, no request was refused and no journal holds an AccessDenied.
 """
 
@@ -36,10 +41,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from agent.config import config_from_dict
 from agent.platform.envfile import parse_env
 from sandbox.proc import wait_for
 from sandbox.stack.airflow_api import AirflowApi
+from sandbox.stack.cloudwatch_config import AGENT_YAML, expected_units, role_config_path, shipped
 from sandbox.stack.launch import Stack
 from sandbox.stack.model import StackModel
 from sandbox.stack.probe import HealthProbe, RotationSampler
@@ -339,6 +347,55 @@ def policy_scale_in(stack):
     ids = wait_for(chosen, 600, f"{count} worker(s) not protected from scale in", interval=5)
     print(f"\nscaling policy: {decision} -> removes {ids}")
     return decision, [m for m in workers if m.instance_id in ids]
+
+
+# Files the logs configuration names whose writer the sandbox replaces, and why each cannot
+# exist on a sandbox instance (sandbox/stack/substitutions.py "no CodeDeploy agent download"):
+# the CodeDeploy agent is not installed; sandbox/codedeploy_runner.py runs its hooks from the
+# rig, inside the host, and writes neither the agent's own log nor its deployments log.
+NOT_ON_SANDBOX_INSTANCES = {
+    "/var/log/aws/codedeploy-agent/codedeploy-agent.log": "written by the CodeDeploy agent",
+    "/opt/codedeploy-agent/deployment-root/deployment-logs/codedeploy-agent-deployments.log": (
+        "the CodeDeploy agent's record of its deployments' hook output"
+    ),
+}
+
+
+def test_the_cloudwatch_agent_config_names_only_what_each_instance_has(stack):
+    """issue 14 item 2: the CloudWatch agent's configuration cfn-init wrote on each instance
+    ships the journals of exactly the units the agent enabled for its role (each installed,
+    loaded, enabled or triggered by an enabled timer), files that exist there, and the log
+    groups the stack created in the embedded AWS with CloudWatchLogRetentionDays."""
+    model = stack.model
+    groups = {
+        model.ref(rid)
+        for rid, res in model.resources.items()
+        if res["Type"] == "AWS::Logs::LogGroup"
+    }
+    found = stack.aws.client("logs").describe_log_groups()["logGroups"]
+    days = int(model.ref("CloudWatchLogRetentionDays"))
+    retention = {g["logGroupName"]: g.get("retentionInDays") for g in found}
+    assert retention == dict.fromkeys(groups, days)
+    named = set()
+    for member in stack.members:
+        host = member.instance.host
+        # the role /usr/local/sbin/airflow-cloudwatch-agent applies: agent.yaml's link
+        link = host.run(["readlink", AGENT_YAML]).stdout.strip()
+        assert link.endswith(f"/{member.role}.yaml"), (member.name, link)
+        path = role_config_path(member.role)
+        logs = shipped(host.read_file(path).decode(), source=f"{member.name}:{path}")
+        cfg = config_from_dict(yaml.safe_load(host.read_file(AGENT_YAML)), source=member.name)
+        assert sorted(logs.units) == sorted(expected_units(cfg, member.role)), member.name
+        for unit in logs.units:
+            assert host.unit_property(unit, "LoadState") == "loaded", (member.name, unit)
+            assert host.unit_property(unit, "FragmentPath") == f"/etc/systemd/system/{unit}"
+            triggers = host.unit_property(unit, "TriggeredBy").split()
+            states = [host.unit_property(u, "UnitFileState") for u in [unit, *triggers]]
+            assert "enabled" in states, (member.name, unit, triggers, states)
+        missing = [f for f in logs.files if host.run(["test", "-f", f], check=False).returncode]
+        assert sorted(missing) == sorted(NOT_ON_SANDBOX_INSTANCES), (member.name, missing)
+        named |= logs.groups
+    assert named == groups
 
 
 def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):

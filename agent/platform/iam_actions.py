@@ -8,7 +8,8 @@ listed here *and* granted in the template, and a grant that no code path needs f
 
 - AGENT_ACTIONS: job -> the IAM actions that job of the agent calls (its code paths).
 - OTHER_ACTIONS: the other programs on the instance that use the role's credentials
-  (Airflow itself, the CodeDeploy agent, cfn-init, the SSM agent) -> their actions.
+  (Airflow itself, the CodeDeploy agent, cfn-init, the CloudWatch agent, the SSM agent) ->
+  their actions.
 - ROLE_CONSUMERS: instance role -> the jobs/programs that run on it.
 - TASK_ROLE_CONSUMERS: the programs that act as the stack's task role (Airflow and its tasks).
 - UNSCOPED_ACTIONS: actions whose service supports no resource-level permission, so the only
@@ -82,6 +83,10 @@ OTHER_ACTIONS: Dict[str, Tuple[str, ...]] = {
     "codedeploy agent": ("s3:GetObject", "s3:GetObjectVersion"),
     # cfn-init's install commands fetch the agent's package (`aws s3 cp`, the instance role)
     "cfn-init agent package": ("s3:GetObject",),
+    # the CloudWatch agent ships the instance's service logs (units' journals, cfn-init,
+    # cfn-hup, CodeDeploy agent) to the stack's log groups, which the template creates with
+    # their retention: streams and events only (no CreateLogGroup, no PutRetentionPolicy)
+    "cloudwatch agent": ("logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"),
     # the SSM agent: Run Command (e.g. `airflow-agent env sync` on demand) and Session Manager,
     # which replace SSH; the minimum it needs to register and take commands
     "ssm agent": (
@@ -113,6 +118,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "airflow config secrets",
         "codedeploy agent",
         "cfn-init agent package",
+        "cloudwatch agent",
         "ssm agent",
     ),
     "webserver": (
@@ -126,6 +132,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "airflow config secrets",
         "codedeploy agent",
         "cfn-init agent package",
+        "cloudwatch agent",
         "ssm agent",
     ),
     "worker": (
@@ -140,6 +147,7 @@ ROLE_CONSUMERS: Dict[str, Tuple[str, ...]] = {
         "airflow config secrets",
         "codedeploy agent",
         "cfn-init agent package",
+        "cloudwatch agent",
         "ssm agent",
     ),
 }

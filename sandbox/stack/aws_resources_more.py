@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
+from sandbox.stack.aws_logs import create_log_group
 from sandbox.stack.aws_scaling import HANDLERS_SCALING, enable_metrics_collection
 
 
@@ -277,4 +278,5 @@ HANDLERS_MORE: Dict[str, Callable[..., Any]] = {
     "AWS::CodeDeploy::Application": _codedeploy_application,
     "AWS::CodeDeploy::DeploymentGroup": _codedeploy_group,
     **HANDLERS_SCALING,
+    "AWS::Logs::LogGroup": create_log_group,
 }

@@ -10,7 +10,8 @@ the value at each hook's `path` (Resources.<id>.Metadata...) and runs the hook's
 records values. Differences, listed in substitutions.py: the metadata comes from the file the
 supervisor writes (METADATA_FILE), not DescribeStackResource; and SIGUSR1 starts a pass at
 once, so a stack update does not wait out the interval. Each action's result is appended to
-HUP_RESULTS for the supervisor. Stdlib only (the host's /usr/bin/python3).
+HUP_RESULTS for the supervisor, and logged to /var/log/cfn-hup.log as the real cfn-hup logs.
+Stdlib only (the host's /usr/bin/python3).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from sandbox.stack import substitutions as subst
 CONF = "/etc/cfn/cfn-hup.conf"
 HOOKS = "/etc/cfn/hooks.d"
 HUP_RESULTS = "/var/lib/aea-sandbox/cfn/hup.jsonl"
+# where aws-cfn-bootstrap's cfn-hup logs (the template ships it to CloudWatch Logs)
+LOG = "/var/log/cfn-hup.log"
 TRIGGERS = ("post.update",)
 _MISSING = object()
 
@@ -66,6 +69,16 @@ def value_at(path: str) -> Any:
     return json.dumps(node, sort_keys=True)
 
 
+def log(text: str) -> None:
+    """To the journal (stderr) and to cfn-hup's log file, as the real one keeps it."""
+    sys.stderr.write(text)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    # 0600: a hook's output can hold what it read
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{stamp},000 [INFO] {text}")
+
+
 def run_action(hook: Dict[str, str]) -> Dict[str, Any]:
     runas = hook.get("runas", "root")
     argv = ["sh", "-c", hook["action"]]
@@ -92,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGUSR1 blocked and taken synchronously: a poke between passes is never lost
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     seen = {h["name"]: value_at(h["path"]) for h in hooks}
-    sys.stderr.write(f"cfn-hup: {len(hooks)} hook(s), every {interval:g} s or on SIGUSR1\n")
+    log(f"cfn-hup: {len(hooks)} hook(s), every {interval:g} s or on SIGUSR1\n")
     while True:
         signal.sigtimedwait({signal.SIGUSR1}, interval)
         for hook in hooks:
@@ -101,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             seen[hook["name"]] = now
             result = run_action(hook)
-            sys.stderr.write(f"cfn-hup: {hook['name']} rc {result['rc']}\n{result['output']}\n")
+            log(f"cfn-hup: {hook['name']} rc {result['rc']}\n{result['output']}\n")
             os.makedirs(os.path.dirname(HUP_RESULTS), exist_ok=True)
             fd = os.open(HUP_RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a") as f:  # 0600: a hook's output can hold what it read

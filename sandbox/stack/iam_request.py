@@ -89,6 +89,24 @@ def _secretsmanager(action, params, account, region, checks: List[Check]) -> Lis
     return [secret.arn]
 
 
+# CloudWatch Logs actions on one stream; the others act on a log group
+_LOG_STREAM_ACTIONS = ("CreateLogStream", "PutLogEvents", "GetLogEvents", "DeleteLogStream")
+
+
+def _logs(action: str, params: Dict[str, Any], account: str, region: str) -> List[str]:
+    """A stream's ARN for stream actions; `log-group:G:log-stream:` (what AWS checks and names
+    in its AccessDenied) for DescribeLogStreams; the group's ARN for the other group actions."""
+    group = params.get("logGroupName")
+    if not isinstance(group, str):
+        return ["*"]
+    arn = f"arn:aws:logs:{region}:{account}:log-group:{group}"
+    if action in _LOG_STREAM_ACTIONS:
+        return [f"{arn}:log-stream:{params.get('logStreamName', '')}"]
+    if action == "DescribeLogStreams":
+        return [f"{arn}:log-stream:"]
+    return [arn]
+
+
 def _autoscaling(action: str, params: Dict[str, Any], account: str, region: str) -> List[str]:
     if action.startswith("Describe"):
         return ["*"]
@@ -173,6 +191,8 @@ def checks(
         arns = [_key_arn(account, region, params["KeyId"])]
     elif service == "autoscaling":
         arns = _autoscaling(action, params, account, region)
+    elif service == "logs":
+        arns = _logs(action, params, account, region)
     elif service == "sts" and params.get("RoleArn"):
         arns = [params["RoleArn"]]
     elif service == "elasticloadbalancing" and not action.startswith("Describe"):

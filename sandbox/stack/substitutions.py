@@ -52,6 +52,15 @@ COMMANDS: Tuple[Substitution, ...] = (
         "sandbox/codedeploy_runner.py, which follows the agent's contract (appspec hooks as "
         "root with CodeDeploy's variables) and runs each hook inside this host",
     ),
+    Substitution(
+        "no CloudWatch agent",
+        r"^/usr/local/sbin/airflow-cloudwatch-agent$",
+        ": amazon-cloudwatch-agent cannot run in the sandbox",
+        "the CloudWatch agent is Amazon Linux's package (not installed here: no RPM on a Debian "
+        "host, no internet) and reads EC2 metadata and the journal to ship to CloudWatch Logs; "
+        "its per-role configuration is still written by cfn-init on each instance, and the "
+        "stack's log groups are created in the embedded AWS (sandbox/stack/aws_logs.py)",
+    ),
 )
 
 # (manager, package): why nothing needs installing. Any other package is refused.
@@ -60,6 +69,8 @@ PACKAGES: Dict[Tuple[str, str], str] = {
     ("yum", "python3.11-pip"): "python3.11 -m venv brings pip (Debian's python3-venv)",
     ("yum", "ruby"): "only the CodeDeploy installer used it, and that is substituted",
     ("yum", "awscli-2"): "the machine's aws CLI (v1, same `s3 cp`), linked as /usr/local/bin/aws",
+    ("yum", "amazon-cloudwatch-agent"): "the CloudWatch agent cannot run in the sandbox (see the "
+    "'no CloudWatch agent' substitution): its configuration files are written, nothing runs them",
 }
 
 # The one environment override (systemd DefaultEnvironment of every instance): the embedded
