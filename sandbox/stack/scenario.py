@@ -1,6 +1,7 @@
 """What the launched stack's checks and its demo do to it: the DAG bundle, deployments through
 codedeploy/appspec.yml on every instance, the admin's credentials from the template's secret,
-a copy of the template for a stack update, when a unit started on an instance.
+a copy of the template for a stack update, when a unit started on an instance, the Airflow CLI
+run on an instance as docs/rotating-secrets.md has an operator run it.
 """
 
 from __future__ import annotations
