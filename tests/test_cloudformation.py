@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from agent.config import DEFAULT_UNITS, ROLES, config_from_dict, load_config
-from agent.jobs.env_sync.plan import Parameter, map_parameters
+from agent.jobs.env_sync.plan import Parameter, map_parameters, plan_env
 from agent.jobs.role import match_group
 from agent.platform import iam_actions
 from agent.platform.envfile import parse_env
@@ -270,6 +270,31 @@ def test_defaults_and_the_parameters_example_satisfy_the_constraints(template):
     fernet = specs["FernetKey"]["AllowedPattern"]
     assert re.fullmatch(fernet, "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=")
     assert not re.fullmatch(fernet, "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1P")
+
+
+def test_the_fernet_key_parameter_takes_airflows_rotation_list(template):
+    """FernetKey may be `new,old` (Airflow's MultiFernet: the first key encrypts, every one
+    decrypts); whatever the pattern lets through, Airflow's own split builds a MultiFernet from."""
+    from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+    spec = template["Parameters"]["FernetKey"]
+    assert spec["NoEcho"] is True
+    assert "new,old" in spec["Description"] and "docs/rotating-secrets.md" in spec["Description"]
+    pattern = spec["AllowedPattern"]
+    new, old, older = (Fernet.generate_key().decode() for _ in range(3))
+    for value in (new, f"{new},{old}", f"{new},{old},{older}"):
+        assert re.fullmatch(pattern, value), value
+        # as airflow.models.crypto.get_fernet reads [core] fernet_key
+        keys = MultiFernet([Fernet(part.encode()) for part in value.split(",")])
+        assert Fernet(new.encode()).decrypt(keys.encrypt(b"secret")) == b"secret"
+    # new,old: what the old key encrypted still decrypts; what it encrypts now, only new reads
+    keys = MultiFernet([Fernet(k.encode()) for k in (new, old)])
+    assert keys.decrypt(Fernet(old.encode()).encrypt(b"before")) == b"before"
+    with pytest.raises(InvalidToken):
+        Fernet(old.encode()).decrypt(keys.encrypt(b"after"))
+    for bad in (f"{new}, {old}", f"{new},", f",{new}", f"{new},,{old}", f"{new};{old}",
+                f"{new},{old[:-1]}", ""):  # fmt: skip
+        assert not re.fullmatch(pattern, bad), bad
 
 
 # -- the contract with the agent ------------------------------------------------------------------
@@ -804,6 +829,45 @@ def test_agent_yaml_on_disk_follows_updates_of_the_metadata(template, resolver, 
             assert path.read_text(encoding="utf-8") == text
 
 
+def test_a_secrets_revision_changes_every_roles_env_file_after_the_secrets(template, resolver):
+    """A secret's new value reaches no env file (they name secrets, never hold them), so the
+    units would never restart for it: SecretsRevision is in every role's env.static, so a new
+    value changes the watched metadata (cfn-hup runs the hook) and the env file env sync renders
+    (confapply restarts the units). The metadata changes only after the secrets a stack update
+    can change (those with a SecretString), so no unit restarts before the new value exists."""
+    init = init_of(template)
+    revised = Resolver(
+        template, dict(TEST_PARAMS, SecretsRevision="r2"), pseudo={"AWS::StackName": STACK}
+    )
+    assert resolver.resolve(init) != revised.resolve(init)
+    ssm = [Parameter(f"/airflow/{STACK}/core/executor", "CeleryExecutor", "String")]
+    mapped = map_parameters(ssm, [f"/airflow/{STACK}/"])
+    for role in ROLES:
+        files = []
+        for r in (resolver, revised):
+            text = init_file(template, r, "update", agent_yaml_target(template, role))
+            cfg = config_from_dict(yaml.safe_load(text), f"{role}.yaml")
+            files.append(plan_env(mapped, cfg.env.static, [], 1.0, None).content)
+        default = template["Parameters"]["SecretsRevision"]["Default"]
+        assert parse_env(files[0])["AIRFLOW_SECRETS_REVISION"] == default, role
+        assert parse_env(files[1])["AIRFLOW_SECRETS_REVISION"] == "r2", role
+        assert files[0] != files[1], role
+    depends = set(template["Resources"][INIT_RESOURCE].get("DependsOn", []))
+    changeable = {
+        rid
+        for rid, res in resources_of_type(template, "AWS::SecretsManager::Secret").items()
+        if "SecretString" in res["Properties"]
+        and "/config/" in str(resolver.resolve(res["Properties"]["Name"]))
+    }
+    assert changeable == {
+        "FernetKeySecret",
+        "DbConnSecret",
+        "WorkerDbConnSecret",
+        "BrokerUrlSecret",
+    }
+    assert changeable <= depends
+
+
 def test_codedeploy_has_one_deployment_group_per_role_deployed_workers_first(template):
     res = template["Resources"]
     groups = {
@@ -1221,7 +1285,7 @@ def test_create_stack_on_moto_then_env_sync_with_the_templates_agent_yaml(
     assert len(names) == len(resources_of_type(template, "AWS::SSM::Parameter"))
     own = [n for n in names if n.startswith(tuple(role_ssm_paths("scheduler")))]
     mapped = map_parameters([Parameter(n, "") for n in own], role_ssm_paths("scheduler"))
-    assert set(env) == set(mapped) | {"AIRFLOW_HOME"}
+    assert set(env) == set(mapped) | {"AIRFLOW_HOME", "AIRFLOW_SECRETS_REVISION"}
 
 
 def test_the_outputs_name_roles_security_groups_endpoints_and_groups(template):

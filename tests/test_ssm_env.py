@@ -397,3 +397,18 @@ def test_allowed_env_parameters_map():
         [PATH],
     )
     assert sorted(mapped) == ["AWS_DEFAULT_REGION", "TZ"]
+
+
+def test_a_fernet_key_list_and_the_secrets_revision_pass_through_unchanged():
+    """Airflow's rotation list `new,old` (given directly as [core] fernet_key; the template
+    names a secret instead) and the template's static AIRFLOW_SECRETS_REVISION: a comma needs
+    no escaping in the env file, and systemd's parser (modelled) gives the value back as is."""
+    keys = (
+        "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=,q6Jt1bS0m8pYQ0ufm3oO9E2mQk4q3d8Xv7c2Zr1yW5A="
+    )
+    mapped = map_parameters([P(PATH + "core/fernet_key", keys, "SecureString")], [PATH])
+    plan = plan_env(mapped, {"AIRFLOW_SECRETS_REVISION": "2"}, [], 0.2, None)
+    env = parse_env(plan.content)
+    assert env["AIRFLOW__CORE__FERNET_KEY"] == keys
+    assert env["AIRFLOW_SECRETS_REVISION"] == "2"
+    assert refused_variable("AIRFLOW_SECRETS_REVISION") is None

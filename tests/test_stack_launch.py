@@ -19,15 +19,17 @@ for the whole module (it takes minutes); the tests run in order on it:
 - a stack update (ConfigRevision + one Airflow setting, in a copy of the template) lands on
   every instance through its cfn-hup hook, and confapply restarts never two instances of a
   role at once (the restart slot, from the journals), with tasks in flight succeeding;
+- the CloudWatch agent's configuration cfn-init wrote on each instance names only the units of
+  its role (installed, enabled) and files that exist there, and the stack's log groups, which
+  exist in the embedded AWS with CloudWatchLogRetentionDays (the agent itself cannot run here);
+- a Fernet key rotation as docs/rotating-secrets.md has it (FernetKey=new,old with a new
+  SecretsRevision, `airflow rotate-fernet-key` once, then FernetKey=new): each Airflow unit
+  restarts once per step, values written under the old key still read, new ones are stored
+  under the new key, and after the rotation the new key alone decrypts them all;
 - a worker scale-in through the termination lifecycle hook, as the template's scaling policy
   decides it (the queue falls to work for one worker) and of the worker Auto Scaling's default
   termination policy picks: drained, then exactly one CompleteLifecycleAction;
 - the workers sent the agent's event metrics (the drains) with their own credentials;
-- a worker scale-in through the termination lifecycle hook: drained, then exactly one
-  CompleteLifecycleAction;
-- the CloudWatch agent's configuration cfn-init wrote on each instance names only the units of
-  its role (installed, enabled) and files that exist there, and the stack's log groups, which
-  exist in the embedded AWS with CloudWatchLogRetentionDays (the agent itself cannot run here);
 - with the real template, no request was refused and no journal holds an AccessDenied.
 """
 
@@ -55,14 +57,17 @@ from sandbox.stack.scenario import (
     DAG,
     EXAMPLE_DAG,
     admin_credentials,
+    airflow_cli,
     deploy_everywhere,
     health_urls,
     journal_lines,
     revision,
+    role_units,
     service_pids,
     slot_intervals,
     unit_last_logged_at,
     unit_started_at,
+    unit_starts,
     updated_template,
 )
 from sandbox.stack.target_tracking import (
@@ -396,6 +401,149 @@ def test_the_cloudwatch_agent_config_names_only_what_each_instance_has(stack):
         assert sorted(missing) == sorted(NOT_ON_SANDBOX_INSTANCES), (member.name, missing)
         named |= logs.groups
     assert named == groups
+
+
+def _running_units(stack):
+    """{(instance, unit): MainPID} of every Airflow unit that runs now."""
+    return {
+        (m.name, u): m.instance.host.main_pid(u)
+        for m in stack.members
+        for u in role_units(m)
+        if m.instance.host.unit_property(u, "ActiveState") == "active"
+    }
+
+
+def _rotate_to(stack, tmp_path, fernet_key: str, revision: str, running) -> float:
+    """docs/rotating-secrets.md's stack update: FernetKey and a new SecretsRevision (in a copy
+    of the template as the previous update left it); returns when the confapply of every
+    instance with `running` units has restarted them in a slot. The time the update started."""
+    since = time.time()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    new = StackModel.load(
+        updated_template(tmp_path),
+        workers=2,
+        extra={"FernetKey": fernet_key, "SecretsRevision": revision},
+    )
+    result = stack.update(new)
+    assert ("FernetKeySecret", "new secret version") in result["changed"], result["changed"]
+    for member in stack.members:
+        assert result["hooks"][member.name]["rc"] == 0, member.name
+        env = parse_env(member.instance.host.read_file("/etc/sysconfig/airflow.env"))
+        assert env.get("AIRFLOW_SECRETS_REVISION") == revision, member.name
+        # the env file names the secret and carries the revision, never a key
+        assert env.get("AIRFLOW__CORE__FERNET_KEY_SECRET") == "fernet_key", member.name
+        assert fernet_key.split(",")[0] not in json.dumps(env), member.name
+    for role in ("scheduler", "webserver", "worker"):
+        count = len({m.name for m in stack.role_members(role) for n, _ in running if n == m.name})
+        wait_for(
+            lambda role=role, count=count: (
+                len(slot_intervals(stack, role, "airflow-agent-confapply", since)) >= count
+            ),
+            600,
+            f"confapply on every {role} to restart in a slot",
+            interval=2,
+        )
+    return since
+
+
+def _restarted_once_each(stack, since: float, running) -> None:
+    """Every Airflow unit that ran restarted exactly once since `since` (one 'Started' from
+    systemd, a new MainPID) and is active; one that did not run was not started."""
+    for member in stack.members:
+        h = member.instance.host
+        for unit in role_units(member):
+            starts = unit_starts(member, unit, since)
+            if (member.name, unit) not in running:
+                assert starts == [], (member.name, unit, starts)
+                continue
+            assert len(starts) == 1, (member.name, unit, starts)
+            assert h.unit_property(unit, "ActiveState") == "active", (member.name, unit)
+            assert h.main_pid(unit) != running[(member.name, unit)], (member.name, unit)
+
+
+def test_a_fernet_key_rotation_keeps_old_values_and_restarts_each_unit_once(stack, api, tmp_path):
+    """docs/rotating-secrets.md on the running stack: a Variable and a Connection encrypted with
+    the old key; FernetKey=new,old (+ SecretsRevision) through cfn-hup: each Airflow unit
+    restarts once, the old values still read, a new Variable is stored under the new key; then
+    `airflow rotate-fernet-key` once on the scheduler re-encrypts the old values under the new
+    key; FernetKey=new alone: they still read. The stack is left on the new key."""
+    from cryptography.fernet import Fernet, InvalidToken
+
+    db = stack.standins["database"]
+    (scheduler,) = stack.role_members("scheduler")
+    old = stack.model.parameters["FernetKey"]
+    new = Fernet.generate_key().decode()
+
+    def stored(sql: str) -> bytes:
+        out = db.psql(sql).strip()
+        assert out, sql
+        return out.encode()
+
+    variable = "SELECT val FROM variable WHERE key = '{}' AND is_encrypted"
+    password = "SELECT password FROM connection WHERE conn_id = 'rotation_old' AND is_encrypted"
+
+    def connection_password() -> str:
+        p = airflow_cli(scheduler, "connections", "get", "rotation_old", "-o", "json")
+        assert p.returncode == 0, p.stderr[-2000:]
+        (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("[{")]  # -o json's row
+        return json.loads(line)[0]["password"]
+
+    api.ok("POST", "/api/v2/variables", {"key": "rotation_old", "value": "written under old"})
+    api.ok("POST", "/api/v2/connections", {
+        "connection_id": "rotation_old", "conn_type": "http", "host": "example.internal",
+        "login": "svc", "password": "old-conn-password",
+    })  # fmt: skip
+    assert Fernet(old).decrypt(stored(variable.format("rotation_old"))) == b"written under old"
+    assert Fernet(old).decrypt(stored(password)) == b"old-conn-password"
+
+    # workers start only with a deployed revision (the boot gate): run alone (-k), this test
+    # deploys one, so that every role has units to restart
+    if not all(m.instance.host.unit_property("airflow-worker", "ActiveState") == "active"
+               for m in stack.role_members("worker")):  # fmt: skip
+        deployed = deploy_everywhere(stack, revision(tmp_path / "v1", "v1"), "d-FERNET")
+        assert all(d.succeeded for d in deployed.values()), deployed
+    running = _running_units(stack)
+    assert {u for _, u in running} >= {"airflow-scheduler", "airflow-api-server", "airflow-worker"}
+
+    # 1. FernetKey=new,old
+    since = _rotate_to(stack, tmp_path / "a", f"{new},{old}", "fernet-1", running)
+    converged = time.time() - since
+    _restarted_once_each(stack, since, running)
+    for role in ("scheduler", "webserver", "worker"):
+        spans = slot_intervals(stack, role, "airflow-agent-confapply", since)
+        for (_, released, first), (held, _, second) in zip(spans, spans[1:]):
+            assert released <= held, (role, first, second, spans)
+    # the old values still decrypt, through the API (api-servers) and the CLI (scheduler)
+    assert api.variable("rotation_old") == "written under old"
+    assert connection_password() == "old-conn-password"
+    with pytest.raises(InvalidToken):  # still stored under the old key
+        Fernet(new).decrypt(stored(variable.format("rotation_old")))
+    # a value written now is stored under the new key, which alone decrypts it
+    api.ok("POST", "/api/v2/variables", {"key": "rotation_new", "value": "written under new"})
+    fresh = stored(variable.format("rotation_new"))
+    assert Fernet(new).decrypt(fresh) == b"written under new"
+    with pytest.raises(InvalidToken):
+        Fernet(old).decrypt(fresh)
+
+    # 2. airflow rotate-fernet-key, once, on the scheduler
+    p = airflow_cli(scheduler, "rotate-fernet-key")
+    assert p.returncode == 0, (p.stdout[-1500:], p.stderr[-1500:])
+    assert Fernet(new).decrypt(stored(variable.format("rotation_old"))) == b"written under old"
+    assert Fernet(new).decrypt(stored(password)) == b"old-conn-password"
+    assert Fernet(new).decrypt(stored(variable.format("rotation_new"))) == b"written under new"
+
+    # 3. FernetKey=new: the old key is gone from every unit; the values still read
+    running = _running_units(stack)
+    again = _rotate_to(stack, tmp_path / "b", new, "fernet-2", running)
+    converged_again = time.time() - again
+    _restarted_once_each(stack, again, running)
+    assert api.variable("rotation_old") == "written under old"
+    assert api.variable("rotation_new") == "written under new"
+    assert connection_password() == "old-conn-password"
+    print(
+        f"\nfernet rotation: new,old converged (every unit restarted once) in {converged:.0f} s,"
+        f" new alone in {converged_again:.0f} s"
+    )
 
 
 def test_a_worker_scale_in_drains_then_completes_the_hook_once(stack):

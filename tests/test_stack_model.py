@@ -34,6 +34,12 @@ def test_the_example_values_and_only_the_listed_overrides(model):
     fernet = model.parameters["FernetKey"]
     assert re.fullmatch(model.template["Parameters"]["FernetKey"]["AllowedPattern"], fernet)
     assert StackModel.load().parameters["FernetKey"] != fernet
+    # ... unless given (a rotation's new,old list): a stack update keeps only generated values
+    assert model.generated_parameters == {"FernetKey"}
+    new = StackModel.load().parameters["FernetKey"]
+    rotated = StackModel.load(extra={"FernetKey": f"{new},{fernet}"})
+    assert rotated.parameters["FernetKey"] == f"{new},{fernet}"
+    assert rotated.generated_parameters == set()
 
 
 @pytest.mark.parametrize(

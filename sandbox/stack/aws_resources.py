@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, List, Tuple
 from sandbox.stack.aws_alarms import put_alarm
 from sandbox.stack.aws_resources_more import HANDLERS_MORE
 from sandbox.stack.model import StackModel
-from sandbox.stack.parameters import sandbox_overrides
 
 # types the sandbox does not create, and why (what stands in for them)
 NOT_CREATED = {
@@ -322,12 +321,10 @@ def update_in_aws(old: StackModel, new: StackModel, aws) -> List[Tuple[str, str]
     Returns (logical id, what changed). Anything else that differs is refused by name."""
     for attr in ("physical", "attributes", "secret_values", "ssm_values", "endpoint_hosts"):
         setattr(new, attr, getattr(old, attr))
-    generated = {
-        k for k, v in sandbox_overrides().items() if isinstance(v, dict) and "generate" in v
-    }
     for name, value in old.parameters.items():
-        # taken from the embedded AWS, or made at launch: the update keeps the previous value
-        if isinstance(new.parameters.get(name), dict) or name in generated:
+        # taken from the embedded AWS, or made afresh by this load (not given by the update,
+        # as a rotation gives its new FernetKey): the update keeps the previous value
+        if isinstance(new.parameters.get(name), dict) or name in new.generated_parameters:
             new.parameters[name] = value
     changed: List[Tuple[str, str]] = []
     for rid in new.creation_order():

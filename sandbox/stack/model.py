@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Set, Union
 
 from sandbox.cfn_template import PSEUDO, load_template
 from sandbox.stack.parameters import (
@@ -82,6 +82,9 @@ class StackModel(StackQueries):
         self.secret_values: Dict[str, str] = {}
         self.ssm_values: Dict[str, str] = {}
         self.endpoint_hosts: Dict[str, str] = {}
+        # parameters whose value was made at load (the Fernet key), not given: a stack update
+        # keeps the running stack's value for these (aws_resources.update_in_aws)
+        self.generated_parameters: Set[str] = set()
         self.conditions = {
             name: bool(self._cond(name, ())) for name in template.get("Conditions", {})
         }
@@ -115,9 +118,12 @@ class StackModel(StackQueries):
             values["WorkerDesiredCapacity"] = str(workers)
             if int(values.get("WorkerMaxSize", workers)) < workers:
                 values["WorkerMaxSize"] = str(workers)
+        made = {k for k, v in values.items() if generated(k, v) is not v}
         values = {k: generated(k, v) for k, v in values.items()}
         template = load_template(Path(template_path))
-        return cls(template, values, stack_name, Path(template_path))
+        model = cls(template, values, stack_name, Path(template_path))
+        model.generated_parameters = made
+        return model
 
     # -- conditions --------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """What the launched stack's checks and its demo do to it: the DAG bundle, deployments through
 codedeploy/appspec.yml on every instance, the admin's credentials from the template's secret,
-a copy of the template for a stack update, when a unit started on an instance.
+a copy of the template for a stack update, when a unit started on an instance, the Airflow CLI
+run on an instance as docs/rotating-secrets.md has an operator run it.
 """
 
 from __future__ import annotations
@@ -199,6 +200,34 @@ def unit_last_logged_at(member: Any, unit: str) -> Optional[float]:
     )
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     return int(json.loads(lines[-1])["__REALTIME_TIMESTAMP"]) / 1e6 if lines else None
+
+
+# systemd's catalog id of "Started <unit>" (SD_MESSAGE_UNIT_STARTED), logged by PID 1 with
+# UNIT= set: what a unit's own output can never forge, unlike a line that says "Started"
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
+
+
+def unit_starts(member: Any, unit: str, since: float) -> List[float]:
+    """When systemd finished starting `unit` on the instance since `since` (epoch seconds)."""
+    p = member.instance.run(
+        ["journalctl", "--no-pager", "-q", "-o", "json", f"--since=@{since:.3f}",
+         f"UNIT={unit}.service", f"MESSAGE_ID={UNIT_STARTED}"],
+        check=False,
+    )  # fmt: skip
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    return [int(json.loads(ln)["__REALTIME_TIMESTAMP"]) / 1e6 for ln in lines]
+
+
+def airflow_cli(member: Any, *args: str, timeout: float = 300) -> Any:
+    """The Airflow CLI on the instance as docs/rotating-secrets.md has an operator run it (and
+    the template its `db migrate`): a transient unit with the Airflow units' env file, as
+    airflow, in AIRFLOW_HOME. The CompletedProcess (stdout: what Airflow printed)."""
+    return member.instance.run(
+        ["systemd-run", "--quiet", "--wait", "--pipe", "--collect",
+         "-p", "EnvironmentFile=/etc/sysconfig/airflow.env", "-p", "User=airflow",
+         "-p", "WorkingDirectory=/airflow", "/opt/airflow/venv/bin/airflow", *args],
+        check=False, timeout=timeout,
+    )  # fmt: skip
 
 
 def journal_lines(member: Any, unit: str, since: float) -> List[Tuple[float, str]]:
