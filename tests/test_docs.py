@@ -233,12 +233,10 @@ def _repo_paths(doc: Path) -> List[str]:
     return out
 
 
-# a doc another change adds, linked before it lands: path -> that change (once the file
-# exists the entry allows nothing; remove it then)
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_repository_path_the_docs_name_exists(doc):
     missing = sorted({p for p in _repo_paths(doc) if not (ROOT / p).exists()})
-    assert sorted(missing) == []
+    assert missing == []
 
 
 def _shipped_text() -> str:
