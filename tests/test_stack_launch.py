@@ -279,6 +279,16 @@ def test_variables_come_from_the_templates_secret(stack, api):
     )
 
 
+def wait_confapply_slots(stack, role: str, count: int, since: float) -> None:
+    """Wait until confapply on `count` instances of `role` restarted in a slot since `since`."""
+    wait_for(
+        lambda: len(slot_intervals(stack, role, "airflow-agent-confapply", since)) >= count,
+        600,
+        f"confapply on every {role} to restart in a slot",
+        interval=2,
+    )
+
+
 def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_path):
     """A config push: the new setting reaches every instance's env file, and confapply
     restarts their units never two instances of one role at once (the fleet's restart slot,
@@ -302,14 +312,7 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
     # every instance's confapply restarted its units for the new file, each in a slot
     for role in ("scheduler", "webserver", "worker"):
         count = len(stack.role_members(role))
-        wait_for(
-            lambda role=role, count=count: (
-                len(slot_intervals(stack, role, "airflow-agent-confapply", since)) >= count
-            ),
-            600,
-            f"confapply on every {role} to restart in a slot",
-            interval=2,
-        )
+        wait_confapply_slots(stack, role, count, since)
         spans = slot_intervals(stack, role, "airflow-agent-confapply", since)
         print(f"\nconfig push, {role} slots: " + ", ".join(
             f"{name} {held - since:.1f}-{released - since:.1f} s" for held, released, name in spans
@@ -435,14 +438,7 @@ def _rotate_to(stack, tmp_path, fernet_key: str, revision: str, running) -> floa
         assert fernet_key.split(",")[0] not in json.dumps(env), member.name
     for role in ("scheduler", "webserver", "worker"):
         count = len({m.name for m in stack.role_members(role) for n, _ in running if n == m.name})
-        wait_for(
-            lambda role=role, count=count: (
-                len(slot_intervals(stack, role, "airflow-agent-confapply", since)) >= count
-            ),
-            600,
-            f"confapply on every {role} to restart in a slot",
-            interval=2,
-        )
+        wait_confapply_slots(stack, role, count, since)
     return since
 
 
