@@ -204,3 +204,24 @@ def run_agent(agent_env):
         )
 
     return run
+
+
+# -- the template's tests: tests/test_cloudformation.py and the modules beside it ---------------
+
+
+@pytest.fixture(scope="module")
+def template() -> Dict[str, Any]:
+    """cloudformation/airflow-cluster.yaml, loaded as the sandbox loads it."""
+    from sandbox.cfn_template import load_template
+    from tests.test_cloudformation import TEMPLATE_PATH
+
+    return load_template(TEMPLATE_PATH)
+
+
+@pytest.fixture(scope="module")
+def resolver(template):
+    """The template resolved with the tests' parameters (tests/test_cloudformation.TEST_PARAMS)."""
+    from sandbox.cfn_template import Resolver
+    from tests.test_cloudformation import STACK, TEST_PARAMS
+
+    return Resolver(template, TEST_PARAMS, pseudo={"AWS::StackName": STACK})

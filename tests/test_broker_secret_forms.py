@@ -21,7 +21,6 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
 
 import pytest
 import yaml
@@ -31,25 +30,14 @@ from agent.errors import AgentError
 from agent.jobs.drain.broker import read_broker
 from agent.jobs.drain.control import worker_control
 from agent.platform.envfile import parse_env
-from sandbox.cfn_template import Resolver, load_template
 from sandbox.lifecycle import FAKE_SYSTEMCTL, QUEUE, CeleryWorker, wait_until
 from sandbox.redis_server import RedisServer
-from tests.test_cloudformation import INIT_RESOURCE, STACK, TEMPLATE_PATH, TEST_PARAMS
+from tests.test_cloudformation import INIT_RESOURCE, STACK
 
 pytestmark = pytest.mark.timeout(240)
 
 WORKER_YAML = "/etc/airflow-agent/roles/worker.yaml"
 PASSWORD = "pw-" + secrets.token_hex(12)
-
-
-@pytest.fixture(scope="module")
-def template() -> Dict[str, Any]:
-    return load_template(TEMPLATE_PATH)
-
-
-@pytest.fixture(scope="module")
-def resolver(template) -> Resolver:
-    return Resolver(template, TEST_PARAMS, pseudo={"AWS::StackName": STACK})
 
 
 @pytest.fixture(scope="module")

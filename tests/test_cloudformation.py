@@ -53,7 +53,6 @@ from sandbox.cfn_init import (
 from sandbox.cfn_template import (
     Resolver,
     as_list,
-    load_template,
     reduce_for_moto,
     statements,
 )
@@ -100,16 +99,6 @@ EXPECTED_MOTO_SKIPPED_TYPES = {
     "AWS::SecretsManager::Secret",
     "AWS::SecretsManager::SecretTargetAttachment",
 }
-
-
-@pytest.fixture(scope="module")
-def template() -> Dict[str, Any]:
-    return load_template(TEMPLATE_PATH)
-
-
-@pytest.fixture(scope="module")
-def resolver(template) -> Resolver:
-    return Resolver(template, TEST_PARAMS, pseudo={"AWS::StackName": STACK})
 
 
 def resources_of_type(template, rtype: str) -> Dict[str, Any]:

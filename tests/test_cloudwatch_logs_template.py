@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Any, Dict, List
+from typing import List
 
 import pytest
 
 from agent.config import DEFAULT_UNITS, ROLES, config_from_dict
 from sandbox.cfn_init import configset_files
-from sandbox.cfn_template import Resolver, as_list, load_template, statements
+from sandbox.cfn_template import as_list, statements
 from sandbox.stack import cfn_init_apply
 from sandbox.stack.cloudwatch_config import (
     expected_units,
@@ -35,9 +35,6 @@ from sandbox.stack.cloudwatch_config import (
 )
 from tests.test_cloudformation import (
     LOGICAL,
-    STACK,
-    TEMPLATE_PATH,
-    TEST_PARAMS,
     agent_yaml,
     init_file,
     init_of,
@@ -59,16 +56,6 @@ FILES = {
     "/var/log/aws/codedeploy-agent/codedeploy-agent.log",
     "/opt/codedeploy-agent/deployment-root/deployment-logs/codedeploy-agent-deployments.log",
 }
-
-
-@pytest.fixture(scope="module")
-def template() -> Dict[str, Any]:
-    return load_template(TEMPLATE_PATH)
-
-
-@pytest.fixture(scope="module")
-def resolver(template) -> Resolver:
-    return Resolver(template, TEST_PARAMS, pseudo={"AWS::StackName": STACK})
 
 
 def role_logs(template, resolver, role: str) -> str:

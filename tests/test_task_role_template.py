@@ -21,26 +21,13 @@ import pytest
 
 from agent.jobs.task_credentials.config import TaskCredentialsConfig, check_task_credentials
 from agent.platform.iam_actions import task_role_actions
-from sandbox.cfn_template import Resolver, as_list, load_template, statements
+from sandbox.cfn_template import as_list, statements
 from tests.test_cloudformation import (
-    STACK,
-    TEMPLATE_PATH,
-    TEST_PARAMS,
     agent_yaml,
     resources_of_type,
 )
 
 ROLES = ("scheduler", "webserver", "worker")
-
-
-@pytest.fixture(scope="module")
-def template() -> Dict[str, Any]:
-    return load_template(TEMPLATE_PATH)
-
-
-@pytest.fixture(scope="module")
-def resolver(template) -> Resolver:
-    return Resolver(template, TEST_PARAMS, pseudo={"AWS::StackName": STACK})
 
 
 def _role_arn_by_logical_id(template, resolver) -> Dict[str, str]:

@@ -38,7 +38,7 @@ import yaml
 from agent.config import DEFAULT_UNITS, ROLES
 from sandbox.airflow_cluster import AIRFLOW_VENV
 from sandbox.cfn_init import configset_commands
-from sandbox.cfn_template import Resolver, as_list, load_template, references, statements
+from sandbox.cfn_template import Resolver, as_list, references, statements
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_PATH = REPO / "cloudformation" / "airflow-cluster.yaml"
@@ -59,18 +59,8 @@ SIMPLE_AUTH_MANAGER = (
 )
 
 
-@pytest.fixture(scope="module")
-def template() -> Dict[str, Any]:
-    return load_template(TEMPLATE_PATH)
-
-
 def resolver_for(template, **params: Any) -> Resolver:
     return Resolver(template, dict(TEST_PARAMS, **params), pseudo={"AWS::StackName": STACK})
-
-
-@pytest.fixture(scope="module")
-def resolver(template) -> Resolver:
-    return resolver_for(template)
 
 
 def role_agent_yaml(template, resolver, role: str) -> Dict[str, Any]:
