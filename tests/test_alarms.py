@@ -63,25 +63,23 @@ def _invokes_a_scaling_policy(props: dict, resources: dict) -> bool:
     return any(resources.get(r, {}).get("Type") == "AWS::AutoScaling::ScalingPolicy" for r in refs)
 
 
-def alarms() -> Dict[str, dict]:
-    """The notification alarms (a scaling policy's alarm, scaling_alarms(), acts instead)."""
+def _alarms_of_template(scaling: bool) -> Dict[str, dict]:
     resources = load_template(TEMPLATE)["Resources"]
     return {
         rid: r["Properties"]
         for rid, r in resources.items()
         if r["Type"] == "AWS::CloudWatch::Alarm"
-        and not _invokes_a_scaling_policy(r["Properties"], resources)
+        and _invokes_a_scaling_policy(r["Properties"], resources) == scaling
     }
+
+
+def alarms() -> Dict[str, dict]:
+    """The notification alarms (a scaling policy's alarm, scaling_alarms(), acts instead)."""
+    return _alarms_of_template(scaling=False)
 
 
 def scaling_alarms() -> Dict[str, dict]:
-    resources = load_template(TEMPLATE)["Resources"]
-    return {
-        rid: r["Properties"]
-        for rid, r in resources.items()
-        if r["Type"] == "AWS::CloudWatch::Alarm"
-        and _invokes_a_scaling_policy(r["Properties"], resources)
-    }
+    return _alarms_of_template(scaling=True)
 
 
 def test_the_scaling_alarm_watches_what_the_metrics_publisher_sends():

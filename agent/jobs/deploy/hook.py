@@ -287,7 +287,7 @@ class DeployHook(ValidateSteps, UnitSteps):
                 log.error("%s", line)
             raise AgentError(
                 f"the bundle has {len(errors)} DAG import error(s); first: "
-                + lines[0].split(": ", 1)[1]
+                f"{_import_error(errors[0])}"
             )
         log.info("DAG import check: no import errors")
 
@@ -320,15 +320,16 @@ class DeployHook(ValidateSteps, UnitSteps):
 def import_error_lines(errors: List[dict]) -> List[str]:
     """`DAG import error N/M: <file>: <the error's last line>` per error, as the hook logs
     them (at most 200 characters of the error)."""
-    out = []
-    for n, e in enumerate(errors, 1):
-        where = e.get("filepath") or e.get("fileloc") or "?"
-        why = str(e.get("error") or e.get("stacktrace") or "").strip().splitlines()
-        out.append(
-            f"DAG import error {n}/{len(errors)}: {where}: "
-            f"{why[-1][:200] if why else 'unknown error'}"
-        )
-    return out
+    return [
+        f"DAG import error {n}/{len(errors)}: {_import_error(e)}" for n, e in enumerate(errors, 1)
+    ]
+
+
+def _import_error(error: dict) -> str:
+    """`<file>: <the error's last line>` (at most 200 characters of the error)."""
+    where = error.get("filepath") or error.get("fileloc") or "?"
+    why = str(error.get("error") or error.get("stacktrace") or "").strip().splitlines()
+    return f"{where}: {why[-1][:200] if why else 'unknown error'}"
 
 
 def _parse_import_errors(stdout: str) -> Optional[List[dict]]:
