@@ -3,7 +3,7 @@ many the spool keeps, and which CloudWatch datums one PutMetricData call carries
 clock (the caller passes `now`); tests drive it on virtual time.
 
 - `METRICS`: every event metric the agent publishes and its unit (the README's table and the
-  template's alarms name these; tests/test_alarms_agent.py checks the alarms against it).
+  template's alarms name these; tests/test_alarms.py checks the alarms against it).
 - `Event`: one spool line, JSON: {"id", "m" (metric), "v" (value), "t" (epoch), "r" (role)};
   nothing else, so no secret can reach the spool. `parse_line` drops what is not one.
 - `bounded(events, most)`: the newest `most`, and how many older ones were dropped.
