@@ -3,6 +3,8 @@
 # make demo: run the agent's main jobs end to end on a local sandbox with embedded AWS.
 # make dist: the agent's package the template installs, dist/airflow-ec2-agent-<version>.tar.gz.
 # make bundle DAGS=dir [PLUGINS=dir]: a CodeDeploy revision, dist/airflow-bundle-<hash>.zip.
+# make sandbox [WORKERS=n] [PARAMS=file]: the template launched on this machine, in the
+#   foreground (docs/sandbox.md); `.venv/bin/python -m sandbox down` or Ctrl-C ends it.
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
@@ -23,9 +25,11 @@ FAST := -m fast
 DIST ?= dist
 DAGS ?=
 PLUGINS ?=
+WORKERS ?=
+PARAMS ?=
 
 .PHONY: test check demo lint format unit bench bench-drain deps apt-deps venv airflow-venv py39-venv checkov-venv clean \
-	dist bundle
+	dist bundle sandbox
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -85,6 +89,9 @@ test: deps lint
 
 demo: apt-deps venv airflow-venv
 	$(VENV)/bin/python -m sandbox.demo
+
+sandbox: apt-deps venv airflow-venv
+	$(VENV)/bin/python -m sandbox up $(if $(WORKERS),--workers $(WORKERS)) $(if $(PARAMS),--params "$(PARAMS)")
 
 # benchmarks print tables; they are run on purpose, not by `make test` (bench-drain: ~12 min)
 bench: deps

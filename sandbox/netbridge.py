@@ -16,6 +16,11 @@ forwards to the host's H (an IMDS at 169.254.169.254:80 served by a rig on 127.0
 ``--addr`` is the address inside the namespace the listeners bind (default 127.0.0.1; it must
 already exist there).
 
+The other way, ``--expose ADDR:PORT`` listens on the machine's 127.0.0.1 (a port the kernel
+picks) and opens each upstream connection inside the namespace, to ADDR:PORT there: how
+`python -m sandbox up` puts the stack's load balancer (inside its private link) on this
+machine's loopback for a browser or curl. It then prints ``READY PORT``.
+
 It prints ``READY`` once all listeners exist, and exits when its stdin reaches EOF (the parent
 died or closed it), so a crashed test run does not leave it behind.
 """
@@ -31,7 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,22 +49,20 @@ def _setns(fd: int, nstype: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def open_listener_in(netns_path: str, port: int, addr: str = "127.0.0.1") -> socket.socket:
-    """A listening TCP socket bound to addr:port inside the network namespace at netns_path.
+@contextlib.contextmanager
+def _in_netns(netns_path: str):
+    """The calling thread inside the network namespace at netns_path for the block's length.
 
-    A socket keeps the namespace it was created in, so the calling thread switches in only to
-    create it and switches back at once; if switching back fails the process must not go on
-    (it would forward host traffic from the wrong namespace), so it exits.
+    A socket keeps the namespace it was created in, so a thread switches in only to create
+    one and switches back at once; if switching back fails the process must not go on (it
+    would forward traffic from the wrong namespace), so it exits.
     """
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target, CLONE_NEWNET)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((addr, port))
-            sock.listen(64)
+            yield
         finally:
             try:
                 _setns(own, CLONE_NEWNET)
@@ -69,6 +72,15 @@ def open_listener_in(netns_path: str, port: int, addr: str = "127.0.0.1") -> soc
     finally:
         os.close(own)
         os.close(target)
+
+
+def open_listener_in(netns_path: str, port: int, addr: str = "127.0.0.1") -> socket.socket:
+    """A listening TCP socket bound to addr:port inside the network namespace at netns_path."""
+    with _in_netns(netns_path):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(64)
     return sock
 
 
@@ -87,12 +99,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def _handle(conn: socket.socket, port: int) -> None:  # port: the host's
-    try:
-        upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
-    except OSError:
-        conn.close()
-        return
+def _splice(conn: socket.socket, upstream: socket.socket) -> None:
     upstream.settimeout(None)
     back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
     back.start()
@@ -102,40 +109,49 @@ def _handle(conn: socket.socket, port: int) -> None:  # port: the host's
     upstream.close()
 
 
-def _serve(listener: socket.socket, port: int) -> None:
+def _handle(conn: socket.socket, port: int) -> None:  # port: the host's
+    try:
+        upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError:
+        conn.close()
+        return
+    _splice(conn, upstream)
+
+
+def _handle_exposed(conn: socket.socket, netns_path: str, target: Tuple[str, int]) -> None:
+    try:
+        with _in_netns(netns_path):
+            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        upstream.settimeout(10)
+        upstream.connect(target)  # from inside the namespace the socket was made in
+    except OSError:
+        conn.close()
+        return
+    _splice(conn, upstream)
+
+
+def _serve(listener: socket.socket, handle: Callable[[socket.socket], None]) -> None:
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return
-        threading.Thread(target=_handle, args=(conn, port), daemon=True).start()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
 class ForwarderError(RuntimeError):
     """A forwarder that did not report READY in time (its stderr is in the message)."""
 
 
-def start_forwarder(
-    netns_path: str, addr: str, listen_port: int, host_port: int, timeout: float = 10
-) -> subprocess.Popen:
-    """Run this program as its own process forwarding addr:listen_port inside the namespace at
-    netns_path to the machine's 127.0.0.1:host_port, once it says READY; ended by PID
-    (sandbox.proc.end_process). It dies with the thread that calls this (PR_SET_PDEATHSIG) and
-    when its stdin (kept by the caller) closes."""
+def _start(args: List[str], what: str, timeout: float) -> Tuple[subprocess.Popen, str]:
+    """This program as its own process with args, once it says READY: (process, the rest of
+    its READY line). It dies with the thread that calls this (PR_SET_PDEATHSIG) and when its
+    stdin (kept by the caller) closes; ended by PID (sandbox.proc.end_process)."""
     # imported here: this file also runs as a plain script, without the repo on sys.path
     from sandbox.proc import die_with_parent, end_process
 
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--netns",
-            netns_path,
-            "--addr",
-            addr,
-            "--forward",
-            f"{int(listen_port)}:{int(host_port)}",
-        ],
+        [sys.executable, os.path.abspath(__file__), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -144,12 +160,40 @@ def start_forwarder(
     )
     assert proc.stdout is not None and proc.stderr is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready or proc.stdout.readline().strip() != b"READY":
+    word, _, rest = (proc.stdout.readline().decode() if ready else "").strip().partition(" ")
+    if word != "READY":
         end_process(proc)
-        raise ForwarderError(
-            f"forwarder of {host_port} did not start: {proc.stderr.read().decode(errors='replace')}"
-        )
-    return proc
+        raise ForwarderError(f"{what} did not start: {proc.stderr.read().decode(errors='replace')}")
+    return proc, rest
+
+
+def start_forwarder(
+    netns_path: str, addr: str, listen_port: int, host_port: int, timeout: float = 10
+) -> subprocess.Popen:
+    """Forward addr:listen_port inside the namespace at netns_path to the machine's
+    127.0.0.1:host_port (see _start for its life)."""
+    args = [
+        "--netns",
+        netns_path,
+        "--addr",
+        addr,
+        "--forward",
+        f"{int(listen_port)}:{int(host_port)}",
+    ]
+    return _start(args, f"forwarder of {host_port}", timeout)[0]
+
+
+def start_exposer(
+    netns_path: str, addr: str, port: int, timeout: float = 10
+) -> Tuple[subprocess.Popen, int]:
+    """Put addr:port inside the namespace at netns_path on the machine's 127.0.0.1, at a port
+    the kernel picks: (process, that port). See _start for its life."""
+    proc, port_text = _start(
+        ["--netns", netns_path, "--expose", f"{addr}:{int(port)}"],
+        f"exposer of {addr}:{port}",
+        timeout,
+    )
+    return proc, int(port_text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -160,17 +204,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument(
         "--forward", action="append", default=[], metavar="L:H", help="listen on L, forward to H"
     )
+    ap.add_argument(
+        "--expose", metavar="ADDR:PORT", help="listen on the machine's 127.0.0.1, connect to "
+        "ADDR:PORT inside the netns; prints READY and the port it listens on"
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    pairs = [(p, p) for p in args.port]
-    for spec in args.forward:
-        listen, _, host = spec.partition(":")
-        pairs.append((int(listen), int(host)))
-    if not pairs:
-        ap.error("give at least one --port or --forward")
-    listeners = [(open_listener_in(args.netns, lp, args.addr), hp) for lp, hp in pairs]
-    for sock, port in listeners:
-        threading.Thread(target=_serve, args=(sock, port), daemon=True).start()
-    sys.stdout.write("READY\n")
+    if args.expose:
+        if args.port or args.forward:
+            ap.error("--expose goes alone")
+        addr, _, port = args.expose.rpartition(":")
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        target = (addr, int(port))
+        handle = lambda conn: _handle_exposed(conn, args.netns, target)  # noqa: E731
+        threading.Thread(target=_serve, args=(listener, handle), daemon=True).start()
+        sys.stdout.write(f"READY {listener.getsockname()[1]}\n")
+    else:
+        pairs = [(p, p) for p in args.port]
+        for spec in args.forward:
+            listen, _, host = spec.partition(":")
+            pairs.append((int(listen), int(host)))
+        if not pairs:
+            ap.error("give at least one --port or --forward")
+        for listen_port, host_port in pairs:
+            sock = open_listener_in(args.netns, listen_port, args.addr)
+            handle = lambda conn, hp=host_port: _handle(conn, hp)  # noqa: E731
+            threading.Thread(target=_serve, args=(sock, handle), daemon=True).start()
+        sys.stdout.write("READY\n")
     sys.stdout.flush()
     # Lives exactly as long as the parent keeps our stdin open.
     sys.stdin.buffer.read()

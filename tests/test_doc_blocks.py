@@ -53,6 +53,8 @@ def test_marked_blocks_come_back_in_order_with_role_and_expectations():
         ("```python\nprint()\n```\n", "unknown fence language 'python'"),
         ("<!-- sandbox: worker -->\n```text\nout\n```\n", "is not a command; it takes no mark"),
         ("```sh\nls\n", "fence never closed"),
+        ("<!-- local: detached -->\n```sh\nls\n```\n", "`local:` takes run or background"),
+        ("<!-- local: scheduler -->\n```sh\nls\n```\n", "`local:` takes run or background"),
     ],
 )
 def test_an_unmarked_or_badly_marked_block_is_refused_naming_where(text, says):
@@ -72,3 +74,14 @@ def test_a_longer_fence_holds_a_shorter_one():
     text = "<!-- needs: aws-account -->\n````sh\ncat <<EOF\n```\nEOF\n````\n"
     (block,) = parse_blocks(text)
     assert block.text == "cat <<EOF\n```\nEOF\n"
+
+
+def test_local_blocks_come_back_with_their_mode_and_expectations():
+    text = (
+        "<!-- local: background; expect: stack up: -->\n```sh\nmake sandbox\n```\n"
+        "<!-- local: run -->\n```bash\npython -m sandbox status\n```\n"
+    )
+    assert parse_blocks(text, "s.md") == [
+        Block("s.md", 2, "make sandbox\n", "local", "background", ("stack up:",)),
+        Block("s.md", 6, "python -m sandbox status\n", "local", "run", ()),
+    ]

@@ -1,14 +1,16 @@
 """The launched stack's hosts on their private link (sandbox/stack/network.py).
 
 Two systemd test hosts joined by the switch exchange TCP over 10.77.0.0/24, reach a machine
-port forwarded to 10.77.0.1, and each serves its own IMDS at 169.254.169.254; the machine's own
-network namespace never gains a link or an address, during or after. And the sandbox's
-cfn-init, as installed in an instance, drives services on a real systemd as cfn-init does.
+port forwarded to 10.77.0.1, serve a port the switch exposes on the machine's 127.0.0.1, and
+each serves its own IMDS at 169.254.169.254; the machine's own network namespace never gains a
+link or an address, during or after. And the sandbox's cfn-init, as installed in an instance,
+drives services on a real systemd as cfn-init does.
 """
 
 from __future__ import annotations
 
 import http.server
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -84,6 +86,22 @@ def test_two_hosts_talk_over_the_link_and_the_machine_is_untouched(tmp_path: Pat
                 f"'http://{where}/',timeout=5).read().decode())"
             )
             assert b.run(["python3", "-c", code]).stdout == "machine"
+            # the other way (the load balancer's for `sandbox up`): a's port on the machine's
+            # 127.0.0.1, connecting from the switch (10.77.0.1), nowhere else
+            a.run(
+                ["systemd-run", "--unit", "echo-up2", "python3", "-c", ECHO_UPPER, addr_a, "9001"]
+            )
+            local = switch.expose(addr_a, 9001)
+            host, _, port = local.partition(":")
+            assert host == "127.0.0.1" and int(port) > 0
+
+            def through_exposed() -> str:
+                with socket.create_connection((host, int(port)), timeout=5) as conn:
+                    conn.sendall(b"hi")
+                    conn.shutdown(socket.SHUT_WR)
+                    return conn.recv(100).decode()
+
+            assert wait_for(through_exposed, 15, "a's port on the machine") == f"HI from {GATEWAY}"
             # each host's own IMDS address; the other host does not have it
             a.serve_link_local(srv.server_address[1])
             assert "169.254.169.254/32" in a.run(["ip", "-o", "addr", "show", "lo"]).stdout

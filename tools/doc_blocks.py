@@ -9,8 +9,17 @@ types. Each one is marked, on the line right before its fence, with where it run
                                                       against the account, Session Manager,
                                                       the real CodeDeploy agent's files)
 
+docs/sandbox.md's blocks run on this machine, from the repository's root, in doc order:
+
+    <!-- local: run -->                               runs to its end (exit 0)
+    <!-- local: run; expect: deployed -->             ... and its output contains the text
+    <!-- local: background; expect: stack up: -->     runs on (its own terminal); the next
+                                                      block starts once its output shows the
+                                                      text; it ends with exit 0 after the last
+
 `tests/test_stack_launch.py` runs every sandbox block on a member of its role of the launched
-stack and asserts exit 0 and each `expect:` text; the fast tier fails on a shell block marked
+stack and asserts exit 0 and each `expect:` text; `tests/test_stack_cli_up.py` runs the local
+blocks as a newcomer would; the fast tier fails on a shell block marked
 neither way, so no command in the docs goes unchecked by accident. Fences whose info string is
 not a shell (`text` for output shown, `yaml`, `json`) are not commands and take no mark; a fence
 with no info string is refused, so a command block cannot hide as one.
@@ -29,10 +38,17 @@ ROLES = ("scheduler", "webserver", "worker")
 SHELLS = ("sh", "bash", "shell")
 NOT_COMMANDS = ("text", "yaml", "json", "ini")
 AWS_ACCOUNT = "aws-account"
-OPERATOR_DOCS = ("docs/operations.md", "docs/upgrading.md", "docs/troubleshooting.md")
+OPERATOR_DOCS = (
+    "docs/operations.md",
+    "docs/upgrading.md",
+    "docs/troubleshooting.md",
+    "docs/sandbox.md",
+)
+LOCAL = "local"
+LOCAL_MODES = ("run", "background")
 
 _FENCE = re.compile(r"^(```+)\s*([\w-]*)\s*$")
-_MARK = re.compile(r"^<!--\s*(sandbox|needs)\s*:\s*(.*?)\s*-->\s*$")
+_MARK = re.compile(r"^<!--\s*(sandbox|needs|local)\s*:\s*(.*?)\s*-->\s*$")
 
 
 class DocBlockError(ValueError):
@@ -44,8 +60,8 @@ class Block:
     doc: str
     line: int  # 1-based line of the opening fence
     text: str
-    where: str  # "sandbox" or "aws-account"
-    role: Optional[str] = None  # for "sandbox": the role whose member runs it
+    where: str  # "sandbox", "aws-account" or "local"
+    role: Optional[str] = None  # "sandbox": the role whose member runs it; "local": the mode
     expect: Tuple[str, ...] = ()  # texts the output must contain
 
     @property
@@ -60,14 +76,16 @@ def _parse_mark(kind: str, body: str, where: str) -> Tuple[str, Optional[str], T
             raise DocBlockError(f"{where}: `needs:` takes only {AWS_ACCOUNT!r}, got {body!r}")
         return AWS_ACCOUNT, None, ()
     role, expect = parts[0], []
-    if role not in ROLES:
+    if kind == LOCAL and role not in LOCAL_MODES:
+        raise DocBlockError(f"{where}: `local:` takes {' or '.join(LOCAL_MODES)}, got {role!r}")
+    if kind == "sandbox" and role not in ROLES:
         raise DocBlockError(f"{where}: `sandbox:` names a role ({', '.join(ROLES)}), got {role!r}")
     for part in parts[1:]:
         key, sep, value = part.partition(":")
         if key.strip() != "expect" or not sep or not value.strip():
             raise DocBlockError(f"{where}: after the role only `expect: TEXT` parts, got {part!r}")
         expect.append(value.strip())
-    return "sandbox", role, tuple(expect)
+    return kind, role, tuple(expect)
 
 
 def parse_blocks(text: str, doc: str = "<doc>") -> List[Block]:
@@ -101,8 +119,8 @@ def parse_blocks(text: str, doc: str = "<doc>") -> List[Block]:
         elif info in SHELLS:
             if mark is None:
                 problems.append(
-                    f"{where}: shell block marked neither `<!-- sandbox: ROLE -->` nor "
-                    f"`<!-- needs: {AWS_ACCOUNT} -->`"
+                    f"{where}: shell block marked neither `<!-- sandbox: ROLE -->`, "
+                    f"`<!-- needs: {AWS_ACCOUNT} -->` nor `<!-- local: MODE -->`"
                 )
             else:
                 try:
@@ -131,3 +149,9 @@ def sandbox_blocks(root: Path) -> List[Block]:
     matters: a drain comes before its undrain)."""
     blocks = [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
     return [b for b in blocks if b.where == "sandbox"]
+
+
+def local_blocks(root: Path) -> List[Block]:
+    """Every local-marked block of the operator docs (docs/sandbox.md's), in doc order."""
+    blocks = [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
+    return [b for b in blocks if b.where == LOCAL]

@@ -83,6 +83,8 @@ class Stack:
         self.members: List[Member] = []
         self.timings: Dict[str, float] = {}
         self.aws_at = ""
+        # what the supervisor adds to the state file (the UI's local address, ...)
+        self.state_extra: Dict[str, Any] = {}
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._serial_switch: Any = None
 
@@ -382,6 +384,10 @@ class Stack:
             "pid": os.getpid(),
             "stack": self.model.stack_name if self.model else None,
             "aws": self.aws.url if self.aws else None,
+            "aws_at": self.aws_at,  # the embedded AWS as the instances reach it
+            "region": self.model.pseudo["AWS::Region"] if self.model else None,
+            "run_dir": str(self.run_dir),
+            **self.state_extra,
             "instances": [
                 {
                     "name": m.name,

@@ -6,8 +6,9 @@ new network namespace of its own (`unshare --net`), and inside it: lo up, bridge
 a veth pair vN/eN in the switch, moves eN into the systemd test host's namespace (the host is
 already in a namespace of its own), enslaves vN to br0, and gives eN 10.77.0.(10+N)/24 inside
 the host. `forward(port)` makes the machine's 127.0.0.1:port reachable at 10.77.0.1:port inside
-the switch (so from every host), with sandbox/netbridge.py. `argv(cmd)` runs a stand-in inside
-the switch namespace.
+the switch (so from every host), with sandbox/netbridge.py; `expose(addr, port)` is the other
+way, an address on the link (the load balancer stand-in's) on the machine's 127.0.0.1 at a
+port the kernel picks. `argv(cmd)` runs a stand-in inside the switch namespace.
 
 Nothing here touches the machine's own network namespace: every `ip` command runs under
 `nsenter --net=` of the switch (checked before the first one) or inside a host. Teardown is by
@@ -23,7 +24,7 @@ import subprocess
 import threading
 from typing import Any, Dict, List, Optional, Sequence
 
-from sandbox.netbridge import ForwarderError, start_forwarder
+from sandbox.netbridge import ForwarderError, start_exposer, start_forwarder
 from sandbox.proc import die_with_parent, end_process
 from sandbox.tiers import heavy
 
@@ -131,6 +132,17 @@ class Switch:
             raise NetworkError(str(exc)) from None
         self._forwarders.append(proc)
         return f"{GATEWAY}:{lport}"
+
+    def expose(self, addr: str, port: int, timeout: float = 10) -> str:
+        """addr:port of the link reachable at the machine's 127.0.0.1:P; returns that address.
+        Like forward(), it dies with the calling thread: call it from the supervisor's."""
+        with self._lock:
+            try:
+                proc, local = start_exposer(self.netns, addr, port, timeout)
+            except ForwarderError as exc:
+                raise NetworkError(str(exc)) from None
+            self._forwarders.append(proc)
+            return f"127.0.0.1:{local}"
 
     def stop(self) -> None:
         """End the forwarders and the switch by PID (idempotent)."""

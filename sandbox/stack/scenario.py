@@ -84,16 +84,22 @@ def revision(dest: Path, version: str, tasks: int = 4, plugin: Optional[str] = N
     return bundle
 
 
-def admin_credentials(stack: Any) -> Tuple[str, str]:
-    """The admin's user and password, from the template's admin secret (read as the operator
-    would, with the rig's own credentials)."""
-    model = stack.model
+def admin_secret_id(model: Any) -> str:
+    """The name of the template's admin secret (the one whose Name says admin)."""
     rid = next(
         r
         for r, res in model.resources.items()
         if res["Type"] == "AWS::SecretsManager::Secret" and "admin" in str(model.prop(r, "Name"))
     )
-    value = stack.aws.client("secretsmanager").get_secret_value(SecretId=model.ref(rid))
+    return str(model.ref(rid))
+
+
+def admin_credentials(stack: Any) -> Tuple[str, str]:
+    """The admin's user and password, from the template's admin secret (read as the operator
+    would, with the rig's own credentials)."""
+    value = stack.aws.client("secretsmanager").get_secret_value(
+        SecretId=admin_secret_id(stack.model)
+    )
     doc = json.loads(value["SecretString"])
     return doc["username"], doc["password"]
 
