@@ -136,7 +136,12 @@ def _deployer(stack: Stack) -> Callable[[Path, str, Callable[[str], None]], Dict
 
 def _print_up(stack: Stack, run_dir: Path) -> None:
     state = stack.state()
-    me = "python -m sandbox" + ("" if run_dir == RUN_DIR else f" --run-dir {run_dir}")
+    # the command as it can be typed from here: the venv's python (a bare `python` may lack
+    # boto3), relative when it is below the working directory (`.venv/bin/python`)
+    python = Path(sys.executable)
+    if python.is_relative_to(Path.cwd()):
+        python = python.relative_to(Path.cwd())
+    me = f"{python} -m sandbox" + ("" if run_dir == RUN_DIR else f" --run-dir {run_dir}")
     print(f"stack up: supervisor PID {os.getpid()}; `{me} down` (or Ctrl-C here) ends it")
     for m in stack.members:
         print(f"  {m.name:<18} {m.role:<10} {m.instance_id} {m.instance.address}")
