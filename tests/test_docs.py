@@ -176,8 +176,8 @@ def test_every_unit_the_docs_name_is_shipped(doc):
     units = _unit_files()
     bad = []
     for name in set(re.findall(r"\bairflow-[a-z0-9-]+(?:\.service|\.timer)?\b", _text(doc))):
-        if name in NOT_UNITS:
-            continue
+        if name in NOT_UNITS or re.fullmatch(r"airflow-ec2-agent-\d+", name):
+            continue  # (the second: the package's file, airflow-ec2-agent-<version>.tar.gz)
         if name not in units and f"{name}.service" not in units:
             bad.append(name)
     assert sorted(bad) == []
@@ -437,3 +437,52 @@ def test_every_shell_block_of_the_operator_docs_parses_as_bash():
             if p.returncode != 0:
                 bad.append((block.name, p.stderr.strip()))
     assert bad == []
+
+
+# -- the template's parameter tables (cloudformation/README.md, "Parameters") --------------------
+
+CFN_README = ROOT / "cloudformation" / "README.md"
+
+
+def _parameter_rows(text: str) -> List[Tuple[str, str]]:
+    """(name, default cell) of every row of the "## Parameters" section's tables."""
+    section = text[text.index("\n## Parameters\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"^\| `([A-Za-z0-9]+)` \| ([^|]+?) \|", section, re.M)
+
+
+def _shown_default(cell: str) -> object:
+    """A default cell as the template would hold it: "required" (no Default) -> None,
+    `""` -> "", `X` -> "X"."""
+    if cell == "required":
+        return None
+    m = re.fullmatch(r"`([^`]*)`", cell)
+    assert m, f"a default cell is `VALUE` or required, got {cell!r}"
+    return "" if m.group(1) == '""' else m.group(1)
+
+
+def test_the_parameter_tables_are_the_templates_parameters_and_defaults(template):
+    rows = _parameter_rows(_text(CFN_README))
+    names = [name for name, _ in rows]
+    params = template["Parameters"]
+    assert sorted(set(params) - set(names)) == [], "template parameters missing from the tables"
+    assert sorted(set(names) - set(params)) == [], "table rows that are not template parameters"
+    assert len(names) == len(set(names)), "a parameter listed twice"
+    wrong = []
+    for name, cell in rows:
+        default = params[name].get("Default")
+        shown = _shown_default(cell)
+        if (None if default is None else str(default)) != shown:
+            wrong.append((name, shown, default))
+    assert wrong == [], "(parameter, default shown, the template's default)"
+
+
+def test_the_parameter_table_check_sees_a_wrong_default_and_a_missing_row():
+    text = (
+        "x\n## Parameters\n\n| parameter | default | what |\n|---|---|---|\n"
+        "| `AirflowVersion` | `3.0.0` | v |\n| `VpcId` | required | v |\n"
+        '| `AlarmTopicArn` | `""` | t |\n\n## Next\n| `Other` | `1` | outside |\n'
+    )
+    rows = _parameter_rows(text)
+    assert rows == [("AirflowVersion", "`3.0.0`"), ("VpcId", "required"), ("AlarmTopicArn", '`""`')]
+    assert [_shown_default(c) for _, c in rows] == ["3.0.0", None, ""]
