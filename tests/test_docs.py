@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -54,6 +55,7 @@ NOT_UNITS = {
     "airflow-venv": ".cache/airflow-venv, the test rig's Airflow",
     "airflow-dags-check": "the transient unit docs/operations.md's systemd-run names",
     "airflow-db-check-migrations": "the transient unit of the template's check-migrations",
+    "airflow-providers-amazon": "apache-airflow-providers-amazon, a Python package",
 }
 # top-level directories whose paths the docs name
 TREES = ("agent", "sandbox", "tests", "bench", "systemd", "codedeploy", "cloudformation")
@@ -176,8 +178,8 @@ def test_every_unit_the_docs_name_is_shipped(doc):
     units = _unit_files()
     bad = []
     for name in set(re.findall(r"\bairflow-[a-z0-9-]+(?:\.service|\.timer)?\b", _text(doc))):
-        if name in NOT_UNITS:
-            continue
+        if name in NOT_UNITS or re.fullmatch(r"airflow-ec2-agent-\d+", name):
+            continue  # (the second: the package's file, airflow-ec2-agent-<version>.tar.gz)
         if name not in units and f"{name}.service" not in units:
             bad.append(name)
     assert sorted(bad) == []
@@ -390,13 +392,50 @@ def test_the_runbook_runs_on_every_role_of_the_sandbox():
     assert roles == set(doc_blocks.ROLES)
 
 
+def _label_problems(text: str, name: str) -> List[str]:
+    """Every operator-doc block whose visible label (the line above its mark) is missing or
+    does not say where it runs (tools/doc_blocks.LABELS, NEEDS_LABELS)."""
+    lines = text.splitlines()
+    bad = []
+    for block in doc_blocks.parse_blocks(text, name):
+        label = lines[block.line - 3].strip() if block.line >= 3 else ""
+        if block.where == "sandbox":
+            ok = label.startswith(doc_blocks.LABELS[block.role])
+        elif block.where == doc_blocks.LOCAL:
+            ok = label.startswith(doc_blocks.LOCAL_LABEL)
+        else:
+            ok = label.startswith(doc_blocks.NEEDS_LABELS)
+        if not ok or not label.endswith(":"):
+            bad.append(f"{block.name}: label {label!r}")
+    return bad
+
+
+@pytest.mark.parametrize("doc", OPERATOR_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_block_of_the_operator_docs_says_where_it_runs_in_the_rendered_text(doc):
+    # the mark is an HTML comment, invisible once rendered: the line above it is what a reader sees
+    assert _label_problems(_text(doc), str(doc.relative_to(ROOT))) == []
+
+
+def test_the_label_check_sees_a_missing_and_a_wrong_label():
+    text = (
+        "Text:\n\n<!-- sandbox: worker -->\n```sh\nls\n```\n\n"
+        "On a scheduler:\n<!-- sandbox: worker -->\n```sh\nls\n```\n\n"
+        "On a worker:\n<!-- sandbox: worker -->\n```sh\nls\n```\n\n"
+        "From your workstation (AWS CLI):\n<!-- needs: aws-account -->\n```sh\naws s3 ls\n```\n"
+    )
+    assert _label_problems(text, "d.md") == ["d.md:4: label ''", "d.md:10: label 'On a scheduler:'"]
+
+
 @pytest.mark.parametrize("doc", OPERATOR_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_unit_the_operator_docs_act_on_exists(doc):
     units = {u.rsplit(".", 1)[0] for u in _unit_files()} | set(NOT_UNITS)
     template = (ROOT / "cloudformation" / "airflow-cluster.yaml").read_text()
     bad = []
     for code in _code(_text(doc)):
-        named = re.findall(r"(?:-u|--unit)\s+([\w@.-]+)", code)
+        # -u/--unit of journalctl and systemd-run (not sudo's -u USER)
+        named = []
+        if re.search(r"\b(?:journalctl|systemd-run)\b", code):
+            named = re.findall(r"(?:-u|--unit)\s+([\w@.-]+)", code)
         m = re.match(r"\s*systemctl\s+(?:start|stop|restart|status|show|kill)\s+(.*)", code)
         if m:
             rest = re.sub(r"(?:-p|--property)\s+\S+", "", m.group(1))
@@ -437,3 +476,127 @@ def test_every_shell_block_of_the_operator_docs_parses_as_bash():
             if p.returncode != 0:
                 bad.append((block.name, p.stderr.strip()))
     assert bad == []
+
+
+# -- the template's parameter tables (cloudformation/README.md, "Parameters") --------------------
+
+CFN_README = ROOT / "cloudformation" / "README.md"
+
+
+def _parameter_rows(text: str) -> List[Tuple[str, str]]:
+    """(name, default cell) of every row of the "## Parameters" section's tables."""
+    section = text[text.index("\n## Parameters\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"^\| `([A-Za-z0-9]+)` \| ([^|]+?) \|", section, re.M)
+
+
+def _shown_default(cell: str) -> object:
+    """A default cell as the template would hold it: "required" (no Default) -> None,
+    `""` -> "", `X` -> "X"."""
+    if cell == "required":
+        return None
+    m = re.fullmatch(r"`([^`]*)`", cell)
+    assert m, f"a default cell is `VALUE` or required, got {cell!r}"
+    return "" if m.group(1) == '""' else m.group(1)
+
+
+def test_the_parameter_tables_are_the_templates_parameters_and_defaults(template):
+    rows = _parameter_rows(_text(CFN_README))
+    names = [name for name, _ in rows]
+    params = template["Parameters"]
+    assert sorted(set(params) - set(names)) == [], "template parameters missing from the tables"
+    assert sorted(set(names) - set(params)) == [], "table rows that are not template parameters"
+    assert len(names) == len(set(names)), "a parameter listed twice"
+    wrong = []
+    for name, cell in rows:
+        default = params[name].get("Default")
+        shown = _shown_default(cell)
+        if (None if default is None else str(default)) != shown:
+            wrong.append((name, shown, default))
+    assert wrong == [], "(parameter, default shown, the template's default)"
+
+
+def test_the_parameter_table_check_sees_a_wrong_default_and_a_missing_row():
+    text = (
+        "x\n## Parameters\n\n| parameter | default | what |\n|---|---|---|\n"
+        "| `AirflowVersion` | `3.0.0` | v |\n| `VpcId` | required | v |\n"
+        '| `AlarmTopicArn` | `""` | t |\n\n## Next\n| `Other` | `1` | outside |\n'
+    )
+    rows = _parameter_rows(text)
+    assert rows == [("AirflowVersion", "`3.0.0`"), ("VpcId", "required"), ("AlarmTopicArn", '`""`')]
+    assert [_shown_default(c) for _, c in rows] == ["3.0.0", None, ""]
+
+
+# -- the stack-update helper (docs/operations.md, "Change a stack parameter") -------------------
+
+FAKE_AWS = """#!/bin/sh
+# a stand-in for the AWS CLI: records its argv, answers describe-stacks with three keys, and
+# copies update-stack's parameters file (it is removed right after the call)
+printf '%s\\n' "$*" >> "$FAKE_AWS_LOG"
+case "$2" in
+describe-stacks) echo '["VpcId", "FernetKey", "WorkerMaxSize"]' ;;
+update-stack)
+    for a in "$@"; do case "$a" in file://*) cp "${a#file://}" "$FAKE_AWS_PARAMS"
+        stat -c %a "${a#file://}" > "$FAKE_AWS_PARAMS.mode" ;; esac; done ;;
+wait) exit "${FAKE_AWS_WAIT_RC:-0}" ;;
+esac
+"""
+
+
+def _helper_block() -> str:
+    blocks = doc_blocks.doc_blocks(ROOT / "docs" / "operations.md", ROOT)
+    (block,) = [b for b in blocks if "stack_update() {" in b.text]
+    return block.text
+
+
+def _run_helper(tmp_path: Path, call: str, wait_rc: int = 0) -> subprocess.CompletedProcess:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    aws = tmp_path / "bin" / "aws"
+    aws.write_text(FAKE_AWS)
+    aws.chmod(0o755)
+    script = f"REGION=eu-west-1\nSTACK=s\n{_helper_block()}\n{call}\n"
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "FAKE_AWS_LOG": str(tmp_path / "argv.log"),
+        "FAKE_AWS_PARAMS": str(tmp_path / "params.json"),
+        "FAKE_AWS_WAIT_RC": str(wait_rc),
+    }
+    return subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_stack_update_helper_keeps_every_other_parameter_and_never_puts_a_secret_on_argv(
+    tmp_path,
+):
+    (tmp_path / "key.txt").write_text("SECRETKEY=\n")
+    p = _run_helper(tmp_path, "stack_update WorkerMaxSize=8 FernetKey=@key.txt")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "params.json").read_text()) == [
+        {"ParameterKey": "VpcId", "UsePreviousValue": True},
+        {"ParameterKey": "FernetKey", "ParameterValue": "SECRETKEY="},
+        {"ParameterKey": "WorkerMaxSize", "ParameterValue": "8"},
+    ]
+    assert (tmp_path / "params.json.mode").read_text().strip() == "600"
+    argv = (tmp_path / "argv.log").read_text()
+    assert "SECRETKEY" not in argv and "--use-previous-template" in argv
+    assert "wait stack-update-complete" in argv
+    assert not (tmp_path / "stack-update-params.json").exists()  # removed after the call
+
+
+def test_the_stack_update_helper_refuses_an_unknown_parameter_and_reports_a_failed_update(
+    tmp_path,
+):
+    p = _run_helper(tmp_path, "stack_update WorkerMaxSise=8")
+    assert p.returncode != 0 and "not a parameter of this stack: WorkerMaxSise" in p.stderr
+    assert "update-stack" not in (tmp_path / "argv.log").read_text()
+    assert not (tmp_path / "stack-update-params.json").exists()
+    p = _run_helper(tmp_path, "stack_update WorkerMaxSize=8", wait_rc=255)
+    assert p.returncode == 255
+
+
+def test_the_push_check_sent_to_every_instance_is_the_one_shown_for_one_instance():
+    blocks = doc_blocks.doc_blocks(ROOT / "docs" / "operations.md", ROOT)
+    (one,) = [b for b in blocks if b.where == "sandbox" and "config_rev=" in b.text]
+    (fleet,) = [b for b in blocks if "push-check.json" in b.text]
+    assert one.text in fleet.text

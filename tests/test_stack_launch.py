@@ -603,7 +603,8 @@ def test_no_access_denied_with_the_real_template(stack):
 
 
 def test_the_operator_docs_sandbox_blocks_run_on_the_stack(stack, tmp_path):
-    """docs/operations.md, upgrading.md and troubleshooting.md: every shell block marked
+    """docs/operations.md, upgrading.md, troubleshooting.md and rotating-secrets.md
+    (tools/doc_blocks.OPERATOR_DOCS): every shell block marked
     `<!-- sandbox: ROLE -->` (tools/doc_blocks.py) runs, in doc order, as root (what Session
     Manager's `sudo -i` gives) on the first instance of its role: exit 0, and every `expect:`
     text in its output. The shell gets the sandbox's one override, the embedded AWS's endpoint

@@ -1,7 +1,8 @@
 """The operator docs' command blocks and where each one can run.
 
-docs/operations.md, docs/upgrading.md and docs/troubleshooting.md hold shell blocks an operator
-types. Each one is marked, on the line right before its fence, with where it runs:
+docs/operations.md, docs/upgrading.md, docs/troubleshooting.md and docs/rotating-secrets.md hold
+shell blocks an operator types. Each one is marked, on the line right before its fence, with
+where it runs:
 
     <!-- sandbox: worker -->                          runs on a worker of the sandbox stack
     <!-- sandbox: scheduler; expect: config hash -->  ... and its output contains the text
@@ -24,6 +25,10 @@ neither way, so no command in the docs goes unchecked by accident. Fences whose 
 not a shell (`text` for output shown, `yaml`, `json`) are not commands and take no mark; a fence
 with no info string is refused, so a command block cannot hide as one.
 
+The mark is an HTML comment, which a rendered page does not show; the line before it is the
+label a reader sees (`On a worker:`, `From your workstation (AWS CLI):`, ...). `LABELS` holds
+the label each role's blocks begin with, and `tests/test_docs.py` checks every block has one.
+
 Pure: text in, blocks out (no I/O but `doc_blocks(path)` reading the one file).
 """
 
@@ -38,10 +43,16 @@ ROLES = ("scheduler", "webserver", "worker")
 SHELLS = ("sh", "bash", "shell")
 NOT_COMMANDS = ("text", "yaml", "json", "ini")
 AWS_ACCOUNT = "aws-account"
+# the visible label above a sandbox block of each role starts with this; a needs: aws-account
+# block's label starts with one of NEEDS_LABELS
+LABELS = {"scheduler": "On a scheduler", "webserver": "On an api-server", "worker": "On a worker"}
+NEEDS_LABELS = ("From your workstation", "On ")
+LOCAL_LABEL = "On this machine"  # docs/sandbox.md's blocks, from the repository's root
 OPERATOR_DOCS = (
     "docs/operations.md",
     "docs/upgrading.md",
     "docs/troubleshooting.md",
+    "docs/rotating-secrets.md",
     "docs/sandbox.md",
 )
 LOCAL = "local"
