@@ -6,8 +6,10 @@
   file (its PID, the instances, the endpoints) in the run directory; SIGINT/SIGTERM end
   everything it started.
 - `status`: reads the state file and asks each instance's systemd what runs there.
-- `shell NAME|ROLE [CMD ...]`: a root shell (or CMD) on an instance, as Session Manager's
-  `sudo -i` gives on EC2, with the one sandbox override (AWS_ENDPOINT_URL) set.
+- `shell NAME|ROLE [CMD ...]`, `shell --all CMD ...`: a root shell (or CMD, run by the
+  instance's bash as ssh does) on an instance, or CMD on every one, as Session Manager's
+  `sudo -i` and Run Command give on EC2, with the one sandbox override (AWS_ENDPOINT_URL).
+- `env`: `export` lines for this machine's AWS tools (the embedded AWS, REGION, STACK).
 - `deploy BUNDLE`: a CodeDeploy revision (`make bundle`) deployed on every instance as on
   AWS: one deployment per deployment group in the template's DeploymentOrder, one instance at
   a time; the supervisor runs it (sandbox/stack/control.py).
@@ -90,7 +92,7 @@ def up(args: argparse.Namespace) -> int:
         _print_up(stack, args.run_dir)
         while not stop.wait(1):
             pass
-        print("ending the stack ...")
+        print("ending the stack ...", flush=True)
         return 0
     except KeyboardInterrupt:
         print("interrupted: the stack is ended")
@@ -103,6 +105,7 @@ def up(args: argparse.Namespace) -> int:
             control.stop()
         stack.down()
         stack.cleanup_run_dir()
+        print("stack down: every process it started has ended", flush=True)
 
 
 def _endpoints(stack: Stack) -> Dict[str, Any]:
@@ -151,7 +154,8 @@ def _print_up(stack: Stack, run_dir: Path) -> None:
         f"  log in: `{me} credentials` prints the user and password (admin secret "
         f"{state['admin_secret']})"
     )
-    print(f"The embedded AWS: {state['aws']}, region {state['region']}")
+    print(f"The embedded AWS: {state['aws']}, region {state['region']}, stack {state['stack']} "
+          f"(`eval \"$({me} env)\"` for this machine's AWS tools)")  # fmt: skip
     print(f"Next: `{me} deploy \"$(make -s bundle DAGS=examples/dags)\"` (workers start on their "
           f"first revision); `{me} shell worker` for a root shell on a worker")  # fmt: skip
     sys.stdout.flush()
@@ -208,15 +212,22 @@ def shell(args: argparse.Namespace) -> int:
     if state is None:
         return NO_STACK
     instances = state["instances"]
-    chosen = [i for i in instances if i["name"] == args.instance] or [
-        i for i in instances if i["role"] == args.instance
-    ]
-    if not chosen or not chosen[0].get("host_pid"):
+    if args.all:
+        if args.instance is not None:  # `shell --all CMD...`: the first word is the command's
+            args.command = [args.instance, *args.command]
+        if not args.command:
+            print("sandbox shell --all: give the command to run", file=sys.stderr)
+            return 2
+        chosen = instances
+    else:
+        chosen = [i for i in instances if i["name"] == args.instance] or [
+            i for i in instances if i["role"] == args.instance
+        ][:1]
+    if not chosen or not all(i.get("host_pid") for i in chosen):
         names = ", ".join(f"{i['name']} ({i['role']})" for i in instances)
         print(f"sandbox shell: no instance or role {args.instance!r}; there are: {names}",
               file=sys.stderr)  # fmt: skip
         return 2
-    inst = chosen[0]
     # what a root login on the instance has: its PATH, root's home, no variable of ours but
     # the sandbox's one override (a real instance reaches AWS's own endpoints)
     env = {
@@ -226,13 +237,44 @@ def shell(args: argparse.Namespace) -> int:
         "TERM": os.environ.get("TERM", "dumb"),
         "AWS_ENDPOINT_URL": f"http://{state['aws_at']}",
     }
-    command = args.command or ["bash", "-l"]
+    # as ssh does: the words are one command line for the instance's shell, so pipes, `;`
+    # and quotes in it work there
+    command = ["bash", "-lc", " ".join(args.command)] if args.command else ["bash", "-l"]
     sys.stdout.flush()
-    # nsenter execs: this process becomes the command inside the instance, so its exit code,
-    # its terminal and Ctrl-C are the caller's
-    argv = ["nsenter", "-t", str(inst["host_pid"]), "-a", "-r", "-w", "--", *command]
-    os.execvpe("nsenter", argv, env)
-    return 1  # not reached
+    if not args.all:
+        # nsenter execs: this process becomes the command inside the instance, so its exit
+        # code, its terminal and Ctrl-C are the caller's
+        os.execvpe("nsenter", _enter(chosen[0], command), env)
+    worst = 0
+    for inst in chosen:  # one after the other, as Run Command's output reads
+        print(f"== {inst['name']} ({inst['role']})", flush=True)
+        rc = subprocess.run(_enter(inst, command), env=env).returncode
+        if rc != 0:
+            print(f"== {inst['name']}: exit {rc}", file=sys.stderr, flush=True)
+            worst = worst or rc
+    return worst
+
+
+def _enter(inst: Dict[str, Any], command: List[str]) -> List[str]:
+    return ["nsenter", "-t", str(inst["host_pid"]), "-a", "-r", "-w", "--", *command]
+
+
+def env_exports(args: argparse.Namespace) -> int:
+    state = _up_state(args)
+    if state is None:
+        return NO_STACK
+    values = {
+        "AWS_ENDPOINT_URL": state["aws"],
+        # the embedded AWS takes any credentials; the instances use their roles' through IMDS
+        "AWS_ACCESS_KEY_ID": "sandbox",
+        "AWS_SECRET_ACCESS_KEY": "sandbox",
+        "AWS_DEFAULT_REGION": state["region"],
+        "REGION": state["region"],
+        "STACK": state["stack"],
+    }
+    for name, value in values.items():
+        print(f"export {name}={shlex.quote(str(value))}")
+    return 0
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -316,10 +358,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_up.add_argument("--workers", type=int, help="the worker group's desired capacity")
     p_up.add_argument("--template", type=Path, help="a copy of the template")
     sub.add_parser("status", help="what runs on each instance")
-    p_shell = sub.add_parser("shell", help="a root shell, or a command, on an instance")
-    p_shell.add_argument("instance", help="an instance's name (`status` lists them) or a role: "
-                         "scheduler, webserver, worker (its first instance)")  # fmt: skip
+    p_shell = sub.add_parser(
+        "shell", help="a root shell, or a command, on an instance",
+        description="A root shell on an instance (bash -l), or COMMAND run by the instance's "
+        "bash as ssh runs one: its words form one command line, so quote a pipe or `;` for it "
+        "(shell worker 'journalctl -u airflow-worker | tail'). AWS_ENDPOINT_URL is set to the "
+        "embedded AWS, the sandbox's one difference from a Session Manager shell. Exits with "
+        "the command's code.",
+    )  # fmt: skip
+    p_shell.add_argument("--all", action="store_true",
+                         help="run COMMAND on every instance, one after the other (as Run "
+                         "Command on the stack); exit: the first failure's code")  # fmt: skip
+    p_shell.add_argument(
+        "instance", nargs="?", help="an instance's name (`status` lists them) or a role: "
+        "scheduler, webserver, worker (its first instance)",
+    )  # fmt: skip
     p_shell.add_argument("command", nargs=argparse.REMAINDER, help="the command (default bash -l)")
+    sub.add_parser("env", help="export lines for this machine's AWS tools: the embedded AWS, "
+                   "REGION, STACK (eval \"$(python -m sandbox env)\")")  # fmt: skip
     p_deploy = sub.add_parser("deploy", help="deploy a CodeDeploy revision on every instance")
     p_deploy.add_argument("bundle", type=Path, help="the zip `make bundle DAGS=dir` printed")
     p_cred = sub.add_parser("credentials", help="the UI's address, the admin's user and password")
@@ -327,8 +383,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_down = sub.add_parser("down", help="end the stack")
     p_down.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args(argv)
-    commands = {"up": up, "status": status, "shell": shell, "deploy": deploy,
-                "credentials": credentials, "down": down}  # fmt: skip
+    if args.command_name == "shell" and args.instance is None and not args.all:
+        parser.error("shell: name an instance or a role, or give --all and a command")
+    commands = {"up": up, "status": status, "shell": shell, "env": env_exports,
+                "deploy": deploy, "credentials": credentials, "down": down}  # fmt: skip
     return commands[args.command_name](args)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,7 +95,9 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
+        os.makedirs(self._dir, exist_ok=True)  # again after a stop()
         port_file = Path(self._dir) / "port"
+        port_file.unlink(missing_ok=True)  # a restart's port, not the last run's
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
@@ -120,7 +123,10 @@ class ServerProcess:
         return self
 
     def stop(self) -> None:
+        """End the server by PID, then remove its directory (port file, log): nothing of a
+        run stays behind in /tmp."""
         end_process(self.proc)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

@@ -225,6 +225,55 @@ def test_stop_consuming_pauses_and_undrain_of_a_stopped_worker_starts_it(tmp_pat
     assert drain_doc(r) is None
 
 
+class StartingWorker(FakeWorker):
+    """A worker unit just started: its pings go unanswered (each one waits its timeout, on
+    virtual time) until `ready_after` seconds have passed since it was made."""
+
+    def __init__(self, clock: Clock, ready_after: float):
+        super().__init__()
+        self.clock, self.ready_at = clock, clock() + ready_after
+        self.pings: List[float] = []
+
+    def ping(self, timeout=None) -> bool:
+        self.pings.append(timeout)
+        if self.clock() >= self.ready_at:
+            return True
+        self.clock.sleep(timeout)
+        return False
+
+
+def test_undrain_of_a_stopped_worker_returns_once_it_answers_a_ping(tmp_path):
+    r = rig(tmp_path)
+    r["systemctl"].state = "inactive"
+    worker = StartingWorker(r["clock"], ready_after=8.0)  # Celery's start on the sandbox: ~8 s
+    r["control_factory"] = worker
+    started = r["clock"]()
+    assert drainer(r, Undrainer).undrain(timeout=60) == "started"
+    # ping_waits: 1 s, doubling up to drain.reply_timeout; the ping sent at 7 s (before the
+    # worker listens) is lost and waits its 8 s; the next one, at 15 s, is answered
+    assert worker.pings == [1, 2, 4, 8, 16]
+    assert r["clock"]() - started == pytest.approx(15.0)
+    assert drain_doc(r) is None
+
+
+def test_undrain_of_a_worker_that_never_answers_fails_at_its_timeout_naming_it(tmp_path):
+    r = rig(tmp_path)
+    r["systemctl"].state = "inactive"
+    r["control_factory"] = StartingWorker(r["clock"], ready_after=10_000)
+    started = r["clock"]()
+    with pytest.raises(DeadlineError, match="airflow-worker started, but celery@w1 did not answer"):
+        drainer(r, Undrainer).undrain(timeout=30)
+    assert r["clock"]() - started == pytest.approx(30, abs=0.2)
+    assert r["systemctl"].calls[-1] == "start airflow-worker"
+
+
+def test_undrain_without_remote_control_returns_once_started(tmp_path):
+    r = rig(tmp_path, broker="sqs://")
+    r["systemctl"].state = "inactive"
+    r["control_factory"] = lambda *a: pytest.fail("no remote control to ask")
+    assert drainer(r, Undrainer).undrain(timeout=30) == "started"
+
+
 def test_the_drain_document_on_disk(tmp_path):
     r = rig(tmp_path)
     drainer(r).drain()

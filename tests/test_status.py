@@ -315,3 +315,11 @@ def test_status_without_a_worker_unit_has_no_worker_tasks(tmp_path):
         )
         == "not countable (no cgroup)"
     )
+
+
+def test_the_drains_start_and_deadline_show_as_times_not_epoch_floats():
+    from agent.jobs.status import _doc_line
+
+    line = _doc_line({"phase": "stopped", "started": 1796133389.27, "deadline": 1796133989.27})
+    assert "started=2026-12-01T13:56:29Z" in line and "deadline=2026-12-01T14:06:29Z" in line
+    assert "1796133" not in line

@@ -174,6 +174,11 @@ def test_env_change_while_paused_restarts_nothing_until_undrain(cluster):
     )
     doc = _json(c, "/var/lib/airflow-agent/confapply.json")
     assert doc["last_skipped"] == [WORKER] and doc["held_pids"] == {WORKER: pid}
+    # status says so: the hash is applied, yet the worker still runs the older file
+    status = json.loads(c.host.run(["airflow-agent", "status", "--json"]).stdout)["config"]
+    assert status["in_sync"] and status["held"] == {WORKER: pid}, status
+    text = c.host.run(["airflow-agent", "status"]).stdout
+    assert f"{WORKER} still on an older config" in text, text
     assert c.wait_run("headline", "paused") == "success"
     assert c.host.main_pid(WORKER) == pid  # the tasks ran to the end on the same worker
     tis = c.task_instances("headline", "paused")
@@ -192,3 +197,5 @@ def test_env_change_while_paused_restarts_nothing_until_undrain(cluster):
     started = int(c.host.unit_property(WORKER, "ExecMainStartTimestampMonotonic")) / 1e6
     assert started > written
     assert _json(c, "/var/lib/airflow-agent/confapply.json")["held_pids"] == {}
+    status = json.loads(c.host.run(["airflow-agent", "status", "--json"]).stdout)["config"]
+    assert status["held"] == {}, status

@@ -11,7 +11,11 @@ an operator runs it. `--json` prints one stable object:
                   missing), "synced_sha256": str|null (what the last env sync wrote)},
      "config": {"files": [...], "current_hash": str, "applied_hash": str|null,
                 "in_sync": bool, "applied_at": float|null, "last_result": str|null,
-                "last_error": str|null},   (confapply's hash over every watched file)
+                "last_error": str|null,
+                "held": {unit: main_pid}}  (confapply's hash over every watched file; held:
+                the worker units it left running on an older config because the worker's
+                record held them, still that process; it restarts them once the record
+                lets them run)
      "<status_key>": {...the document...}   for every registered document with a status key
                   (env, variables, variables_watch, drain, lifecycle),
      "worker_tasks": null | {"unit", "source": "cgroup"|"main-pid"|null, "error", "main_pid",
@@ -165,6 +169,7 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
             "applied_at": conf.get("applied_at"),
             "last_result": conf.get("last_result"),
             "last_error": conf.get("last_error"),
+            "held": _still_held(conf.get("held_pids") or {}, units, sd_error),
         },
         "systemd": {"reachable": sd_error is None, "error": sd_error},
         "units": units,
@@ -173,6 +178,14 @@ def collect(cfg, systemctl) -> Dict[str, Any]:
     for doc in _shown_documents():
         out[doc.status_key] = _load(store, doc.name)  # type: ignore[index]
     return redact(out)
+
+
+def _still_held(held: Dict[str, int], units: Dict[str, Any], sd_error: Optional[str]) -> Dict:
+    """The held units whose process is still the one confapply left running (a new MainPID
+    started with the file as it is now); all of them when systemd cannot say."""
+    if sd_error is not None:
+        return dict(held)
+    return {u: pid for u, pid in held.items() if (units.get(u) or {}).get("main_pid") == pid}
 
 
 def _worker_tasks(cfg, systemctl, units: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -221,6 +234,11 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+# epoch-second fields shown as times (besides every `*_at`): the drain's `started` and
+# `deadline` among them, which read as raw floats before
+TIME_KEYS = ("last_sync", "last_failure", "last_poll", "last_attempt", "started", "deadline")
+
+
 def _doc_line(doc: Dict[str, Any], keys: Tuple[str, ...] = ()) -> str:
     # a field never set (null) says nothing in the human view; --json has it
     doc = {k: v for k, v in doc.items() if k != VERSION_KEY and v is not None}
@@ -234,7 +252,7 @@ def _doc_line(doc: Dict[str, Any], keys: Tuple[str, ...] = ()) -> str:
     for k in list(doc) if keys else sorted(doc):
         v = doc[k]
         is_time = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if is_time and (k in ("last_sync", "last_failure", "last_poll") or k.endswith("_at")):
+        if is_time and (k in TIME_KEYS or k.endswith("_at")):
             v = _when(v)
         if isinstance(v, (dict, list)):
             v = json.dumps(v, sort_keys=True)
@@ -254,6 +272,11 @@ def _hash_line(c: Dict[str, Any]) -> str:
         return f"unreadable: {c['hash_error']}"
     line = f"{c['current_hash'][:12]} now, {str(c['applied_hash'])[:12]} applied"
     line += " (in sync" if c["in_sync"] else " (NOT in sync"
+    if c.get("held"):
+        line += (
+            f"; {', '.join(sorted(c['held']))} still on an older config: the worker's record "
+            "held it; restarted once it may run"
+        )
     if c["last_result"] == "failed":
         line += f", last apply failed: {c['last_error']}"
     return line + ")"

@@ -1,6 +1,7 @@
 """The example DAG `make bundle DAGS=examples/dags` ships: two tasks, one passing a value to the
 other, on Airflow 3's task SDK. Trigger it from the UI (it has no schedule) after the first
-deployment; the second task's log shows the worker that ran it."""
+deployment; the second task's log says `hello from <the hostname of the worker that ran the
+first>` (the two may run on different workers)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """`undrain`: let the local Celery worker consume again after a drain (or a stop-consuming).
 
 What to do comes from `plan.undrain_action`: start a stopped worker unit (waiting first for
-one that is still stopping), or re-add on a running worker the consumers the drain cancelled
-(recorded in drain.json), checked with `active_queues`. The drain document is removed after.
-First, under the worker's record lock (agent.worker.state), the record moves to `running`:
-refused (exit 1, nothing touched) on a terminating or Spot-noticed instance.
+one that is still stopping) and wait until it answers a ping, or re-add on a running worker
+the consumers the drain cancelled (recorded in drain.json), checked with `active_queues`. The
+drain document is removed after. First, under the worker's record lock (agent.worker.state),
+the record moves to `running`: refused (exit 1, nothing touched) on a terminating or
+Spot-noticed instance.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Undrainer(DrainShell):
             self.systemctl.reset_failed(self.unit)
             self.systemctl.start(self.unit)
             log.info("undrain: started %s", self.unit)
+            self._wait_started(until)
             done = "started"
         elif action == plan.ADD_CONSUMERS:
             assert state is not None
@@ -70,6 +72,30 @@ class Undrainer(DrainShell):
         self.notifier.status(f"undrained {self.node}: {done}")
         return done
 
+    def _wait_answer(self, control, until: float, failure: str) -> None:
+        """Until the worker answers a ping; DeadlineError(failure) at `until`. A ping sent
+        before a starting worker listens is lost: ping again, each wait longer (a loaded
+        worker is slow), up to drain.reply_timeout, never past `until`."""
+        waits = ping_waits(self.cfg.drain.reply_timeout)
+        while not control.ping(timeout=max(0.1, min(next(waits), until - self.clock()))):
+            if self.clock() >= until:
+                raise DeadlineError(failure)
+
+    def _wait_started(self, until: float) -> None:
+        """A started worker is consuming once it answers a ping (Celery answers only after
+        its consumers are up): undrain returns then, not when systemd has forked it. With a
+        broker that has no remote control, the start is all there is to wait for."""
+        settings = read_broker(self.cfg)
+        if not settings.remote_control:
+            log.info("undrain: broker %s:// has no remote control; not waiting", settings.scheme)
+            return
+        with self.control_factory(settings, self.node) as control:
+            self._wait_answer(
+                control, until, f"{self.unit} started, but {self.node} did not answer a ping "
+                "before the timeout; see its journal"
+            )  # fmt: skip
+        log.info("undrain: %s answers", self.node)
+
     def _add_consumers(self, state: plan.DrainState, until: float) -> None:
         settings = read_broker(self.cfg)
         if not settings.remote_control:
@@ -78,14 +104,8 @@ class Undrainer(DrainShell):
                 f"restart {self.unit} to consume again"
             )
         with self.control_factory(settings, state.node) as control:
-            # a ping sent before a starting worker listens is lost: ping again, each wait
-            # longer (a loaded worker is slow), up to drain.reply_timeout, never past `until`
-            waits = ping_waits(self.cfg.drain.reply_timeout)
-            while not control.ping(timeout=max(0.1, min(next(waits), until - self.clock()))):
-                if self.clock() >= until:
-                    raise DeadlineError(
-                        f"{state.node} did not answer remote control; consumers not restored"
-                    )
+            self._wait_answer(control, until, f"{state.node} did not answer remote control; "
+                              "consumers not restored")  # fmt: skip
             consuming = [q.name for q in control.active_queues()]
             for q in plan.missing_queues(state.queues, consuming):
                 control.add_consumer(QueueSpec.from_dict(q))
