@@ -3,8 +3,10 @@ marked `<!-- local: ... -->` (tools/doc_blocks.py), in doc order, from the repos
 as written. The first, `make sandbox`, runs on in the background as the stack's supervisor;
 each later block must exit 0 with its `expect:` texts (status, a deployment of `make bundle
 DAGS=examples/dags` on every instance, the admin's credentials, `hello` run to success through
-the load balancer put on this machine's 127.0.0.1, a runbook command in `sandbox shell`), and
-the last, `down`, ends the supervisor with exit 0 and every process the state file names.
+the load balancer put on this machine's 127.0.0.1, a runbook command in `sandbox shell`, a
+setting changed through the embedded SSM and `shell --all` until Airflow reads it), and
+the last, `down`, ends the supervisor with exit 0, every process the state file names and the
+embedded servers' directories in /tmp.
 
 Besides the doc: the state file names the supervisor and every instance's host; `shell` refuses
 a name that is neither an instance nor a role, listing them; a revision whose DAG does not
@@ -21,6 +23,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -94,6 +97,7 @@ def test_the_sandbox_quick_start_runs_as_written(tmp_path):
     params_file.write_text(json.dumps(params))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "MAKEFLAGS")}
     env.update(AEA_SANDBOX_RUN=str(state), WORKERS="1", PARAMS=str(params_file))
+    rigs_before = set(Path(tempfile.gettempdir()).glob("aea-rig-*"))
     free_before = mem_available_kib()
     t0 = time.monotonic()
     up = subprocess.Popen(
@@ -160,6 +164,8 @@ def test_the_sandbox_quick_start_runs_as_written(tmp_path):
         assert not running(doc["pid"])
         assert not (state / "stack.json").exists() and not (state / "control.sock").exists()
         assert cli("status", env=env).returncode == 3
+        # the embedded servers' directories (port files, logs) went with them
+        assert set(Path(tempfile.gettempdir()).glob("aea-rig-*")) - rigs_before == set()
     finally:
         if up.poll() is None:  # a failed step: end the stack through its supervisor
             cli("down", env=env)
