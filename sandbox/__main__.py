@@ -215,8 +215,12 @@ def shell(args: argparse.Namespace) -> int:
     if args.all:
         if args.instance is not None:  # `shell --all CMD...`: the first word is the command's
             args.command = [args.instance, *args.command]
-        if not args.command:
-            print("sandbox shell --all: give the command to run", file=sys.stderr)
+        if not args.command and not sys.stdin.isatty():
+            # `shell --all < block.sh`: the script, read once, is the command on each
+            args.command = [sys.stdin.read()]
+        if not args.command or not args.command[0].strip():
+            print("sandbox shell --all: give the command to run, or a script on stdin",
+                  file=sys.stderr)  # fmt: skip
             return 2
         chosen = instances
     else:
@@ -248,7 +252,7 @@ def shell(args: argparse.Namespace) -> int:
     worst = 0
     for inst in chosen:  # one after the other, as Run Command's output reads
         print(f"== {inst['name']} ({inst['role']})", flush=True)
-        rc = subprocess.run(_enter(inst, command), env=env).returncode
+        rc = subprocess.run(_enter(inst, command), env=env, stdin=subprocess.DEVNULL).returncode
         if rc != 0:
             print(f"== {inst['name']}: exit {rc}", file=sys.stderr, flush=True)
             worst = worst or rc
@@ -346,6 +350,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sandbox",
         description=__doc__.split("\n")[0] + " See docs/sandbox.md for a walk through.",
+        epilog="Exit codes: 0 done; 1 failed (a deployment, `down` timing out, a stack already "
+        "up); 2 refused (bad input: a file that is no CodeDeploy revision, an unknown "
+        "instance); 3 no stack is up; 130 interrupted. `shell` exits with its command's code.",
     )
     parser.add_argument(
         "--run-dir", type=Path, default=RUN_DIR,
@@ -381,7 +388,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_cred = sub.add_parser("credentials", help="the UI's address, the admin's user and password")
     p_cred.add_argument("--shell", action="store_true", help="as AIRFLOW_URL=... lines for eval")
     p_down = sub.add_parser("down", help="end the stack")
-    p_down.add_argument("--timeout", type=float, default=120)
+    p_down.add_argument(
+        "--timeout", type=float, default=120, metavar="S",
+        help="seconds to wait for the supervisor to end everything (default 120); then exit 1 "
+        "and have it print where it is stuck",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.command_name == "shell" and args.instance is None and not args.all:
         parser.error("shell: name an instance or a role, or give --all and a command")

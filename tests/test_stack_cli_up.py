@@ -8,7 +8,8 @@ setting changed through the embedded SSM and `shell --all` until Airflow reads i
 the last, `down`, ends the supervisor with exit 0, every process the state file names and the
 embedded servers' directories in /tmp.
 
-Besides the doc: the state file names the supervisor and every instance's host; `shell` refuses
+Besides the doc: the state file names the supervisor and every instance's host; the runbook's
+push check, fed to `shell --all` on stdin, sees the setting on every instance; `shell` refuses
 a name that is neither an instance nor a role, listing them; a revision whose DAG does not
 import fails its first instance's AfterInstall, names it, and stops there (exit 1).
 
@@ -32,7 +33,7 @@ import pytest
 
 from sandbox.proc import end_process, running, wait_for
 from sandbox.stack.parameters import EXAMPLE_PARAMETERS, read_parameters
-from tools.doc_blocks import local_blocks
+from tools.doc_blocks import local_blocks, sandbox_blocks
 
 pytestmark = [pytest.mark.systemd, pytest.mark.airflow, pytest.mark.aws, pytest.mark.redis]
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,24 @@ def test_the_sandbox_quick_start_runs_as_written(tmp_path):
                 break  # the later steps build on this one
         assert failed == []
 
-        # beyond the doc: a wrong instance name is refused, naming what there is
+        # beyond the doc: the runbook's push check, as sandbox.md says to run a saved block on
+        # every instance (`shell --all < block.sh`), until step 6's setting is on all of them
+        (check,) = [b for b in sandbox_blocks(REPO) if "config_rev=" in b.text]
+        t = time.monotonic()
+
+        def pushed_everywhere():
+            p = subprocess.run(
+                [sys.executable, "-m", "sandbox", "shell", "--all"], input=check.text,
+                capture_output=True, text=True, cwd=str(REPO), timeout=300, env=env,
+            )  # fmt: skip
+            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("role=")]
+            done = p.returncode == 0 and len(lines) == len(doc["instances"])
+            return lines if done and all("confapply=in-sync" in ln for ln in lines) else None
+
+        lines = wait_for(pushed_everywhere, 300, "the setting on every instance")
+        assert all("env-sync=ok" in ln and "held=none" in ln for ln in lines), lines
+        print(f"push check: every instance in sync {time.monotonic() - t:.0f} s after step 6")
+        # a wrong instance name is refused, naming what there is
         p = cli("shell", "database", env=env)
         assert p.returncode == 2 and "no instance or role 'database'" in p.stderr
         assert all(i["name"] in p.stderr for i in doc["instances"])

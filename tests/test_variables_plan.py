@@ -143,6 +143,31 @@ def test_shadowing():
     assert secrets_backend(env) == "AIRFLOW__SECRETS__BACKEND"
 
 
+@pytest.mark.parametrize(
+    "kwargs, shadows",
+    [
+        # the template's: Variables stay in the database, the backend is never asked for one
+        (
+            '{"config_prefix": "airflow/s/config", "connections_prefix": null, '
+            '"variables_prefix": null}',
+            False,
+        ),
+        ('{"variables_path": null}', False),  # HashiCorp Vault's name for it
+        ('{"variables_prefix": "airflow/variables"}', True),
+        ('{"connections_prefix": null}', True),  # variables_prefix left at its default
+        ("", True),
+        ("not json", True),  # cannot tell: warn
+    ],
+)
+def test_a_backend_whose_variables_prefix_is_null_shadows_nothing(kwargs, shadows):
+    env = {
+        "AIRFLOW__SECRETS__BACKEND": "airflow.providers.amazon.aws.secrets.secrets_manager."
+        "SecretsManagerBackend",
+        "AIRFLOW__SECRETS__BACKEND_KWARGS": kwargs,
+    }
+    assert (secrets_backend(env) is not None) is shadows
+
+
 def test_name_list_truncates():
     assert name_list(["a", "b"]) == "a, b"
     assert name_list([str(i) for i in range(25)], limit=3) == "0, 1, 2 and 22 more"

@@ -254,12 +254,31 @@ def shadowed_by_env(keys: Iterable[str], env: Mapping[str, str]) -> List[str]:
     return sorted(k for k in keys if ENV_VAR_PREFIX + k.upper() in env)
 
 
+# the backend kwargs that, set to null, keep a provider's secrets backend from reading
+# Variables (the Amazon backends' variables_prefix, HashiCorp Vault's variables_path)
+VARIABLES_OFF_KWARGS = ("variables_prefix", "variables_path")
+
+
 def secrets_backend(env: Mapping[str, str]) -> Optional[str]:
-    """The environment variable that configures a custom secrets backend, if one is set."""
+    """The environment variable that configures a custom secrets backend that reads Variables,
+    if one is set. A backend whose plain AIRFLOW__SECRETS__BACKEND_KWARGS sets its variables
+    prefix to null (the template's: connections and Variables stay in the database) reads no
+    Variable, so it shadows none; kwargs given through _CMD or _SECRET are not read here, so
+    such a backend counts as one that may."""
     for name in BACKEND_ENV_VARS:
         if env.get(name, "").strip():
-            return name
+            return None if _variables_off(env.get("AIRFLOW__SECRETS__BACKEND_KWARGS", "")) else name
     return None
+
+
+def _variables_off(kwargs_text: str) -> bool:
+    try:
+        kwargs = json.loads(kwargs_text) if kwargs_text.strip() else {}
+    except ValueError:
+        return False
+    return isinstance(kwargs, dict) and any(
+        key in kwargs and kwargs[key] is None for key in VARIABLES_OFF_KWARGS
+    )
 
 
 def name_list(keys: List[str], limit: int = 20) -> str:
