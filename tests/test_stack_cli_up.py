@@ -150,12 +150,12 @@ def test_the_sandbox_quick_start_runs_as_written(tmp_path):
                 [sys.executable, "-m", "sandbox", "shell", "--all"], input=check.text,
                 capture_output=True, text=True, cwd=str(REPO), timeout=300, env=env,
             )  # fmt: skip
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("role=")]
-            done = p.returncode == 0 and len(lines) == len(doc["instances"])
-            return lines if done and all("confapply=in-sync" in ln for ln in lines) else None
+            rows = [ln for ln in p.stdout.splitlines() if ln.startswith("role=")]
+            done = p.returncode == 0 and len(rows) == len(doc["instances"])
+            return rows if done and all("confapply=in-sync" in ln for ln in rows) else None
 
-        lines = wait_for(pushed_everywhere, 300, "the setting on every instance")
-        assert all("env-sync=ok" in ln and "held=none" in ln for ln in lines), lines
+        rows = wait_for(pushed_everywhere, 300, "the setting on every instance")
+        assert all("env-sync=ok" in ln and "held=none" in ln for ln in rows), rows
         print(f"push check: every instance in sync {time.monotonic() - t:.0f} s after step 6")
         # a wrong instance name is refused, naming what there is
         p = cli("shell", "database", env=env)
