@@ -17,9 +17,10 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from agent import errors
+from agent import errors, state
 from agent.cli import COMMANDS, EPILOG, build_parser
 from agent.config import config_from_dict
+from agent.jobs.status import render
 from agent.runtime.config_watch import EXIT_CONFIG_CHANGED
 from sandbox.cfn_template import load_template
 from tools import doc_blocks, release
@@ -600,3 +601,105 @@ def test_the_push_check_sent_to_every_instance_is_the_one_shown_for_one_instance
     (one,) = [b for b in blocks if b.where == "sandbox" and "config_rev=" in b.text]
     (fleet,) = [b for b in blocks if "push-check.json" in b.text]
     assert one.text in fleet.text
+
+
+# -- the status rows table (docs/operations.md, "Read the agent's view") ------------------------
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+# the rows render() prints itself, around one row per registered document with a status key
+STATUS_FIXED_ROWS = ("role", "env file", "config hash", "worker tasks", "units")
+
+
+def _status_table_rows(text: str) -> List[str]:
+    """The first cell (a code span: the title as `status` prints it) of every row of the table
+    in the section "Read the agent's view", in order."""
+    section = text[text.index("\n## Read the agent's view: `airflow-agent status`\n") :]
+    section = section[: section.index("\n## ", 1)]
+    table = section[section.index("| row | on | what it shows |") :].split("\n\n", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", table, re.M)
+
+
+def _printed_titles() -> List[str]:
+    """The title of every row `status` can print, in its order: render() with every shown
+    document, the worker's tasks and systemd unreachable (its `units` row)."""
+    s: Dict[str, object] = {
+        "role": "worker",
+        "env_file": {"path": "/e", "sha256": "a" * 64, "error": None, "synced_sha256": None},
+        "config": {
+            "current_hash": "b" * 64,
+            "applied_hash": None,
+            "in_sync": False,
+            "last_result": None,
+            "last_error": None,
+            "hash_error": None,
+            "held": {},
+        },
+        "worker_tasks": {"running": 0, "error": None, "tasks": [], "source": "cgroup"},
+        "systemd": {"reachable": False, "error": "no bus"},
+        "units": {},
+    }
+    for entry in state.registered():
+        if entry.status_key:
+            s[entry.status_key] = {"some_field": 1}
+    # a title is words with single spaces, padded to the longest, then two spaces
+    return [re.match(r"(\S+(?: \S+)*)  ", line).group(1) for line in render(s).splitlines()]
+
+
+def _status_titles() -> Set[str]:
+    """The registry's titles (every document with a status key) and render()'s own rows."""
+    return {e.title for e in state.registered() if e.status_key} | set(STATUS_FIXED_ROWS)
+
+
+def _status_table_problems(rows: List[str], printed: List[str]) -> List[str]:
+    problems = [f"missing from the table: {t}" for t in printed if t not in rows]
+    problems += [f"status never prints: {t}" for t in rows if t not in printed]
+    problems += [f"listed twice: {t}" for t in sorted({t for t in rows if rows.count(t) > 1})]
+    if not problems and rows != printed:
+        problems.append(f"not in the order status prints them: {', '.join(printed)}")
+    return problems
+
+
+def test_the_status_table_lists_exactly_the_rows_status_prints():
+    printed = _printed_titles()
+    assert len(printed) == len(set(printed)), printed
+    # render() prints the registry's rows and its own, nothing else
+    assert set(printed) == _status_titles()
+    assert _status_table_problems(_status_table_rows(_text(OPERATIONS)), printed) == []
+
+
+def test_the_status_table_check_sees_a_new_job_a_missing_and_an_unknown_row(monkeypatch):
+    rows = _status_table_rows(_text(OPERATIONS))
+    printed = _printed_titles()
+    # a job registered tomorrow with a status row fails the check until the table names it
+    monkeypatch.setattr(state, "_REGISTRY", dict(state._REGISTRY))
+    monkeypatch.setattr(state, "_BY_TYPE", dict(state._BY_TYPE))
+
+    class BackupDoc:
+        name = "backup-check"
+        version = 1
+
+        @classmethod
+        def from_dict(cls, data):
+            return cls()
+
+        def to_dict(self):
+            return {}
+
+    state.register(BackupDoc, status_key="backup", title="backup check")
+    assert "backup check" in _status_titles()
+    assert _status_table_problems(rows, _printed_titles()) == [
+        "missing from the table: backup check"
+    ]
+    # a row dropped, a row misnamed
+    text = (
+        "x\n## Read the agent's view: `airflow-agent status`\n\n"
+        "| row | on | what it shows | when it looks wrong |\n|---|---|---|---|\n"
+        "| `role` | every role | r | - |\n| `drains` | worker | d | - |\n\n"
+        "| `env file` | not the table | - | - |\n## Next\n"
+    )
+    assert _status_table_rows(text) == ["role", "drains"]
+    problems = _status_table_problems(["role", "drains"], printed)
+    assert "missing from the table: env file" in problems
+    assert "status never prints: drains" in problems
+    swapped = [printed[1], printed[0], *printed[2:]]
+    assert _status_table_problems(swapped, printed)[0].startswith("not in the order")
