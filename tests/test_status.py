@@ -323,3 +323,10 @@ def test_the_drains_start_and_deadline_show_as_times_not_epoch_floats():
     line = _doc_line({"phase": "stopped", "started": 1796133389.27, "deadline": 1796133989.27})
     assert "started=2026-12-01T13:56:29Z" in line and "deadline=2026-12-01T14:06:29Z" in line
     assert "1796133" not in line
+
+
+def test_since_fields_show_as_times():
+    from agent.jobs.status import _doc_line
+
+    line = _doc_line({"last_result": "out", "out_since": 1796133389.0, "silent_since": 0.0 + 1e9})
+    assert "out_since=2026-12-01T13:56:29Z" in line and "silent_since=2001-09-09T01:46:40Z" in line

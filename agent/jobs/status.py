@@ -17,7 +17,8 @@ an operator runs it. `--json` prints one stable object:
                 record held them, still that process; it restarts them once the record
                 lets them run)
      "<status_key>": {...the document...}   for every registered document with a status key
-                  (env, variables, variables_watch, drain, lifecycle),
+                  (env, variables, variables_watch, drain, lifecycle, task_credentials,
+                  deploy, metrics, target_group, worker),
      "worker_tasks": null | {"unit", "source": "cgroup"|"main-pid"|null, "error", "main_pid",
                   "processes", "pool_slots", "running": int|null (null: not countable),
                   "tasks": [{"pid", "kind": "task"|"orphan", "age": s, "task_instance"}]}
@@ -234,8 +235,8 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-# epoch-second fields shown as times (besides every `*_at`): the drain's `started` and
-# `deadline` among them, which read as raw floats before
+# epoch-second fields shown as times (besides every `*_at` and `*_since`): the drain's
+# `started` and `deadline` among them, which read as raw floats before
 TIME_KEYS = ("last_sync", "last_failure", "last_poll", "last_attempt", "started", "deadline")
 
 
@@ -252,7 +253,7 @@ def _doc_line(doc: Dict[str, Any], keys: Tuple[str, ...] = ()) -> str:
     for k in list(doc) if keys else sorted(doc):
         v = doc[k]
         is_time = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if is_time and (k in TIME_KEYS or k.endswith("_at")):
+        if is_time and (k in TIME_KEYS or k.endswith(("_at", "_since"))):
             v = _when(v)
         if isinstance(v, (dict, list)):
             v = json.dumps(v, sort_keys=True)
