@@ -122,9 +122,14 @@ def _handle_exposed(conn: socket.socket, netns_path: str, target: Tuple[str, int
     try:
         with _in_netns(netns_path):
             upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        conn.close()
+        return
+    try:
         upstream.settimeout(10)
         upstream.connect(target)  # from inside the namespace the socket was made in
     except OSError:
+        upstream.close()
         conn.close()
         return
     _splice(conn, upstream)

@@ -85,3 +85,15 @@ def test_local_blocks_come_back_with_their_mode_and_expectations():
         Block("s.md", 2, "make sandbox\n", "local", "background", ("stack up:",)),
         Block("s.md", 6, "python -m sandbox status\n", "local", "run", ()),
     ]
+
+
+def test_the_readme_quick_start_section_is_cut_at_its_end_not_at_a_comment_in_a_block():
+    from tools.doc_blocks import section_only
+
+    text = (
+        "# Title\n```sh\nmake test\n```\n## Quick start\n<!-- needs: aws-account -->\n"
+        "```sh\n# 1. a comment, not a heading\naws s3 ls\n```\n### Steps\n## Next\n```sh\nls\n```\n"
+    )
+    (block,) = parse_blocks(section_only(text, "## Quick start"), "R.md")
+    assert (block.line, block.where) == (7, "aws-account")
+    assert block.text == "# 1. a comment, not a heading\naws s3 ls\n"

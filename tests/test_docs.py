@@ -703,3 +703,20 @@ def test_the_status_table_check_sees_a_new_job_a_missing_and_an_unknown_row(monk
     assert "status never prints: drains" in problems
     swapped = [printed[1], printed[0], *printed[2:]]
     assert _status_table_problems(swapped, printed)[0].startswith("not in the order")
+
+
+def test_every_block_of_the_readme_quick_start_is_marked_as_needing_an_account():
+    # the quick start is the AWS path; the sandbox's is docs/sandbox.md, whose blocks run
+    text = doc_blocks.section_only(_text(README), doc_blocks.QUICK_START)
+    blocks = doc_blocks.parse_blocks(text, "README.md")
+    assert len(blocks) >= 2 and {b.where for b in blocks} == {doc_blocks.AWS_ACCOUNT}
+    assert _label_problems(text, "README.md") == []
+
+
+def test_the_block_listing_names_every_block_and_counts_them(capsys):
+    doc_blocks.main()
+    out = capsys.readouterr().out.splitlines()
+    blocks = doc_blocks.all_blocks(ROOT)
+    assert [ln.split()[0] for ln in out[:-1]] == [b.name for b in blocks]
+    local = sum(b.where == doc_blocks.LOCAL for b in blocks)
+    assert f"{local} on this machine" in out[-1]

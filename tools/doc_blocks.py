@@ -166,3 +166,52 @@ def local_blocks(root: Path) -> List[Block]:
     """Every local-marked block of the operator docs (docs/sandbox.md's), in doc order."""
     blocks = [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
     return [b for b in blocks if b.where == LOCAL]
+
+
+README = "README.md"
+QUICK_START = "## Quick start"  # README's section for an AWS account: every block needs one
+
+
+def section_only(text: str, heading: str) -> str:
+    """`text` with every line outside the section under `heading` (up to the next heading of
+    its level or higher, outside a fence) blanked: its blocks keep their real line numbers."""
+    lines = text.splitlines()
+    level = len(heading) - len(heading.lstrip("#"))
+    start = lines.index(heading)
+    end, fence = len(lines), None
+    for i in range(start + 1, len(lines)):
+        m = _FENCE.match(lines[i])
+        if m and (fence is None or m.group(1) == fence):
+            fence = m.group(1) if fence is None else None
+            continue
+        hashes = len(lines[i]) - len(lines[i].lstrip("#"))
+        if fence is None and 0 < hashes <= level and lines[i][hashes:].startswith(" "):
+            end = i
+            break
+    return "\n".join(ln if start <= i < end else "" for i, ln in enumerate(lines)) + "\n"
+
+
+def all_blocks(root: Path) -> List[Block]:
+    """Every command block an operator is shown: README's quick start, then the operator docs."""
+    readme = (Path(root) / README).read_text(encoding="utf-8")
+    blocks = parse_blocks(section_only(readme, QUICK_START), README)
+    return blocks + [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
+
+
+def main() -> int:
+    """`python -m tools.doc_blocks`: every block and where it runs, then the counts."""
+    root = Path(__file__).resolve().parents[1]
+    blocks = all_blocks(root)
+    for b in blocks:
+        print(f"{b.name:<34} {b.where:<12} {b.role or ''}")
+    counts = {w: sum(b.where == w for b in blocks) for w in ("sandbox", LOCAL, AWS_ACCOUNT)}
+    print(
+        f"{counts['sandbox']} run on the sandbox's instances (tests/test_stack_launch.py), "
+        f"{counts[LOCAL]} on this machine (tests/test_stack_cli_up.py), "
+        f"{counts[AWS_ACCOUNT]} need an AWS account (not run)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -67,10 +67,11 @@ class ControlServer:
         return self
 
     def _serve(self) -> None:
-        assert self._sock is not None
+        sock = self._sock  # its own reference: stop() drops the attribute while this waits
+        assert sock is not None
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return  # stop() closed the socket
             with conn:  # one request at a time: two deployments must not interleave
