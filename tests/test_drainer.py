@@ -267,6 +267,18 @@ def test_undrain_of_a_worker_that_never_answers_fails_at_its_timeout_naming_it(t
     assert r["systemctl"].calls[-1] == "start airflow-worker"
 
 
+def test_undrain_with_no_broker_to_read_starts_the_unit_and_says_it_cannot_confirm(
+    tmp_path, caplog
+):
+    r = rig(tmp_path, broker="")  # an env file without AIRFLOW__CELERY__BROKER_URL
+    r["systemctl"].state = "inactive"
+    r["control_factory"] = lambda *a: pytest.fail("no broker to ask")
+    with caplog.at_level("WARNING"):
+        assert drainer(r, Undrainer).undrain(timeout=30) == "started"
+    assert r["systemctl"].calls[-1] == "start airflow-worker"
+    assert "cannot ask whether it answers" in caplog.text
+
+
 def test_undrain_without_remote_control_returns_once_started(tmp_path):
     r = rig(tmp_path, broker="sqs://")
     r["systemctl"].state = "inactive"

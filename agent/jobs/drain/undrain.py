@@ -84,8 +84,16 @@ class Undrainer(DrainShell):
     def _wait_started(self, until: float) -> None:
         """A started worker is consuming once it answers a ping (Celery answers only after
         its consumers are up): undrain returns then, not when systemd has forked it. With a
-        broker that has no remote control, the start is all there is to wait for."""
-        settings = read_broker(self.cfg)
+        broker that has no remote control, the start is all there is to wait for; with a
+        broker it cannot read, it says so and returns (the unit is started; a deployment's
+        ValidateService pings it again and fails there)."""
+        try:
+            settings = read_broker(self.cfg)
+        except AgentError as exc:
+            log.warning(
+                "undrain: started %s, but cannot ask whether it answers: %s", self.unit, exc
+            )
+            return
         if not settings.remote_control:
             log.info("undrain: broker %s:// has no remote control; not waiting", settings.scheme)
             return
