@@ -196,6 +196,13 @@ def test_env_change_while_paused_restarts_nothing_until_undrain(cluster):
     c.host.wait_active(WORKER)
     started = int(c.host.unit_property(WORKER, "ExecMainStartTimestampMonotonic")) / 1e6
     assert started > written
-    assert _json(c, "/var/lib/airflow-agent/confapply.json")["held_pids"] == {}
+    # confapply records the release after the restart it waited for: wait for the record
+    # (asserting at once raced it: a clean-clone CI saw {'airflow-worker': <old pid>})
+    wait_for(
+        lambda: _json(c, "/var/lib/airflow-agent/confapply.json")["held_pids"] == {},
+        30,
+        "confapply to record that it no longer holds the worker",
+        interval=0.2,
+    )
     status = json.loads(c.host.run(["airflow-agent", "status", "--json"]).stdout)["config"]
     assert status["held"] == {}, status
