@@ -155,17 +155,20 @@ def doc_blocks(path: Path, root: Optional[Path] = None) -> List[Block]:
     return parse_blocks(Path(path).read_text(encoding="utf-8"), name)
 
 
+def operator_blocks(root: Path) -> List[Block]:
+    """Every block of the operator docs, in OPERATOR_DOCS' order, each in doc order."""
+    return [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
+
+
 def sandbox_blocks(root: Path) -> List[Block]:
     """Every sandbox-marked block of the operator docs, in doc order (the runbook's order
     matters: a drain comes before its undrain)."""
-    blocks = [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
-    return [b for b in blocks if b.where == "sandbox"]
+    return [b for b in operator_blocks(root) if b.where == "sandbox"]
 
 
 def local_blocks(root: Path) -> List[Block]:
     """Every local-marked block of the operator docs (docs/sandbox.md's), in doc order."""
-    blocks = [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
-    return [b for b in blocks if b.where == LOCAL]
+    return [b for b in operator_blocks(root) if b.where == LOCAL]
 
 
 README = "README.md"
@@ -195,7 +198,7 @@ def all_blocks(root: Path) -> List[Block]:
     """Every command block an operator is shown: README's quick start, then the operator docs."""
     readme = (Path(root) / README).read_text(encoding="utf-8")
     blocks = parse_blocks(section_only(readme, QUICK_START), README)
-    return blocks + [b for d in OPERATOR_DOCS for b in doc_blocks(Path(root) / d, Path(root))]
+    return blocks + operator_blocks(root)
 
 
 def main() -> int:
