@@ -49,7 +49,7 @@ from sandbox.stack.control import (
 )
 from sandbox.stack.launch import RUN_DIR, STATE_FILE, Stack
 from sandbox.stack.model import StackError
-from sandbox.systemd_host import INSIDE_PATH
+from sandbox.systemd_host import INSIDE_PATH, enter_argv
 
 NO_STACK = 3
 
@@ -260,7 +260,7 @@ def shell(args: argparse.Namespace) -> int:
 
 
 def _enter(inst: Dict[str, Any], command: List[str]) -> List[str]:
-    return ["nsenter", "-t", str(inst["host_pid"]), "-a", "-r", "-w", "--", *command]
+    return [*enter_argv(inst["host_pid"]), *command]
 
 
 def env_exports(args: argparse.Namespace) -> int:

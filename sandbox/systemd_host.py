@@ -63,6 +63,14 @@ SYSTEMD = "/lib/systemd/systemd"
 INIT_SCRIPT = Path(__file__).resolve().with_name("systemd_host_init.sh")
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def enter_argv(pid: int) -> List[str]:
+    """The argv prefix that runs a command inside the test host whose init is `pid`."""
+    # -a: every namespace; -r/-w: the target's root and cwd (the overlay, after pivot_root).
+    return ["nsenter", "-t", str(pid), "-a", "-r", "-w", "--"]
+
+
 # Files whose content decides the wheelhouse (the package's sources and build metadata).
 _BUILD_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE")
 
@@ -613,8 +621,7 @@ class SystemdHost:
     def _nsenter(self) -> List[str]:
         if self.pid is None or self._stopped:
             raise SystemdHostError("the test host is not running")
-        # -a: every namespace; -r/-w: the target's root and cwd (the overlay, after pivot_root).
-        return ["nsenter", "-t", str(self.pid), "-a", "-r", "-w", "--"]
+        return enter_argv(self.pid)
 
     def run(
         self,
