@@ -29,9 +29,9 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, List, Optional, Set
+from typing import AbstractSet, Any, Dict, List, Optional, Set
 
-from sandbox.elbv2_draining import mark_draining
+from sandbox.elbv2_draining import mark_draining, mark_failing
 from sandbox.proc import ServerProcess, serve_forever
 from sandbox.tiers import heavy
 
@@ -54,8 +54,10 @@ class RigApp:
         self.principals: Dict[str, Dict[str, str]] = {}
         self.denials: List[Dict[str, Any]] = []
         self.unevaluated: List[Dict[str, Any]] = []
-        # instance ids the load balancer stand-in still routes to (sandbox.elbv2_draining)
+        # instance ids the load balancer stand-in still routes to, and those its health checks
+        # have down (sandbox.elbv2_draining)
         self.routed: Set[str] = set()
+        self.failing: Set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -87,6 +89,7 @@ class RigApp:
                 return self._json(start_response, "200 OK", {"ok": True})
             if path == "/_rig/elbv2/routed" and method == "POST":
                 self.routed = set(payload["targets"])
+                self.failing = set(payload.get("failing", ()))
                 return self._json(start_response, "200 OK", {"ok": True})
             if path == "/_rig/calls":
                 return self._json(start_response, "200 OK", self.calls)
@@ -109,6 +112,7 @@ class RigApp:
                 self.denials.clear()
                 self.unevaluated.clear()
                 self.routed.clear()
+                self.failing.clear()
         if path == "/_rig/reset":
             # moto's own reset, through its app, so every backend is cleared
             inner = dict(environ)
@@ -300,12 +304,12 @@ class RigApp:
         return self.moto_app(environ, start_response)
 
     def _target_health(self, environ, start_response):
-        """moto's answer, a target the load balancer stand-in still routes to `draining`
-        (sandbox.elbv2_draining)."""
+        """moto's answer, with a target the load balancer stand-in still routes to `draining`
+        and one its health checks have down `unhealthy` (sandbox.elbv2_draining)."""
         got: Dict[str, Any] = {}
         out = b"".join(self.moto_app(environ, lambda s, h, e=None: got.update(s=s, h=h)))
         with self.lock:
-            out = mark_draining(out, self.routed)
+            out = mark_failing(mark_draining(out, self.routed), self.failing)
         headers = [(k, v) for k, v in got["h"] if k.lower() != "content-length"]
         start_response(got["s"], headers + [("Content-Length", str(len(out)))])
         return [out]
@@ -355,9 +359,12 @@ class AwsServer(ServerProcess):
     def clear_faults(self) -> None:
         self.request("DELETE", "/_rig/faults")
 
-    def set_routed(self, instance_ids: Set[str]) -> None:
-        """The instances the load balancer stand-in routes to now (sandbox.elbv2_draining)."""
-        self.post("/_rig/elbv2/routed", {"targets": sorted(instance_ids)})
+    def set_routed(self, instance_ids: Set[str], failing: AbstractSet[str] = frozenset()) -> None:
+        """The instances the load balancer stand-in routes to now, and those its health checks
+        have down (sandbox.elbv2_draining)."""
+        self.post(
+            "/_rig/elbv2/routed", {"targets": sorted(instance_ids), "failing": sorted(failing)}
+        )
 
     def calls(self, action: Optional[str] = None) -> List[Dict[str, Any]]:
         calls = self.get("/_rig/calls")

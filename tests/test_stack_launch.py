@@ -328,7 +328,29 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
         assert any("Warm shutdown" in m for m in journal), (member.name, journal[-20:])
     assert api.wait_run(DAG, "update")["state"] == "success"
     tis = api.task_instances(DAG, "update")
-    assert [(t["state"], t["try_number"]) for t in tis] == [("success", 1)] * len(tis)
+    outcome = [(t["state"], t["try_number"]) for t in tis]
+    assert outcome == [("success", 1)] * len(tis), why_retried(stack, api, "update", tis, since)
+
+
+def why_retried(stack, api, run_id: str, tis, since: float) -> str:
+    """For a failed assertion: the first try's log of every retried task, and the journals of
+    the units a config push restarts, so a retry says what it met."""
+    parts = []
+    for t in tis:
+        if t["try_number"] > 1:
+            log = api.task_log(DAG, run_id, t["task_id"], 1)
+            parts.append(f"--- {t['task_id']} try 1 on {t.get('hostname')}:\n{log[-4000:]}")
+    for role, unit in (
+        ("webserver", "airflow-api-server"),
+        ("worker", "airflow-worker"),
+        ("scheduler", "airflow-scheduler"),
+        ("worker", "airflow-agent-confapply"),
+    ):
+        for member in stack.role_members(role):
+            lines = journal_lines(member, unit, since)
+            text = "\n".join(f"{t - since:7.1f} {m}" for t, m in lines[-40:])
+            parts.append(f"--- {member.name} {unit}:\n{text}")
+    return "\n".join(parts)
 
 
 def policy_scale_in(stack):

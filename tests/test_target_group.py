@@ -291,3 +291,33 @@ def test_the_wait_lasts_while_the_load_balancer_still_routes_to_the_instance(aws
         assert [d["TargetHealth"]["State"] for d in reads] == ["healthy"]
     finally:
         aws.set_routed(set())
+
+
+def test_a_target_the_load_balancers_checks_have_down_is_not_healthy(aws, group):
+    """As on AWS (`healthy` only while the load balancer's health checks pass): the embedded AWS
+    answers `unhealthy` for a registered target the sandbox's load balancer reports down
+    (sandbox.elbv2_draining). The other api-server down: this one restarts in place. This one
+    down after its restart: the registration waits until the load balancer has it up again."""
+    cfg, t = _cfg(group), VirtualTime()
+    try:
+        aws.set_routed({group["me"], group["other"]}, failing={group["other"]})
+        assert states(group)[group["other"]] == "unhealthy"
+        with out_of_rotation(cfg, AwsClients(cfg), group["me"], t.clock, t.sleep) as outcome:
+            assert not outcome.rotated and "no other target is healthy" in outcome.reason
+        assert elb_calls(aws)[-1] == "DescribeTargetHealth"  # no (de)registration
+
+        aws.set_routed({group["other"]})
+        t.slept.clear()
+
+        def sleep(seconds: float) -> None:  # up again on the load balancer after three polls
+            t.sleep(seconds)
+            if len(t.slept) == 3:
+                aws.set_routed({group["me"], group["other"]})
+
+        with out_of_rotation(cfg, AwsClients(cfg), group["me"], t.clock, sleep) as outcome:
+            assert outcome.rotated
+            aws.set_routed({group["other"]}, failing={group["me"]})  # its restart was long
+        assert len(t.slept) == 3
+        assert states(group) == {group["me"]: "healthy", group["other"]: "healthy"}
+    finally:
+        aws.set_routed(set())

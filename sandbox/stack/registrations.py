@@ -13,8 +13,10 @@ at once); the follower reports after every pass which instances HAProxy still ro
 the embedded AWS answers such a target `draining` (sandbox.elbv2_draining), so the agent's wait
 ends only once HAProxy stopped routing to it, as on AWS (the deregistration delay itself is not
 emulated: HAProxy's `drain` lets requests in flight finish without a time limit);
-and health checks (moto reports every registered running instance `healthy` at once; the
-traffic is still gated by HAProxy's own health checks, which follow the template's).
+and health checks (moto reports every registered running instance `healthy` at once): the
+traffic is gated by HAProxy's own health checks, which follow the template's, and the follower
+reports after every pass which instances those checks have down, which the embedded AWS then
+answers `unhealthy`, so an agent waits for the health the load balancer really routes by.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ class Follower:
         target_group_arn: str,
         addresses: Callable[[], Dict[str, str]],
         interval: float = 0.5,
-        report: Optional[Callable[[Set[str]], None]] = None,
+        report: Optional[Callable[[Set[str], Set[str]], None]] = None,
     ) -> None:
         self.lb, self.elbv2, self.arn = lb, elbv2, target_group_arn
-        # told after every pass which instances HAProxy routes to: the embedded AWS answers a
-        # deregistered one `draining` until then (sandbox.elbv2_draining)
+        # told after every pass which instances HAProxy routes to and which its health checks
+        # have down: the embedded AWS answers a deregistered one `draining` until then, and a
+        # registered one `unhealthy` while down (sandbox.elbv2_draining)
         self.report = report
         self.addresses = addresses  # instance id -> its address on the link, read each pass
         self.interval = interval
@@ -72,7 +75,11 @@ class Follower:
                 self.lb.set_in_rotation(addr, addr in wanted)
         routed = self.lb.in_rotation()
         if self.report is not None:
-            self.report({i for i, a in addresses.items() if a in routed})
+            down = {a for a, status in (self.lb.target_health() or {}).items() if status == "DOWN"}
+            self.report(
+                {i for i, a in addresses.items() if a in routed},
+                {i for i, a in addresses.items() if a in down},
+            )
         return routed
 
     def start(self) -> Follower:
