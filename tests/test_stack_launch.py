@@ -339,7 +339,8 @@ def why_retried(stack, api, run_id: str, tis, since: float) -> str:
     for t in tis:
         if t["try_number"] > 1:
             log = api.task_log(DAG, run_id, t["task_id"], 1)
-            parts.append(f"--- {t['task_id']} try 1 on {t.get('hostname')}:\n{log[-4000:]}")
+            last = f"try {t['try_number']} ran on {t.get('hostname')}"
+            parts.append(f"--- {t['task_id']} try 1 ({last}):\n{log[-4000:]}")
     for role, unit in (
         ("webserver", "airflow-api-server"),
         ("worker", "airflow-worker"),
