@@ -261,7 +261,7 @@ def test_a_run_that_died_while_out_is_registered_again_by_the_next(aws, group):
         assert outcome.rotated and states(group) == {group["other"]: "healthy"}
     assert states(group) == {group["me"]: "healthy", group["other"]: "healthy"}
     doc = store.read(TargetGroupDoc)
-    assert doc.out_since is None and doc.last_result == "registered"
+    assert doc.out_since is None and doc.last_result == "healthy"
     calls = elb_calls(aws)
     assert calls[:2] == ["DeregisterTargets", "DescribeTargetHealth"]  # the dead run's
     # (the test's own read), then the next run's repair before its decision
@@ -319,5 +319,24 @@ def test_a_target_the_load_balancers_checks_have_down_is_not_healthy(aws, group)
             aws.set_routed({group["other"]}, failing={group["me"]})  # its restart was long
         assert len(t.slept) == 3
         assert states(group) == {group["me"]: "healthy", group["other"]: "healthy"}
+    finally:
+        aws.set_routed(set())
+
+
+def test_not_healthy_at_register_timeout_is_on_record_and_raised(aws, group):
+    """Registered again after its restart but still down on the load balancer at
+    target_group.register_timeout: the error names the wait, and the record `status` shows says
+    `unhealthy`, not a plain `registered`."""
+    cfg, t = _cfg(group), VirtualTime()
+    try:
+        aws.set_routed({group["other"]})
+        refused = pytest.raises(RotationError, match=r"not healthy after 300 s.*: unhealthy")
+        with refused, out_of_rotation(cfg, AwsClients(cfg), group["me"], t.clock, t.sleep) as out:
+            assert out.rotated
+            aws.set_routed({group["other"]}, failing={group["me"]})
+        assert sum(t.slept) == pytest.approx(300.0)
+        doc = StateStore(group["state"]).read(TargetGroupDoc)
+        assert doc.last_result == "unhealthy" and doc.out_since is None
+        assert "unhealthy" in (doc.last_reason or "")
     finally:
         aws.set_routed(set())

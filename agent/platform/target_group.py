@@ -248,10 +248,13 @@ class Rotation:
             unhealthy, self.register_timeout, self.poll_interval, self.clock, self.sleep
         )
         if seen is not None:
+            # on record too: `status` must not read a plain `registered` after this
+            self._record(mine, False, "unhealthy", f"not healthy at register_timeout: {seen}")
             raise RotationError(
                 f"{self._where()}: registered again but not healthy after "
                 f"{self.register_timeout:.0f} s (target_group.register_timeout): {seen}"
             )
+        self._record(mine, False, "healthy", "registered, the load balancer reports it healthy")
 
     @contextlib.contextmanager
     def out(self) -> Iterator[Outcome]:

@@ -23,7 +23,7 @@ class TargetGroupDoc(StateDoc):
     instance_id: Optional[str] = None
     ports: List[int] = field(default_factory=list)  # the ports it was deregistered from
     out_since: Optional[float] = None  # epoch seconds; None: not left out by this agent
-    last_result: Optional[str] = None  # out | registered | registered again
+    last_result: Optional[str] = None  # out | registered | healthy | unhealthy | registered again
     last_reason: Optional[str] = None
     last_change: Optional[float] = None
 
