@@ -1,4 +1,5 @@
-"""agent.jobs.deploy.content: what a deployment changed, by category, read safely as root."""
+"""agent.jobs.deploy.content: what a deployment changed, by category, read safely as root; and
+how agent.jobs.deploy.units records what it then did to the units."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from agent.jobs.deploy.content import (
     empty_hash,
     tree_hashes,
 )
+from agent.jobs.deploy.units import describe_action
 
 
 def test_categories_of_paths():
@@ -88,3 +90,14 @@ def test_a_symlink_counts_by_its_name_and_is_never_followed(tmp_path):
     assert tree_hashes(home) == first
     os.unlink(home / "plugins/link.py")
     assert tree_hashes(home)["plugins"] != first["plugins"]
+
+
+def test_the_deploy_records_last_action_names_only_what_happened():
+    restarted = {"airflow-scheduler": ["plugins"], "airflow-dag-processor": ["plugins", "config"]}
+    assert describe_action({}, 2, []) == "kept"
+    assert describe_action({}, 0, ["airflow-scheduler"]) == "started airflow-scheduler"
+    assert describe_action({}, 1, ["a", "b"]) == "kept; started a, b"
+    assert describe_action(restarted, 1, ["c"]) == (
+        "restarted airflow-scheduler: plugins; airflow-dag-processor: plugins, config; started c"
+    )
+    assert describe_action({}, 0, []) == ""

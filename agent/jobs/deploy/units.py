@@ -74,16 +74,13 @@ class UnitSteps:
                 kept.append(f"{unit} (MainPID {pid})")
         if kept:
             log.info("kept running, nothing they load changed: %s", ", ".join(kept))
-        action = "kept"
         if to_restart:
             self._restart_units(to_restart)
-            action = "restarted " + "; ".join(f"{u}: {', '.join(c)}" for u, c in to_restart.items())
         for unit in to_start:
             self.systemctl.reset_failed(unit)
             self.systemctl.start(unit)
             log.info("started %s (it was %s)", unit, states.get(unit, {}).get("ActiveState"))
-        if to_start:
-            action += "; started " + ", ".join(to_start)
+        action = describe_action(to_restart, len(kept), to_start)
         doc.loaded, doc.deployment, doc.last_action = now, self.deployment, action
         doc.pids = {u: self.systemctl.main_pid(u) for u in self.units}
         store.save_doc(doc)
@@ -109,3 +106,16 @@ class UnitSteps:
         if self.role == "webserver":
             # polled often: the restart is over, for the tasks, when this answers
             self.wait_healthy(self.clock() + self.cfg.deploy.validate_timeout, interval=0.25)
+
+
+def describe_action(restarted: Dict[str, List[str]], kept: int, started: List[str]) -> str:
+    """The deploy record's `last_action`, naming only what happened: `restarted <unit>:
+    <categories>; ...` or `kept` (every running unit kept), then `started <units>`."""
+    parts = []
+    if restarted:
+        parts.append("restarted " + "; ".join(f"{u}: {', '.join(c)}" for u, c in restarted.items()))
+    elif kept:
+        parts.append("kept")
+    if started:
+        parts.append("started " + ", ".join(started))
+    return "; ".join(parts)
