@@ -330,3 +330,15 @@ def test_since_fields_show_as_times():
 
     line = _doc_line({"last_result": "out", "out_since": 1796133389.0, "silent_since": 0.0 + 1e9})
     assert "out_since=2026-12-01T13:56:29Z" in line and "silent_since=2001-09-09T01:46:40Z" in line
+
+
+def test_the_lifecycle_row_says_why_its_last_poll_or_pass_failed():
+    """A watcher that cannot read IMDS sees no termination notice: the row must say so."""
+    from agent.jobs.lifecycle.state import status_detail
+
+    quiet = {"phase": "idle", "last_poll_error": None, "last_pass_error": None}
+    assert status_detail(quiet) == ""
+    failing = dict(quiet, last_poll_error="spot/instance-action: HTTP 401 from IMDS")
+    assert status_detail(failing) == "; last poll failed: spot/instance-action: HTTP 401 from IMDS"
+    both = dict(failing, last_pass_error="OSError: disk full")
+    assert status_detail(both).endswith("; last pass failed: OSError: disk full")

@@ -37,14 +37,21 @@ class LifecycleDoc(StateDoc):
 
 
 def status_detail(doc: Dict[str, Any]) -> str:
-    """What the human `status` line adds: the lifecycle hook's heartbeats, when there is one."""
+    """What the human `status` line adds: the lifecycle hook's heartbeats, when there is one,
+    and why the last poll or pass failed (a watcher that cannot read IMDS sees no termination
+    notice: that must show, not only in the journal)."""
+    out = ""
     action = doc.get("lifecycle_action")
     if isinstance(action, dict) and action.get("hook"):
-        return (
+        out += (
             f" heartbeats={action.get('heartbeats_sent', 0)}"
             f" completed={bool(action.get('completed'))}"
         )
-    return ""
+    if doc.get("last_poll_error"):
+        out += f"; last poll failed: {doc['last_poll_error']}"
+    if doc.get("last_pass_error"):
+        out += f"; last pass failed: {doc['last_pass_error']}"
+    return out
 
 
 register(
