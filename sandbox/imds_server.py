@@ -87,17 +87,23 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output quiet; the request log is in /_rig/log
         pass
 
+    def _logged(self, status: Any) -> None:
+        """Record the request before its answer goes out: a client that has the answer (or
+        the fault) must find it in /_rig/log, and a late entry must not land in the log of
+        whatever the test does next (after a reset)."""
+        with self.state.lock:
+            self.state.log.append(
+                {"method": self.command, "path": self.path, "status": status, "time": time.time()}
+            )
+
     def _send(self, status: int, body: str = "", ctype: str = "text/plain") -> None:
         data = body.encode()
+        self._logged(status)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        with self.state.lock:
-            self.state.log.append(
-                {"method": self.command, "path": self.path, "status": status, "time": time.time()}
-            )
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)
@@ -154,6 +160,7 @@ class Handler(BaseHTTPRequestHandler):
     def _fault(self, fault: Dict[str, Any]) -> None:
         """Answer as no real IMDS would, then close the connection."""
         kind = fault["fault"]
+        self._logged(kind)
         if kind == "truncated":
             body = b'{"action": "terminate", "time": "2'
             head = (
@@ -166,10 +173,6 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(str(fault.get("raw", "")).encode())
         self.wfile.flush()
         self.close_connection = True
-        with self.state.lock:
-            self.state.log.append(
-                {"method": self.command, "path": self.path, "status": kind, "time": time.time()}
-            )
 
     # -- IMDS ------------------------------------------------------------------------------
 
