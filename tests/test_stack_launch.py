@@ -40,6 +40,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -333,23 +334,40 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
 
 
 def why_retried(stack, api, run_id: str, tis, since: float) -> str:
-    """For a failed assertion: the first try's log of every retried task, and the journals of
-    the units a config push restarts, so a retry says what it met."""
+    """For a failed assertion: the first try's log of every retried task, whole entries from
+    its failure on (the exception's fields, not only the event line), and the journals of the
+    units a config push restarts (the first 120 s, the botocore endpoint chatter left out), so
+    a retry says what it met."""
     parts = []
     for t in tis:
         if t["try_number"] > 1:
-            log = api.task_log(DAG, run_id, t["task_id"], 1)
+            run = urllib.parse.quote(run_id, safe="")
+            path = f"/api/v2/dags/{DAG}/dagRuns/{run}/taskInstances/{t['task_id']}/logs/1"
+            status, data = api.call("GET", path + "?full_content=true")
+            entries = data.get("content") if isinstance(data, dict) else None
+            if isinstance(entries, list):
+                at = next(
+                    (i for i, e in enumerate(entries) if "failed" in json.dumps(e).lower()), 0
+                )
+                text = "\n".join(json.dumps(e, default=str) for e in entries[max(at - 3, 0) :])
+            else:
+                text = f"HTTP {status}: {str(data)[-2000:]}"
             last = f"try {t['try_number']} ran on {t.get('hostname')}"
-            parts.append(f"--- {t['task_id']} try 1 ({last}):\n{log[-4000:]}")
+            parts.append(f"--- {t['task_id']} try 1 ({last}):\n{text[-6000:]}")
     for role, unit in (
         ("webserver", "airflow-api-server"),
         ("worker", "airflow-worker"),
         ("scheduler", "airflow-scheduler"),
+        ("webserver", "airflow-agent-confapply"),
         ("worker", "airflow-agent-confapply"),
     ):
         for member in stack.role_members(role):
-            lines = journal_lines(member, unit, since)
-            text = "\n".join(f"{t - since:7.1f} {m}" for t, m in lines[-40:])
+            lines = [
+                (t, m)
+                for t, m in journal_lines(member, unit, since)
+                if t - since < 120 and "Found endpoint for" not in m
+            ]
+            text = "\n".join(f"{t - since:7.1f} {m[:400]}" for t, m in lines[:150])
             parts.append(f"--- {member.name} {unit}:\n{text}")
     return "\n".join(parts)
 
