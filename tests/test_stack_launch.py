@@ -40,7 +40,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -341,17 +340,14 @@ def why_retried(stack, api, run_id: str, tis, since: float) -> str:
     parts = []
     for t in tis:
         if t["try_number"] > 1:
-            run = urllib.parse.quote(run_id, safe="")
-            path = f"/api/v2/dags/{DAG}/dagRuns/{run}/taskInstances/{t['task_id']}/logs/1"
-            status, data = api.call("GET", path + "?full_content=true")
-            entries = data.get("content") if isinstance(data, dict) else None
+            entries = api.task_log_content(DAG, run_id, t["task_id"], 1)
             if isinstance(entries, list):
                 at = next(
                     (i for i, e in enumerate(entries) if "failed" in json.dumps(e).lower()), 0
                 )
                 text = "\n".join(json.dumps(e, default=str) for e in entries[max(at - 3, 0) :])
             else:
-                text = f"HTTP {status}: {str(data)[-2000:]}"
+                text = str(entries)[-2000:]
             last = f"try {t['try_number']} ran on {t.get('hostname')}"
             parts.append(f"--- {t['task_id']} try 1 ({last}):\n{text[-6000:]}")
     for role, unit in (

@@ -113,10 +113,19 @@ class AirflowApi:
 
         return wait_for(running, timeout, f"{count} running tasks of {run_id}", interval=2)
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    def _log_answer(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> Any:
         run = urllib.parse.quote(run_id, safe="")
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/logs/{try_number}"
-        data = self.ok("GET", path + "?full_content=true")
+        return self.ok("GET", path + "?full_content=true")
+
+    def task_log_content(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1):
+        """The log endpoint's `content` as Airflow returns it: a list of structured entries
+        (each a dict: event, level, error_detail, ...), or the raw answer if it has none."""
+        data = self._log_answer(dag_id, run_id, task_id, try_number)
+        return data["content"] if isinstance(data, dict) and "content" in data else data
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        data = self._log_answer(dag_id, run_id, task_id, try_number)
         if isinstance(data, dict) and "content" in data:
             content = data["content"]
             if isinstance(content, list):
