@@ -71,6 +71,8 @@ Type=notify
 NotifyAccess=main
 ExecStart=
 ExecStart=/usr/bin/python3 {standin} %N
+# the api-server's warm-up request (ExecStartPost) has no HTTP server to reach in a stand-in
+ExecStartPost=
 RestartSec=1
 TimeoutStartSec=30
 """

@@ -190,10 +190,28 @@ else:
 '''
 
 STUB_AIRFLOW = """#!/bin/sh
-# Stand-in for /opt/airflow/venv/bin/airflow: records who it runs as, then waits.
+# Stand-in for /opt/airflow/venv/bin/airflow: records who it runs as, then waits; as the
+# api-server it serves HTTP on [api] port like the real one, each answer WARM_DELAY s late.
 echo "$(id -un) $* AIRFLOW_HOME=$AIRFLOW_HOME pwd=$(pwd)" >> /airflow/stub-airflow.log
+[ "$1" = api-server ] && exec python3 /usr/local/lib/aea-stub-api.py
 exec sleep 1000
 """
+
+STUB_API = """import http.server, os, time
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(WARM_DELAY)  # a cold execution API: the first answer is late
+        with open("/airflow/stub-api.log", "a") as f:
+            f.write(f"GET {self.path} answered\\n")
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+port = int(os.environ.get("AIRFLOW__API__PORT", "8080"))
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+WARM_DELAY = 2.0
 
 
 def _exposure(unit_path: Path) -> float:
@@ -227,6 +245,11 @@ def host(tmp_path_factory) -> SystemdHost:
     with SystemdHost(shared, name="aea-units") as h:
         h.write_file("/usr/local/bin/airflow-agent", STUB_AGENT, mode=0o755)
         h.write_file("/opt/airflow/venv/bin/airflow", STUB_AIRFLOW, mode=0o755)
+        h.write_file(
+            "/usr/local/lib/aea-stub-api.py",
+            STUB_API.replace("WARM_DELAY", repr(WARM_DELAY)),
+            mode=0o644,
+        )
         h.run(["sh", str(shared / "systemd" / "install-units.sh")])
         h.write_file(
             "/etc/systemd/system/aea-dummy.service", "[Service]\nExecStart=/bin/sleep 1000\n"
@@ -377,6 +400,23 @@ def test_airflow_units_start_as_airflow(host: SystemdHost, unit: str) -> None:
         "AWS_EC2_METADATA_DISABLED=true",
     ):
         assert item in env, (unit, env)
+    host.systemctl("stop", unit)
+
+
+def test_api_server_counts_as_started_only_after_its_execution_api_answered(
+    host: SystemdHost,
+) -> None:
+    """The unit's ExecStartPost makes the execution API's first (cold, slow) request itself, as
+    user airflow under the unit's sandbox, and `systemctl start` (so a restarting actor) returns
+    only once it was answered: a task's call never meets the cold start."""
+    unit = "airflow-api-server.service"
+    host.run(["rm", "-f", "/airflow/stub-api.log"])
+    host.systemctl("start", unit)
+    assert host.unit_property(unit, "ActiveState") == "active"
+    assert host.read_file("/airflow/stub-api.log").decode() == "GET /execution/health answered\n"
+    started = int(host.unit_property(unit, "ExecMainStartTimestampMonotonic"))
+    active = int(host.unit_property(unit, "ActiveEnterTimestampMonotonic"))
+    assert (active - started) / 1e6 >= WARM_DELAY, "active before the warm-up was answered"
     host.systemctl("stop", unit)
 
 
