@@ -323,6 +323,10 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
         journal = [m for _, m in journal_lines(member, "airflow-agent-confapply", since)]
         for what in ("leaving the target group", "back in the target group, healthy"):
             assert any(what in m for m in journal), (member.name, what, journal[-20:])
+        # the restarted api-server's first execution-API request was its unit's warm-up, not
+        # a task's call (which would have met Airflow's cold start: docs/design.md)
+        served = execution_requests_since_start(member, since)
+        assert served and served[0][:2] == ("127.0.0.1", "/execution/health"), (member.name, served)
     for member in stack.role_members("worker"):
         journal = [m for _, m in journal_lines(member, "airflow-worker", since)]
         assert any("Warm shutdown" in m for m in journal), (member.name, journal[-20:])
@@ -330,6 +334,19 @@ def test_a_stack_update_lands_on_every_instance_through_cfn_hup(stack, api, tmp_
     tis = api.task_instances(DAG, "update")
     outcome = [(t["state"], t["try_number"]) for t in tis]
     assert outcome == [("success", 1)] * len(tis), why_retried(stack, api, "update", tis, since)
+
+
+ACCESS = re.compile(r"client_addr=([^\s:]+):\d+ duration_us=(\d+) .*path=(/execution/\S*)")
+
+
+def execution_requests_since_start(member, since: float):
+    """(client address, path, seconds) of each execution-API request the instance's api-server
+    logged since its unit's last start after `since`, in the order they finished."""
+    lines = [m for _, m in journal_lines(member, "airflow-api-server", since)]
+    starts = [i for i, m in enumerate(lines) if m.startswith("Starting airflow-api-server")]
+    assert starts, (member.name, "no start of airflow-api-server since the push", lines[-20:])
+    found = (ACCESS.search(m) for m in lines[starts[-1] :])
+    return [(g[1], g[3], int(g[2]) / 1e6) for g in found if g]
 
 
 def why_retried(stack, api, run_id: str, tis, since: float) -> str:

@@ -6,7 +6,9 @@ and drained first while another target is healthy, in place when it is the only 
 
 The block restarts the units; before the api-server goes back into rotation the guard waits
 for its own health URL (`deploy.health_url`, polled every 0.25 s) to answer, so the load
-balancer never sends a request to an api-server that is still starting.
+balancer never sends a request to an api-server that is still starting. (The unit's own
+ExecStartPost has by then made the execution API's slow first request, before `systemctl
+restart` returned: systemd/airflow-api-server.service.)
 """
 
 from __future__ import annotations
