@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import pytest
@@ -376,6 +377,34 @@ def test_children_do_not_inherit_the_notify_variables_and_the_runtime_still_noti
     assert child.stdout.split() == ["None", "None"]
     rt.status("still here")
     assert notify_socket.drain() == ["STATUS=still here"]
+
+
+def test_a_stop_after_more_pings_than_a_datagram_queue_holds_is_prompt(notify_socket):
+    """The sandbox's NOTIFY_SOCKET reads all the time, as systemd does. A sender blocks once
+    `net.unix.max_dgram_qlen` datagrams wait unread (10 by default); a socket read only when
+    a test looked made the variables watch daemon hang on SIGTERM in CI (its pinger blocked in
+    send, holding the lock the stop takes). Here: 0.05 s pings for qlen + 20 intervals, nothing
+    read, then a stop that must end the loop at once."""
+    qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    rt = DaemonRuntime("test")
+
+    class Idle(Daemon):
+        def step(self) -> float:
+            return 0.05
+
+    done = threading.Event()
+
+    def run() -> None:
+        rt.run(Idle())
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    pings_sent_unread = qlen + 20
+    threading.Event().wait(pings_sent_unread * rt.interval)  # nobody looks at the socket
+    rt.request_stop()
+    assert done.wait(5), "the daemon's stop waited on its NOTIFY_SOCKET reader"
+    msgs = notify_socket.drain()
+    assert msgs.count("WATCHDOG=1") >= qlen and msgs[-1] == "STOPPING=1"
 
 
 def test_real_time_pings_stop_on_a_hang_and_stopping_is_the_last_message(notify_socket):
